@@ -1,0 +1,1 @@
+"""HTTP transport only: routes turn requests into calls on the domain objects and back."""

@@ -1,0 +1,77 @@
+"""The admin API: what the CLI uses while a server runs (the catalog file is then locked)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from gateway.api.auth import require_bearer
+from gateway.api.envelope import ok
+from gateway.errors import ValidationFailed
+from gateway.runtime import Gateway
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    if connection.app.state.offline:
+        return
+    gw: Gateway = connection.app.state.gateway
+    require_bearer(connection, gw.settings.admin.token, "admin")  # type: ignore[arg-type]
+
+
+class NewDevice(msgspec.Struct, kw_only=True):
+    name: str
+    key: str | None = None
+    device_id: str | None = None
+    status: str = "approved"
+
+
+class DeviceRef(msgspec.Struct):
+    ref: str
+
+
+def _decode(raw: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValidationFailed("Invalid request body", str(exc)) from None
+
+
+@get("/devices")
+async def list_devices(gw: Gateway) -> Response[bytes]:
+    return ok([msgspec.to_builtins(d) for d in gw.registry.all()])
+
+
+@post("/devices", status_code=201)
+async def add_device(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    body: NewDevice = _decode(await request.body(), NewDevice)
+    device, key = await gw.registry.add(body.name, key=body.key, device_id=body.device_id, status=body.status)
+    return ok({"device": msgspec.to_builtins(device), "key": key}, status=201)
+
+
+@post("/devices/{action:str}", status_code=200)
+async def change_device(action: str, request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    body: DeviceRef = _decode(await request.body(), DeviceRef)
+    if action == "revoke":
+        device = await gw.registry.revoke(body.ref)
+    elif action in ("approve", "reject"):
+        device = await gw.registry.set_status(body.ref, "approved" if action == "approve" else "rejected")
+    else:
+        raise ValidationFailed("Unknown action", "one of approve, reject, revoke")
+    return ok(msgspec.to_builtins(device))
+
+
+@get("/status")
+async def status(gw: Gateway) -> Response[bytes]:
+    report = await gw.refresh_gauges()
+    return ok(msgspec.to_builtins(report))
+
+
+router = Router(
+    path="/api/admin",
+    route_handlers=[list_devices, add_device, change_device, status],
+    guards=[admin_guard],
+)

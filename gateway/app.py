@@ -1,0 +1,106 @@
+"""The composition root: `create_app(settings)` builds the gateway and wires it to HTTP.
+
+Lifespan order: start the gateway's parts (see `gateway.runtime`), start the background loops,
+serve; on shutdown cancel the loops, then drain and close the catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+import anyio
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import __version__
+from gateway.api import admin, device, ops
+from gateway.api.envelope import EXCEPTION_HANDLERS
+from gateway.config import Settings
+from gateway.logs import request_id
+from gateway.runtime import Gateway
+
+access_log = logging.getLogger("gateway.access")
+
+
+def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: bool = False) -> Litestar:
+    """The HTTP app. `offline`: the CLI's in-process use on a stopped server's files (no lifespan,
+    admin routes trusted: whoever can open the files needs no token)."""
+    gw = gateway or Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                gw.run_background(tg)
+                try:
+                    yield
+                finally:
+                    gw.shutting_down = True
+                    tg.cancel_scope.cancel()
+        finally:
+            await gw.stop()
+
+    async def provide_gateway() -> Gateway:
+        return gw
+
+    app = Litestar(
+        route_handlers=[*device.ROUTES, *ops.ROUTES, admin.router],
+        dependencies={"gw": Provide(provide_gateway, use_cache=True)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[] if offline else [lifespan],
+        request_max_body_size=None,  # the upload path enforces its own limits while streaming
+        openapi_config=OpenAPIConfig(title="AcuSight edge gateway", version=__version__, path="/schema"),
+        middleware=[_observe],
+        debug=False,
+        logging_config=None,  # gateway.logs configures logging once, in `serve`
+    )
+    app.state.gateway = gw
+    app.state.offline = offline
+    return app
+
+
+def _observe(app: ASGIApp) -> ASGIApp:
+    """Request id, latency histogram and one access-log line per request."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        rid = secrets.token_hex(6)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("path_template") or "unmatched"
+            gw: Gateway = scope["app"].state.gateway
+            gw.metrics.request_seconds.labels(route, str(status)).observe(elapsed)
+            # Successes at debug: at thousands of uploads a second an info line each is a cost.
+            access_log.log(
+                logging.DEBUG if status < 400 else logging.INFO,
+                "%s %s %d %.1fms", scope["method"], route, status, elapsed * 1000,
+                extra={"status": status, "duration_ms": round(elapsed * 1000, 1)},
+            )
+            request_id.reset(token)
+
+    return middleware
+
+

@@ -1,0 +1,86 @@
+"""Catalog schema and migrations: each migration runs once, in order, recorded in `schema_version`."""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: list[str] = [
+    # 1: devices, batches, images, outbox. Times are unix seconds (DOUBLE), always UTC.
+    """
+    CREATE TABLE devices (
+        device_id       VARCHAR PRIMARY KEY,
+        name            VARCHAR NOT NULL,
+        organization_id VARCHAR NOT NULL,
+        status          VARCHAR NOT NULL,           -- pending | approved | rejected
+        revoked         BOOLEAN NOT NULL DEFAULT false,
+        origin          VARCHAR NOT NULL,           -- local | cloud | quarantine
+        key_hash        VARCHAR NOT NULL UNIQUE,    -- sha256 of the key, for look-up
+        key_sealed      BLOB,                       -- the key, AES-GCM sealed (keys.py)
+        created_at      DOUBLE NOT NULL,
+        last_seen_at    DOUBLE,
+        last_status     VARCHAR,
+        last_metrics    VARCHAR
+    );
+    CREATE TABLE batches (
+        batch_id     VARCHAR PRIMARY KEY,
+        device_id    VARCHAR NOT NULL,
+        state        VARCHAR NOT NULL,              -- collecting | sealed | forwarded | drained
+        opened_at    DOUBLE NOT NULL,
+        sealed_at    DOUBLE,
+        forwarded_at DOUBLE,
+        drained_at   DOUBLE,
+        image_count  INTEGER NOT NULL DEFAULT 0,
+        total_bytes  BIGINT NOT NULL DEFAULT 0,
+        manifest_key VARCHAR,
+        manifest_at  DOUBLE
+    );
+    CREATE TABLE images (
+        image_id          VARCHAR PRIMARY KEY,
+        seq               BIGINT NOT NULL,
+        batch_id          VARCHAR NOT NULL,
+        device_id         VARCHAR NOT NULL,
+        filename          VARCHAR NOT NULL,
+        content_type      VARCHAR NOT NULL,
+        size              BIGINT NOT NULL,
+        xxh3_128          VARCHAR NOT NULL,
+        storage_key       VARCHAR NOT NULL,
+        metadata          BLOB,                     -- exactly as received
+        received_at       DOUBLE NOT NULL,
+        cloud_image_id    VARCHAR,
+        cloud_batch_id    VARCHAR,
+        cloud_storage_key VARCHAR,
+        bytes_removed_at  DOUBLE
+    );
+    CREATE INDEX images_by_hash ON images (xxh3_128);
+    CREATE TABLE outbox (
+        image_id        VARCHAR PRIMARY KEY,
+        seq             BIGINT NOT NULL,
+        device_id       VARCHAR NOT NULL,
+        size            BIGINT NOT NULL,
+        state           VARCHAR NOT NULL,           -- pending | held | delivered | dead
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE,
+        last_status     INTEGER,
+        last_error      VARCHAR,
+        created_at      DOUBLE NOT NULL,
+        delivered_at    DOUBLE
+    );
+    """,
+]
+
+
+def migrate(conn: duckdb.DuckDBPyConnection) -> int:
+    """Bring the schema up to date; returns the version now in force."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = int(row[0]) if row and row[0] is not None else 0
+    for version, ddl in enumerate(MIGRATIONS[current:], start=current + 1):
+        conn.execute("BEGIN")
+        try:
+            conn.execute(ddl)
+            conn.execute("INSERT INTO schema_version VALUES (?)", [version])
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

@@ -1,0 +1,314 @@
+"""Typed settings: defaults, then a TOML file, then `GATEWAY_<SECTION>_<KEY>` environment variables.
+
+Settings are data: every key has a type, a default and a help text (`msgspec.Meta(description=...)`);
+`config/gateway.toml` lists them all and a test keeps it complete. Loading never stops at the first
+problem: every bad value gets one message naming the key and where it came from.
+No I/O happens at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+ENV_PREFIX = "GATEWAY_"
+MiB = 1024 * 1024
+
+
+def _help(text: str, **constraints: Any) -> msgspec.Meta:
+    return msgspec.Meta(description=text, **constraints)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section):
+    listen: Annotated[str, _help("HOST:PORT the HTTP server binds to.")] = "0.0.0.0:8080"
+    upload_success_status: Annotated[
+        Literal[200, 201], _help("Status of a successful upload: 201, or 200 for agents that insist.")
+    ] = 201
+    certfile: Annotated[str, _help("TLS certificate (PEM); TLS is on when certfile and keyfile are set.")] = ""
+    keyfile: Annotated[str, _help("TLS private key (PEM).")] = ""
+    graceful_timeout_s: Annotated[
+        float, _help("On SIGTERM, how long in-flight requests may take to finish.", ge=0)
+    ] = 15.0
+    read_timeout_s: Annotated[
+        float, _help("A request body that sends nothing for this long is cut off (slow clients).", gt=0)
+    ] = 30.0
+
+
+class DataSettings(_Section):
+    dir: Annotated[str, _help("Folder for the catalog, the upload spool and folder storage.")] = "./data"
+
+
+class StorageSettings(_Section):
+    backend: Annotated[
+        Literal["folder", "minio"], _help("Where image bytes go: a local folder or MinIO/S3.")
+    ] = "folder"
+    orphan_grace_s: Annotated[
+        int, _help("A stored object with no catalog row is removed by `verify --repair` once older than this.", ge=0)
+    ] = 3600
+    max_concurrent_large_puts: Annotated[
+        int, _help("Uploads above 8 MiB stored at once; the S3 client buffers 5 MiB+ parts in memory.", ge=1)
+    ] = 4
+
+
+class MinioSettings(_Section):
+    endpoint: Annotated[str, _help("HOST:PORT of the MinIO (or any S3) server; required for backend = minio.")] = ""
+    access_key: Annotated[str, _help("S3 access key.")] = ""
+    secret_key: Annotated[str, _help("S3 secret key.")] = ""
+    bucket: Annotated[str, _help("Bucket for images and manifests; created when missing.")] = "acusight"
+    secure: Annotated[bool, _help("Use HTTPS to reach the S3 server.")] = False
+    region: Annotated[str, _help("S3 region, if the server wants one.")] = ""
+
+
+class DedupSettings(_Section):
+    scope: Annotated[
+        Literal["gateway", "device"], _help("Duplicate images are detected across the whole gateway or per device.")
+    ] = "gateway"
+    on_duplicate: Annotated[
+        Literal["reject", "accept"],
+        _help("reject: 409 DUPLICATE_IMAGE; accept: 2xx with the existing image's ids."),
+    ] = "reject"
+
+
+class BatchSettings(_Section):
+    max_images: Annotated[int, _help("A batch is sealed when it holds this many images.", ge=1)] = 1000
+    timeout_s: Annotated[float, _help("A batch is sealed this long after it opened, upload or not.", gt=0)] = 1800.0
+
+
+class CloudSettings(_Section):
+    url: Annotated[str, _help("Cloud API base URL, e.g. https://acusight.io/api; empty: forwarding off.")] = ""
+    timeout_s: Annotated[float, _help("Timeout of one request to the cloud (connect and each read).", gt=0)] = 30.0
+    verify_unknown_keys: Annotated[
+        bool, _help("Check keys the gateway does not know against the cloud's GET /device/self.")
+    ] = True
+    organization_id: Annotated[
+        str, _help("Organization reported to devices registered on the gateway (cloud-verified ones keep the cloud's).")
+    ] = "local"
+    accept_unknown_keys_offline: Annotated[
+        bool, _help("While the cloud is unreachable, take unknown keys into quarantine instead of refusing them.")
+    ] = False
+
+
+class ForwardSettings(_Section):
+    concurrency: Annotated[int, _help("Uploads to the cloud in flight at once.", ge=1, le=64)] = 4
+    bandwidth_bytes_per_s: Annotated[int, _help("Upload bandwidth cap in bytes/s; 0 = unlimited.", ge=0)] = 0
+    max_attempts: Annotated[
+        int, _help("Failed attempts (retryable errors) before an entry is dead-lettered; 0 = never.", ge=0)
+    ] = 100
+    backoff_base_s: Annotated[float, _help("First retry delay; doubles per attempt, with full jitter.", gt=0)] = 1.0
+    backoff_max_s: Annotated[float, _help("Longest retry delay.", gt=0)] = 300.0
+    delete_after_days: Annotated[
+        float, _help("Remove local bytes of delivered images after this many days; 0 = keep.", ge=0)
+    ] = 0.0
+
+
+class LimitSettings(_Section):
+    max_image_bytes: Annotated[int, _help("Largest image accepted (413 above).", ge=1)] = 50 * MiB
+    max_metadata_bytes: Annotated[int, _help("Largest metadata part accepted (413 above).", ge=1)] = 1 * MiB
+    uploads_per_minute_per_device: Annotated[
+        int, _help("Per-device upload rate limit (429 above); 0 = unlimited.", ge=0)
+    ] = 0
+    max_pending_bytes: Annotated[
+        int, _help("Undelivered bytes held before new uploads get 507; 0 = unlimited.", ge=0)
+    ] = 0
+    min_free_disk_bytes: Annotated[
+        int, _help("Free space kept on the data folder's disk; below it new uploads get 507.", ge=0)
+    ] = 256 * MiB
+
+
+class SyncSettings(_Section):
+    token: Annotated[str, _help("Bearer token of cloud sync jobs; empty: sync API off.")] = ""
+
+
+class AdminSettings(_Section):
+    token: Annotated[str, _help("Bearer token of the admin API (the CLI uses it); empty: admin API off.")] = ""
+    url: Annotated[
+        str, _help("Where the CLI reaches a running server; empty: derived from server.listen.")
+    ] = ""
+
+
+class KeySettings(_Section):
+    secret_file: Annotated[
+        str,
+        _help(
+            "32-byte secret that encrypts device keys at rest; kept outside the data folder so that a "
+            "copy of data/ holds no usable keys. Created on first start when missing."
+        ),
+    ] = "./secrets/gateway.key"
+
+
+class LogSettings(_Section):
+    level: Annotated[Literal["debug", "info", "warning", "error"], _help("Log level.")] = "info"
+    format: Annotated[
+        Literal["auto", "json", "text"], _help("json: one object per line; text: for people; auto: text on a terminal.")
+    ] = "auto"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    data: DataSettings = msgspec.field(default_factory=DataSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    minio: MinioSettings = msgspec.field(default_factory=MinioSettings)
+    dedup: DedupSettings = msgspec.field(default_factory=DedupSettings)
+    batches: BatchSettings = msgspec.field(default_factory=BatchSettings)
+    cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
+    forward: ForwardSettings = msgspec.field(default_factory=ForwardSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    sync: SyncSettings = msgspec.field(default_factory=SyncSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    keys: KeySettings = msgspec.field(default_factory=KeySettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.server.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def admin_url(self) -> str:
+        if self.admin.url:
+            return self.admin.url.rstrip("/")
+        host, port = self.listen_host_port
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        scheme = "https" if self.server.certfile and self.server.keyfile else "http"
+        return f"{scheme}://{host}:{port}"
+
+
+SECRET_KEYS = {("minio", "secret_key"), ("minio", "access_key"), ("sync", "token"), ("admin", "token")}
+
+
+class ConfigError(Exception):
+    """Settings could not be loaded; `problems` holds one message per bad value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def section_types() -> dict[str, type[_Section]]:
+    return {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Load settings: defaults, then the TOML file, then environment overrides.
+
+    `path` None means `GATEWAY_CONFIG` or else `config/gateway.toml` if it exists. A file named
+    explicitly (argument or `GATEWAY_CONFIG`) that is missing is an error.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("GATEWAY_CONFIG"))
+    file_path = Path(path) if path is not None else Path(env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if file_path.exists():
+        try:
+            raw = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"config file {file_path}: cannot be read: {exc}"]) from exc
+    elif explicit:
+        raise ConfigError([f"config file {file_path}: not found"])
+    source_name = str(file_path)
+
+    sections = section_types()
+    values: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in sections}
+    for name, value in raw.items():
+        if name not in sections:
+            problems.append(f"[{name}] (from {source_name}): unknown section; known: {', '.join(sections)}")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"[{name}] (from {source_name}): must be a table")
+            continue
+        for key, item in value.items():
+            values[name][key] = (item, source_name)
+    for var, item in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+        # Other GATEWAY_* variables (GATEWAY_CONFIG, GATEWAY_VENV, tests' own) are not settings.
+        if section in sections and key:
+            values[section][key] = (item, f"env {var}")
+
+    built: dict[str, _Section] = {}
+    for name, cls in sections.items():
+        fields = {f.name: f for f in msgspec.structs.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, (item, source) in values[name].items():
+            field = fields.get(key)
+            if field is None:
+                problems.append(f"{name}.{key} (from {source}): unknown key; known: {', '.join(fields)}")
+                continue
+            try:
+                kwargs[key] = msgspec.convert(item, field.type, strict=not source.startswith("env "))
+            except msgspec.ValidationError as exc:
+                shown = "<redacted>" if (name, key) in SECRET_KEYS else repr(item)
+                reason = str(exc).replace(" - at `$`", "")
+                problems.append(f"{name}.{key} = {shown} (from {source}): {reason}")
+        built[name] = cls(**kwargs)
+    settings = Settings(**built)  # type: ignore[arg-type]
+    problems.extend(_cross_checks(settings, values))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _where(values: dict[str, dict[str, tuple[Any, str]]], section: str, key: str) -> str:
+    entry = values[section].get(key)
+    return entry[1] if entry else "default"
+
+
+def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) -> list[str]:
+    problems: list[str] = []
+
+    def bad(section: str, key: str, message: str) -> None:
+        problems.append(f"{section}.{key} (from {_where(values, section, key)}): {message}")
+
+    host, sep, port = s.server.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        bad("server", "listen", f"{s.server.listen!r} is not HOST:PORT with a port in 1..65535")
+    if bool(s.server.certfile) != bool(s.server.keyfile):
+        bad("server", "certfile", "certfile and keyfile must be set together")
+    for key in ("certfile", "keyfile"):
+        value = getattr(s.server, key)
+        if value and not Path(value).is_file():
+            bad("server", key, f"{value!r}: no such file")
+    if s.storage.backend == "minio" and not s.minio.endpoint:
+        bad("minio", "endpoint", "required when storage.backend = 'minio'")
+    if s.minio.endpoint and ("/" in s.minio.endpoint or ":" not in s.minio.endpoint):
+        bad("minio", "endpoint", f"{s.minio.endpoint!r} must be HOST:PORT, without a scheme")
+    if s.cloud.url:
+        parts = urlsplit(s.cloud.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            bad("cloud", "url", f"{s.cloud.url!r} must be an http:// or https:// URL")
+    if s.sync.token and len(s.sync.token) < 16:
+        bad("sync", "token", "must be at least 16 characters")
+    if s.admin.token and len(s.admin.token) < 16:
+        bad("admin", "token", "must be at least 16 characters")
+    if s.forward.backoff_max_s < s.forward.backoff_base_s:
+        bad("forward", "backoff_max_s", "must be at least forward.backoff_base_s")
+    return problems
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data with secrets replaced, for showing to people."""
+    data: dict[str, Any] = msgspec.to_builtins(settings)
+    for section, key in SECRET_KEYS:
+        if data[section][key]:
+            data[section][key] = "<redacted>"
+    return data

@@ -1,0 +1,204 @@
+"""Devices and their keys: registration, approval, revocation, authentication and check-ins.
+
+The registry keeps every device in memory by key hash (devices are few; one look-up per upload
+must not touch the catalog) and writes every change through the catalog first.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from gateway import keys
+from gateway.catalog import Catalog, Conn
+from gateway.errors import Conflict, DeviceNotApproved, InvalidDeviceKey, NotFound, Unauthorized, ValidationFailed
+
+STATUSES = ("pending", "approved", "rejected")
+
+
+class Device(msgspec.Struct, kw_only=True):
+    device_id: str
+    name: str
+    organization_id: str
+    status: str
+    revoked: bool = False
+    origin: str = "local"
+    created_at: float = 0.0
+    last_seen_at: float | None = None
+    last_status: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The `GET /device/self` view."""
+        return {
+            "device_id": self.device_id,
+            "endpoint_id": self.device_id,
+            "organization_id": self.organization_id,
+            "status": self.status,
+            "name": self.name,
+        }
+
+
+_COLUMNS = "device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status"
+
+
+def _row_to_device(row: tuple[Any, ...]) -> Device:
+    return Device(
+        device_id=row[0], name=row[1], organization_id=row[2], status=row[3], revoked=bool(row[4]),
+        origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8],
+    )
+
+
+class DeviceRegistry:
+    def __init__(self, catalog: Catalog, keybox: keys.KeyBox, organization_id: str, clock: Callable[[], float]) -> None:
+        self.catalog = catalog
+        self.keybox = keybox
+        self.organization_id = organization_id
+        self.clock = clock
+        self._by_hash: dict[str, Device] = {}
+        self._hash_by_id: dict[str, str] = {}
+
+    async def load(self) -> None:
+        rows = await self.catalog.read(lambda c: c.execute(f"SELECT key_hash, {_COLUMNS} FROM devices").fetchall())
+        self._by_hash = {r[0]: _row_to_device(r[1:]) for r in rows}
+        self._hash_by_id = {d.device_id: h for h, d in self._by_hash.items()}
+
+    # -- authentication --------------------------------------------------------------------
+
+    def lookup(self, key: str | None) -> Device | None:
+        """The device holding `key`, whatever its status; None when unknown."""
+        if not key:
+            raise Unauthorized("Missing X-Device-Key header")
+        return self._by_hash.get(keys.key_hash(key))
+
+    def authenticate(self, key: str | None) -> Device:
+        """The approved, unrevoked device holding `key`, or the contract's 401/403."""
+        device = self.lookup(key)
+        return self.check(device)
+
+    @staticmethod
+    def check(device: Device | None) -> Device:
+        if device is None or device.revoked:
+            raise InvalidDeviceKey()
+        if device.status != "approved":
+            raise DeviceNotApproved(details=f"device status is {device.status}")
+        return device
+
+    def key_of(self, device_id: str) -> str | None:
+        """The device's key in clear, for the forwarder to act as the device (None if not stored)."""
+        h = self._hash_by_id.get(device_id)
+        if h is None:
+            return None
+        sealed = self.catalog.read_sync(
+            lambda c: c.execute("SELECT key_sealed FROM devices WHERE key_hash = ?", [h]).fetchone()
+        )
+        if sealed is None or sealed[0] is None:
+            return None
+        return self.keybox.open(bytes(sealed[0]))
+
+    def get(self, device_id: str) -> Device | None:
+        h = self._hash_by_id.get(device_id)
+        return self._by_hash.get(h) if h else None
+
+    def all(self) -> list[Device]:
+        return sorted(self._by_hash.values(), key=lambda d: (d.created_at, d.device_id))
+
+    # -- administration --------------------------------------------------------------------
+
+    async def add(
+        self,
+        name: str,
+        key: str | None = None,
+        device_id: str | None = None,
+        status: str = "approved",
+        origin: str = "local",
+        organization_id: str | None = None,
+    ) -> tuple[Device, str]:
+        """Register a device; returns it and its key (generated unless given)."""
+        if not name.strip():
+            raise ValidationFailed("Device name is empty")
+        if status not in STATUSES:
+            raise ValidationFailed("Bad status", f"status must be one of {', '.join(STATUSES)}")
+        key = key or keys.generate_key()
+        if not keys.is_well_formed(key):
+            raise ValidationFailed("Bad device key", "keys look like adk_ followed by 32 lowercase hex characters")
+        device_id = device_id or f"dev_{uuid.uuid4()}"
+        h = keys.key_hash(key)
+        if h in self._by_hash:
+            raise Conflict("Key already registered", f"device {self._by_hash[h].device_id}")
+        if device_id in self._hash_by_id:
+            raise Conflict("Device id already registered", device_id)
+        device = Device(
+            device_id=device_id, name=name.strip(), organization_id=organization_id or self.organization_id,
+            status=status, origin=origin, created_at=self.clock(),
+        )
+        sealed = self.keybox.seal(key)
+
+        def op(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO devices (device_id, name, organization_id, status, revoked, origin, key_hash, "
+                "key_sealed, created_at) VALUES (?, ?, ?, ?, false, ?, ?, ?, ?)",
+                [device.device_id, device.name, device.organization_id, device.status, device.origin, h, sealed,
+                 device.created_at],
+            )
+
+        await self.catalog.write(op)
+        self._by_hash[h] = device
+        self._hash_by_id[device.device_id] = h
+        return device, key
+
+    def resolve(self, ref: str) -> Device:
+        """A device by id or by key."""
+        if ref.startswith("adk_"):
+            device = self._by_hash.get(keys.key_hash(ref))
+        else:
+            device = self.get(ref)
+        if device is None:
+            raise NotFound("No such device", ref if not ref.startswith("adk_") else keys.redact(ref))
+        return device
+
+    async def set_status(self, ref: str, status: str) -> Device:
+        if status not in STATUSES:
+            raise ValidationFailed("Bad status", f"status must be one of {', '.join(STATUSES)}")
+        device = self.resolve(ref)
+        await self.catalog.write(
+            lambda c: c.execute("UPDATE devices SET status = ? WHERE device_id = ?", [status, device.device_id])
+        )
+        device.status = status
+        return device
+
+    async def set_origin(self, device_id: str, origin: str, organization_id: str | None = None) -> None:
+        device = self.resolve(device_id)
+        org = organization_id or device.organization_id
+        await self.catalog.write(
+            lambda c: c.execute(
+                "UPDATE devices SET origin = ?, organization_id = ? WHERE device_id = ?", [origin, org, device_id]
+            )
+        )
+        device.origin, device.organization_id = origin, org
+
+    async def revoke(self, ref: str) -> Device:
+        device = self.resolve(ref)
+        await self.catalog.write(
+            lambda c: c.execute("UPDATE devices SET revoked = true WHERE device_id = ?", [device.device_id])
+        )
+        device.revoked = True
+        return device
+
+    async def checkin(self, device: Device, status: str, metrics: dict[str, Any]) -> None:
+        now = self.clock()
+        blob = json.dumps(metrics, separators=(",", ":"))[:65536]
+        await self.catalog.write(
+            lambda c: c.execute(
+                "UPDATE devices SET last_seen_at = ?, last_status = ?, last_metrics = ? WHERE device_id = ?",
+                [now, status[:200], blob, device.device_id],
+            )
+        )
+        device.last_seen_at, device.last_status = now, status[:200]
+
+    def touch(self, device: Device, now: float) -> None:
+        """Note an upload as the device's last sign of life (kept in memory; check-ins persist it)."""
+        device.last_seen_at = now

@@ -1,0 +1,183 @@
+"""Streaming multipart/form-data reader for uploads: one pass over the body, nothing buffered whole.
+
+The `image` part goes straight to a spool file while its XXH3-128 is computed, its first bytes
+sniffed and its size checked against the limit; reading stops at the first byte over the limit
+(413) or as soon as the first bytes show it is neither JPEG nor PNG (415). The `metadata` part is
+kept in memory up to its own small limit. Other parts are read and dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import xxhash
+from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser, parse_options_header
+
+from gateway.errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_PARTS = 16
+MAX_PART_HEADER_BYTES = 8 * 1024
+
+
+def sniff(head: bytes) -> str | None:
+    if head.startswith(PNG_MAGIC):
+        return "image/png"
+    if head.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    return None
+
+
+def could_still_match(head: bytes) -> bool:
+    return PNG_MAGIC.startswith(head[:8]) or JPEG_MAGIC.startswith(head[:3])
+
+
+class SpooledImage(msgspec.Struct, kw_only=True):
+    path: Path
+    size: int
+    xxh3_128: str
+    content_type: str
+    declared_type: str | None
+    filename: str | None
+
+
+class UploadForm(msgspec.Struct, kw_only=True):
+    image: SpooledImage
+    metadata: bytes | None
+
+
+class ImageSpool:
+    """Writes one image part to disk while hashing, sniffing and counting it."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.head = b""
+        self._hash = xxhash.xxh3_128()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise PayloadTooLarge("Image is too large", f"limit is {self.max_bytes} bytes")
+        if len(self.head) < 8:
+            self.head += bytes(chunk[: 8 - len(self.head)])
+            if not could_still_match(self.head):
+                raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
+        self._hash.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    """The multipart boundary from a Content-Type header, or `ValidationFailed`."""
+    if not content_type:
+        raise ValidationFailed("Expected multipart/form-data", "no Content-Type header")
+    mime, options = parse_options_header(content_type)
+    if mime != "multipart/form-data":
+        raise ValidationFailed("Expected multipart/form-data", f"got {mime or 'nothing'}")
+    boundary = options.get("boundary", "")
+    if not boundary or len(boundary) > 200:
+        raise ValidationFailed("Expected multipart/form-data", "missing or invalid boundary")
+    try:
+        return boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValidationFailed("Expected multipart/form-data", "invalid boundary") from None
+
+
+async def read_upload_form(
+    body: AsyncIterator[bytes],
+    boundary: bytes,
+    spool_path: Path,
+    *,
+    max_image_bytes: int,
+    max_metadata_bytes: int,
+) -> UploadForm:
+    """Parse the body; the image lands in `spool_path`. The caller removes that file on error."""
+    max_body = max_image_bytes + max_metadata_bytes + 256 * 1024
+    received = 0
+    spool: ImageSpool | None = None
+    segment: MultipartSegment | None = None
+    target: str | None = None  # "image" | "metadata" | "skip"
+    metadata = bytearray()
+    meta_seen = False
+    image_done = False
+    declared: str | None = None
+    filename: str | None = None
+    try:
+        parser = PushMultipartParser(
+            boundary,
+            max_header_size=MAX_PART_HEADER_BYTES,
+            max_header_count=8,
+            max_segment_count=MAX_PARTS,
+        )
+        async for chunk in body:
+            received += len(chunk)
+            if received > max_body:
+                raise PayloadTooLarge("Request body is too large", f"limit is {max_body} bytes")
+            for event in parser.parse(chunk):
+                if isinstance(event, MultipartSegment):
+                    segment = event
+                    if event.name == "image":
+                        if spool is not None:
+                            raise ValidationFailed("Invalid upload", "the image part is given twice")
+                        spool = ImageSpool(spool_path, max_image_bytes)
+                        declared, filename = event.content_type, event.filename
+                        target = "image"
+                    elif event.name == "metadata":
+                        if meta_seen:
+                            raise ValidationFailed("Invalid upload", "the metadata part is given twice")
+                        meta_seen = True
+                        target = "metadata"
+                    else:
+                        target = "skip"
+                elif event is None:
+                    if target == "image":
+                        image_done = True
+                    target, segment = None, None
+                elif target == "image":
+                    assert spool is not None
+                    spool.write(event)
+                elif target == "metadata":
+                    if len(metadata) + len(event) > max_metadata_bytes:
+                        raise PayloadTooLarge("Metadata is too large", f"limit is {max_metadata_bytes} bytes")
+                    metadata += event
+        parser.close()
+    except ParserLimitReached as exc:
+        raise ValidationFailed("Malformed multipart body", str(exc)) from None
+    except MultipartError as exc:
+        raise ValidationFailed("Malformed multipart body", str(exc)) from None
+    finally:
+        if spool is not None:
+            spool.close()
+    if spool is None or not image_done:
+        raise ValidationFailed("Missing image", "the form has no `image` file part")
+    if spool.size == 0:
+        raise ValidationFailed("Empty image", "the `image` part holds no bytes")
+    content_type = sniff(spool.head)
+    if content_type is None:
+        raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
+    image = SpooledImage(
+        path=spool_path,
+        size=spool.size,
+        xxh3_128=spool.hexdigest(),
+        content_type=content_type,
+        declared_type=declared,
+        filename=filename,
+    )
+    return UploadForm(image=image, metadata=bytes(metadata) if meta_seen else None)

@@ -1,0 +1,249 @@
+"""The upload fast path: stream -> spool + hash + sniff -> dedup -> store -> record -> 2xx.
+
+Durable before acknowledged: the answer is sent only after the object is in the store and one
+catalog transaction has committed the image row, its batch membership and its outbox entry.
+The spool file `<spool>/<uuid-hex>.part` doubles as the upload's intent record: it is removed
+only once the upload is committed or known to have left no object behind, so after a crash the
+start-up reconciliation finds every upload that may have left a stray object (`reconcile`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from gateway import batches
+from gateway.catalog import Catalog, Conn
+from gateway.config import Settings
+from gateway.devices import Device
+from gateway.errors import DuplicateImage, GatewayError
+from gateway.forward import outbox
+from gateway.ingest.filenames import safe_filename
+from gateway.ingest.form import SpooledImage, boundary_of, read_upload_form
+from gateway.ingest.metadata import validate_metadata
+from gateway.metrics import Metrics
+from gateway.storage import ObjectStore
+
+log = logging.getLogger("gateway.ingest")
+LARGE_PUT_BYTES = 8 * 1024 * 1024
+
+
+class UploadResult(msgspec.Struct, kw_only=True):
+    image_id: str
+    batch_id: str
+    storage_key: str
+    duplicate: bool = False
+    batch_sealed: bool = False
+
+
+class _NewImage(msgspec.Struct, kw_only=True):
+    image_id: str
+    device_id: str
+    filename: str
+    content_type: str
+    size: int
+    xxh3_128: str
+    storage_key: str
+    metadata: bytes | None
+    received_at: float
+    held: bool
+
+
+class Ingestor:
+    """Takes one upload request from a device through to a durable, acknowledged image."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        store: ObjectStore,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.spool_dir = settings.data_dir / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._inflight: dict[str, asyncio.Event] = {}
+        self._active: set[str] = set()
+        self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
+        self._seq = 0
+        self.on_sealed: Callable[[str], None] | None = None
+
+    @property
+    def active_intents(self) -> set[str]:
+        """Spool names of uploads in progress (reconciliation must leave them alone)."""
+        return set(self._active)
+
+    async def start(self) -> None:
+        row = await self.catalog.read(lambda c: c.execute("SELECT max(seq) FROM images").fetchone())
+        self._seq = int(row[0]) if row and row[0] is not None else 0
+
+    def _dedup_key(self, device_id: str, digest: str) -> str:
+        return f"{device_id}:{digest}" if self.settings.dedup.scope == "device" else digest
+
+    async def upload(
+        self,
+        device: Device,
+        content_type: str | None,
+        body: AsyncIterator[bytes],
+        *,
+        held: bool = False,
+    ) -> UploadResult:
+        boundary = boundary_of(content_type)
+        uid = uuid.uuid4()
+        spool_path = self.spool_dir / f"{uid.hex}.part"
+        limits = self.settings.limits
+        intent_handed_over = False
+        self._active.add(uid.hex)
+        try:
+            form = await read_upload_form(
+                body, boundary, spool_path,
+                max_image_bytes=limits.max_image_bytes, max_metadata_bytes=limits.max_metadata_bytes,
+            )
+            if form.metadata is not None:
+                validate_metadata(form.metadata)
+            image = form.image
+            key = self._dedup_key(device.device_id, image.xxh3_128)
+            while (pending := self._inflight.get(key)) is not None:
+                await pending.wait()
+            existing = await self.catalog.read(lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
+            if existing is not None:
+                return self._duplicate(existing)
+            done = self._inflight[key] = asyncio.Event()
+            try:
+                intent_handed_over = True  # from here on _store_and_record owns the spool file
+                result = await self._store_and_record(uid, device, image, form.metadata, held)
+            finally:
+                del self._inflight[key]
+                done.set()
+            if result.duplicate:
+                return self._duplicate(result)
+            self.metrics.upload_bytes.inc(image.size)
+            self.metrics.uploads_by_device.labels(device.device_id).inc()
+            return result
+        finally:
+            self._active.discard(uid.hex)
+            if not intent_handed_over:
+                _unlink(spool_path)
+
+    def _duplicate(self, existing: UploadResult) -> UploadResult:
+        self.metrics.dedup_hits.inc()
+        if self.settings.dedup.on_duplicate == "reject":
+            raise DuplicateImage(
+                details=f"existing image {existing.image_id}",
+                data={"image_id": existing.image_id, "batch_id": existing.batch_id, "storage_key": existing.storage_key},
+            )
+        return UploadResult(
+            image_id=existing.image_id, batch_id=existing.batch_id, storage_key=existing.storage_key, duplicate=True
+        )
+
+    def _find_duplicate(self, conn: Conn, device_id: str, digest: str) -> UploadResult | None:
+        if self.settings.dedup.scope == "device":
+            row = conn.execute(
+                "SELECT image_id, batch_id, storage_key FROM images WHERE xxh3_128 = ? AND device_id = ? LIMIT 1",
+                [digest, device_id],
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT image_id, batch_id, storage_key FROM images WHERE xxh3_128 = ? LIMIT 1", [digest]
+            ).fetchone()
+        if row is None:
+            return None
+        return UploadResult(image_id=row[0], batch_id=row[1], storage_key=row[2], duplicate=True)
+
+    async def _store_and_record(
+        self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool
+    ) -> UploadResult:
+        filename = safe_filename(image.filename, image.content_type)
+        new = _NewImage(
+            image_id=f"img_{uid}",
+            device_id=device.device_id,
+            filename=filename,
+            content_type=image.content_type,
+            size=image.size,
+            xxh3_128=image.xxh3_128,
+            storage_key=f"raw-data/{uid.hex}_{filename}",
+            metadata=metadata,
+            received_at=self.clock(),
+            held=held,
+        )
+        try:
+            if image.size > LARGE_PUT_BYTES:
+                async with self._large_puts:
+                    await anyio.to_thread.run_sync(self._put, new.storage_key, image)
+            else:
+                await anyio.to_thread.run_sync(self._put, new.storage_key, image)
+        except Exception:
+            # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
+            _truncate(image.path)
+            raise
+        try:
+            result = await self.catalog.write(lambda c: self._record(c, new))
+        except Exception:
+            # The transaction failed: nothing was committed, so the object must go.
+            # (On cancellation we cannot know; the intent stays for reconciliation.)
+            await self._discard_object(new.storage_key, image.path)
+            raise
+        if result.duplicate:
+            await self._discard_object(new.storage_key, image.path)
+        else:
+            _unlink(image.path)
+            if result.batch_sealed and self.on_sealed is not None:
+                self.on_sealed(result.batch_id)
+        return result
+
+    def _put(self, storage_key: str, image: SpooledImage) -> None:
+        self.store.put_file(storage_key, image.path, image.size, image.content_type)
+
+    async def _discard_object(self, storage_key: str, spool_path: Path) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.store.delete, storage_key)
+        except GatewayError as exc:
+            log.warning("could not remove unrecorded object %s (reconciled at next start): %s", storage_key, exc)
+            return
+        _unlink(spool_path)
+
+    def _record(self, conn: Conn, new: _NewImage) -> UploadResult:
+        """Catalog write op: image row, batch membership and outbox entry, one transaction."""
+        existing = self._find_duplicate(conn, new.device_id, new.xxh3_128)
+        if existing is not None:
+            return existing
+        batch_id, sealed = batches.join_collecting_batch(
+            conn, new.device_id, new.size, new.received_at, self.settings.batches.max_images
+        )
+        self._seq += 1
+        conn.execute(
+            "INSERT INTO images (image_id, seq, batch_id, device_id, filename, content_type, size, xxh3_128, "
+            "storage_key, metadata, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [new.image_id, self._seq, batch_id, new.device_id, new.filename, new.content_type, new.size,
+             new.xxh3_128, new.storage_key, new.metadata, new.received_at],
+        )
+        outbox.enqueue(conn, new.image_id, self._seq, new.device_id, new.size, new.received_at, new.held)
+        return UploadResult(
+            image_id=new.image_id, batch_id=batch_id, storage_key=new.storage_key, batch_sealed=sealed
+        )
+
+
+def _truncate(path: Path) -> None:
+    try:
+        os.truncate(path, 0)
+    except OSError:
+        pass
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,88 @@
+"""Start-up (and periodic) reconciliation of the catalog with the object store.
+
+Every upload leaves an intent file `<spool>/<uuid-hex>.part` until it is committed or known to
+have stored nothing. An intent left behind (crash, kill -9, cancelled request, store error) is
+settled here: committed uploads just lose the intent; uncommitted ones lose their object too.
+A recent sample of catalog rows is also checked for missing objects, which are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Collection
+
+import msgspec
+
+from gateway.catalog import Catalog
+from gateway.storage import ObjectStore
+
+log = logging.getLogger("gateway.reconcile")
+
+
+class ReconcileReport(msgspec.Struct, kw_only=True):
+    intents: int = 0
+    committed: int = 0
+    strays_removed: list[str] = msgspec.field(default_factory=list)
+    missing_objects: list[str] = msgspec.field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.strays_removed and not self.missing_objects and self.intents == 0
+
+
+def settle_intents(
+    catalog: Catalog,
+    store: ObjectStore,
+    spool_dir: os.PathLike[str] | str,
+    *,
+    skip: Collection[str] = (),
+    min_age_s: float = 0.0,
+    report: ReconcileReport | None = None,
+) -> ReconcileReport:
+    """Settle leftover upload intents (blocking; run in a worker thread)."""
+    report = report or ReconcileReport()
+    now = time.time()
+    try:
+        entries = list(os.scandir(spool_dir))
+    except FileNotFoundError:
+        return report
+    for entry in entries:
+        if not entry.name.endswith(".part"):
+            continue
+        uid = entry.name[: -len(".part")]
+        if uid in skip:
+            continue
+        try:
+            if now - entry.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
+            continue
+        report.intents += 1
+        image_id = f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
+        row = catalog.read_sync(lambda c: c.execute(
+            "SELECT storage_key FROM images WHERE image_id = ?", [image_id]).fetchone())
+        if row is not None:
+            report.committed += 1
+        else:
+            for obj in list(store.list(f"raw-data/{uid}_")):
+                store.delete(obj.key)
+                report.strays_removed.append(obj.key)
+                log.warning("removed stray object %s (upload never committed)", obj.key)
+        os.unlink(entry.path)
+    return report
+
+
+def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50,
+                         report: ReconcileReport | None = None) -> ReconcileReport:
+    """Report catalog rows among the most recent `sample` whose object is missing."""
+    report = report or ReconcileReport()
+    rows = catalog.read_sync(lambda c: c.execute(
+        "SELECT storage_key FROM images WHERE bytes_removed_at IS NULL ORDER BY seq DESC LIMIT ?",
+        [sample]).fetchall())
+    for (key,) in rows:
+        if store.stat(key) is None:
+            report.missing_objects.append(key)
+            log.error("catalog row without its object: %s", key)
+    return report

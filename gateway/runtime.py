@@ -1,0 +1,168 @@
+"""The running gateway's parts and their start-up and shut-down order.
+
+Start: data folders -> catalog (migrations) -> key secret -> devices -> object store -> settle
+leftover upload intents -> ingest; then background loops (batch sealer, reconciliation, forwarder).
+Stop: refuse new work (readiness off) -> background loops cancelled -> catalog drained and closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from gateway.batches import BatchSealer
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.devices import DeviceRegistry
+from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.ingest.pipeline import Ingestor
+from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, settle_intents
+from gateway.keys import KeyBox
+from gateway.metrics import Metrics
+from gateway.ratelimit import DeviceRateLimiter
+from gateway.status import StatusReport, read_status
+from gateway.storage import ObjectStore, open_store
+
+log = logging.getLogger("gateway")
+RECONCILE_EVERY_S = 600.0
+STALE_INTENT_S = 600.0
+
+
+def catalog_path(settings: Settings) -> Path:
+    return settings.data_dir / "catalog.duckdb"
+
+
+class Gateway:
+    """Everything a running server holds; `create_app` wires it to HTTP."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.catalog = Catalog(catalog_path(settings))
+        self.store: ObjectStore = open_store(settings)
+        self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
+        self.registry: DeviceRegistry
+        self.ingestor: Ingestor
+        self.sealer: BatchSealer
+        self.shutting_down = False
+        self.started_at = clock()
+        self.startup_report = ReconcileReport()
+        self._store_ok_at = 0.0
+
+    @property
+    def forwarding_on(self) -> bool:
+        return bool(self.settings.cloud.url)
+
+    async def open_catalog(self) -> None:
+        """Catalog and devices only: what the CLI needs to work on a stopped server's files."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(self.catalog.open)
+        keybox = KeyBox.from_file(Path(s.keys.secret_file))
+        self.registry = DeviceRegistry(self.catalog, keybox, s.cloud.organization_id, self.clock)
+        await self.registry.load()
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.open_catalog()
+        self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
+        await self.ingestor.start()
+        self.sealer = BatchSealer(self.catalog, s.batches.timeout_s, self.forwarding_on, self.clock)
+        try:
+            await anyio.to_thread.run_sync(self.store.ensure_ready)
+            self._store_ok_at = time.monotonic()
+            self.startup_report = await anyio.to_thread.run_sync(self._reconcile_at_start)
+        except GatewayError as exc:
+            log.error("object store not ready at start-up (%s); uploads get 503 until it answers", exc)
+
+    def _reconcile_at_start(self) -> ReconcileReport:
+        report = settle_intents(self.catalog, self.store, self.ingestor.spool_dir)
+        check_recent_objects(self.catalog, self.store, report=report)
+        if report.intents:
+            log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d stray object(s) removed",
+                     report.intents, report.committed, len(report.strays_removed))
+        return report
+
+    def run_background(self, tg: TaskGroup) -> None:
+        tg.start_soon(self.sealer.run)
+        tg.start_soon(self._reconcile_loop)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await anyio.sleep(RECONCILE_EVERY_S)
+            try:
+                await anyio.to_thread.run_sync(lambda: settle_intents(
+                    self.catalog, self.store, self.ingestor.spool_dir,
+                    skip=self.ingestor.active_intents, min_age_s=STALE_INTENT_S))
+            except Exception as exc:
+                log.warning("periodic reconciliation failed: %s", exc)
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        await anyio.to_thread.run_sync(self.catalog.close)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """What /api/ready reports; raises `ServiceUnavailable` when not ready."""
+        checks: dict[str, str] = {}
+        if self.shutting_down:
+            raise ServiceUnavailable("Shutting down", retry_after=5)
+        try:
+            await self.catalog.read(lambda c: c.execute("SELECT 1").fetchone())
+            checks["catalog"] = "ok"
+        except GatewayError as exc:
+            raise ServiceUnavailable("Catalog not ready", exc.details) from exc
+        try:
+            await self.require_store()
+            checks["object_store"] = "ok"
+        except GatewayError as exc:
+            raise ServiceUnavailable("Object store not ready", exc.details) from exc
+        return checks
+
+    async def require_store(self) -> None:
+        """Fail fast with 503 while the object store is known to be down (re-checked each second)."""
+        if time.monotonic() - self._store_ok_at < 1.0:
+            return
+        try:
+            await anyio.to_thread.run_sync(self.store.ensure_ready)
+        except GatewayError:
+            self._store_ok_at = 0.0
+            raise
+        self._store_ok_at = time.monotonic()
+
+    def disk_free(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.settings.data_dir).free
+        except OSError:
+            return None
+
+    async def status(self) -> StatusReport:
+        now = self.clock()
+        report = await self.catalog.read(lambda c: read_status(c, now))
+        report.disk_free_bytes = self.disk_free()
+        report.catalog_bytes = self.catalog.file_bytes()
+        report.connectivity = "off" if not self.forwarding_on else "unknown"
+        return report
+
+    async def refresh_gauges(self) -> StatusReport:
+        report = await self.status()
+        m = self.metrics
+        m.images_stored.set(report.images)
+        m.backlog_count.set(report.backlog_count)
+        m.backlog_bytes.set(report.backlog_bytes)
+        m.oldest_pending_age.set(report.oldest_pending_age_s or 0.0)
+        m.dead_letters.set(report.dead_count)
+        m.last_forward_success.set(report.last_success_at or 0.0)
+        m.cloud_up.set(1 if report.connectivity == "online" else 0)
+        m.disk_free.set(report.disk_free_bytes or 0)
+        m.catalog_bytes.set(report.catalog_bytes)
+        return report

@@ -1,0 +1,47 @@
+"""The `ObjectStore` interface shared by the folder and S3 backends.
+
+Every method is blocking (file system or the `minio` client): callers on the event loop go
+through `anyio.to_thread`. Backends raise `InsufficientStorage` for a full disk or quota and
+`ServiceUnavailable` when the store cannot be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+CHUNK = 256 * 1024
+
+
+class ObjectInfo(msgspec.Struct, frozen=True):
+    key: str
+    size: int
+    modified: float  # unix seconds
+
+
+class ObjectStore(Protocol):
+    name: str
+
+    def ensure_ready(self) -> None:
+        """Create what the store needs (bucket, folder) and prove it answers; raises if not."""
+
+    def put_file(self, key: str, path: Path, size: int, content_type: str) -> None:
+        """Store the file at `path` (already complete and closed) under `key`, durably."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The object's bytes, streamed; raises `KeyError` when there is no such object."""
+
+    def stat(self, key: str) -> ObjectInfo | None: ...
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; no error when it is already gone."""
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def free_bytes(self) -> int | None:
+        """Free space where the objects live, when the backend can tell."""

@@ -1,0 +1,143 @@
+"""Folder storage (the embedded default): objects are files under `<data>/objects/<key>`.
+
+A finished spool file is hard-linked into place (same file system: no copy), after an fsync of
+the file and followed by an fsync of its folder, so an acknowledged object survives a power cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.errors import InsufficientStorage, ServiceUnavailable
+from gateway.storage.base import CHUNK, ObjectInfo
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class FolderStore:
+    name = "folder"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad object key {key!r}")
+        return self.root / key
+
+    def ensure_ready(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".ready-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise _store_error(exc) from exc
+
+    def put_file(self, key: str, path: Path, size: int, content_type: str) -> None:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            try:
+                os.link(path, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(path, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise _store_error(exc) from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        dest = self._path(key)
+        tmp = dest.with_name(dest.name + ".tmp")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise _store_error(exc) from exc
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        try:
+            fh = open(self._path(key), "rb")  # noqa: SIM115 - closed by the generator
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise _store_error(exc) from exc
+        return _read_chunks(fh, chunk_size)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error(exc) from exc
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _store_error(exc) from exc
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _, files in os.walk(base):
+            for fname in files:
+                full = Path(dirpath) / fname
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and not fname.endswith(".tmp"):
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+
+
+def _read_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
+    import io
+
+    assert isinstance(fh, io.BufferedReader)
+    with fh:
+        while chunk := fh.read(chunk_size):
+            yield chunk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _store_error(exc: OSError) -> Exception:
+    if exc.errno in _FULL:
+        return InsufficientStorage("Local disk is full", str(exc))
+    return ServiceUnavailable("Local storage unavailable", str(exc))

@@ -1,0 +1,143 @@
+"""S3 storage through the `minio` client: MinIO in production, any S3 server in tests.
+
+The client gets its own urllib3 pool: enough connections for the upload concurrency, short
+connect timeouts and few retries, so that an unreachable store turns into a prompt 503 instead
+of a request that hangs through minio's default retry schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from gateway.config import MinioSettings
+from gateway.errors import InsufficientStorage, ServiceUnavailable
+from gateway.storage.base import CHUNK, ObjectInfo
+
+_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded", "StorageFull"}
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
+_PART = 8 * 1024 * 1024
+
+
+class S3Store:
+    name = "minio"
+
+    def __init__(self, settings: MinioSettings, pool_size: int = 32) -> None:
+        self.bucket = settings.bucket
+        http = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=pool_size,
+            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+        )
+        self.client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key or None,
+            secret_key=settings.secret_key or None,
+            secure=settings.secure,
+            region=settings.region or None,
+            http_client=http,
+        )
+        self._bucket_ok = False
+
+    def ensure_ready(self) -> None:
+        try:
+            if not self._bucket_ok:
+                if not self.client.bucket_exists(self.bucket):
+                    try:
+                        self.client.make_bucket(self.bucket)
+                    except S3Error as exc:
+                        if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                            raise
+                self._bucket_ok = True
+            else:
+                self.client.bucket_exists(self.bucket)
+        except (S3Error, Urllib3Error, OSError) as exc:
+            self._bucket_ok = False
+            raise _store_error(exc) from exc
+
+    def put_file(self, key: str, path: Path, size: int, content_type: str) -> None:
+        try:
+            with open(path, "rb") as fh:
+                self.client.put_object(
+                    self.bucket, key, fh, size, content_type=content_type, part_size=_PART,
+                    num_parallel_uploads=1,
+                )
+        except (S3Error, Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        import io
+
+        try:
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        except (S3Error, Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        try:
+            resp = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND:
+                raise KeyError(key) from None
+            raise _store_error(exc) from exc
+        except (Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+        return _stream(resp, chunk_size)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND or exc.code == "ResourceNotFound":
+                return None
+            raise _store_error(exc) from exc
+        except (Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+        modified = st.last_modified.timestamp() if st.last_modified else 0.0
+        return ObjectInfo(key, int(st.size or 0), modified)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code not in _NOT_FOUND:
+                raise _store_error(exc) from exc
+        except (Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if obj.object_name is None or obj.is_dir:
+                    continue
+                modified = obj.last_modified.timestamp() if obj.last_modified else 0.0
+                yield ObjectInfo(obj.object_name, int(obj.size or 0), modified)
+        except (S3Error, Urllib3Error, OSError) as exc:
+            raise _store_error(exc) from exc
+
+    def free_bytes(self) -> int | None:
+        return None
+
+
+def _stream(resp: urllib3.BaseHTTPResponse, chunk_size: int) -> Iterator[bytes]:
+    try:
+        yield from resp.stream(chunk_size)
+    except (Urllib3Error, OSError) as exc:
+        raise _store_error(exc) from exc
+    finally:
+        resp.close()
+        resp.release_conn()
+
+
+def _store_error(exc: BaseException) -> Exception:
+    if isinstance(exc, S3Error):
+        if exc.code in _FULL_CODES:
+            return InsufficientStorage("Object store is full", exc.code or "")
+        return ServiceUnavailable("Object store refused the request", f"{exc.code}: {exc.message}")
+    return ServiceUnavailable("Object store unreachable", str(exc)[:200])
