@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gateway.batches import BatchSealer
+from gateway.capacity import CapacityGuard
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.devices import DeviceRegistry
@@ -49,6 +50,10 @@ class Gateway:
         self.catalog = Catalog(catalog_path(settings))
         self.store: ObjectStore = open_store(settings)
         self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
+        self.capacity = CapacityGuard(
+            self.catalog, settings.data_dir, settings.limits.max_pending_bytes, settings.limits.min_free_disk_bytes,
+            self.metrics,
+        )
         self.registry: DeviceRegistry
         self.ingestor: Ingestor
         self.sealer: BatchSealer

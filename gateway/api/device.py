@@ -49,16 +49,19 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
         gw.rate_limiter.take(device.device_id)
         limits = gw.settings.limits
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit():
-            ceiling = limits.max_image_bytes + limits.max_metadata_bytes + 256 * 1024
-            if int(declared) > ceiling:
-                raise PayloadTooLarge("Request body is too large", f"limit is {ceiling} bytes")
+        length = int(declared) if declared and declared.isdigit() else 0
+        ceiling = limits.max_image_bytes + limits.max_metadata_bytes + 256 * 1024
+        if length > ceiling:
+            raise PayloadTooLarge("Request body is too large", f"limit is {ceiling} bytes")
+        await gw.capacity.check(length)
         await gw.require_store()
         result = await gw.ingestor.upload(
             device, request.headers.get("content-type"),
             body_chunks(request.receive, gw.settings.server.read_timeout_s),
         )
         gw.registry.touch(device, gw.clock())
+        if not result.duplicate:
+            gw.capacity.accepted(length)
         outcome = "duplicate_accepted" if result.duplicate else "accepted"
         data = {"image_id": result.image_id, "batch_id": result.batch_id, "storage_key": result.storage_key}
         return ok(data, status=gw.settings.server.upload_success_status)

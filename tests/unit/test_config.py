@@ -1,0 +1,109 @@
+"""Settings: defaults, the shipped file, environment overrides and one message per bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gateway.config import ConfigError, Settings, load_settings, redacted, section_types
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_file_lists_every_key_with_its_default() -> None:
+    import tomllib
+
+    shipped = tomllib.loads((ROOT / "config/gateway.toml").read_text())
+    defaults = msgspec.to_builtins(Settings())
+    assert set(shipped) == set(defaults)
+    for section, values in defaults.items():
+        assert shipped[section] == values, section
+    # every key carries help text
+    for cls in section_types().values():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for field in msgspec.structs.fields(cls):
+            metas = [m for m in typing.get_args(hints[field.name])[1:] if isinstance(m, msgspec.Meta)]
+            assert metas and metas[0].description, f"{cls.__name__}.{field.name} has no help"
+
+
+def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(env={}) == Settings()
+
+
+def test_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(env={"GATEWAY_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    f = tmp_path / "g.toml"
+    f.write_text('[server]\nlisten = "127.0.0.1:9000"\n[batches]\nmax_images = 7\n')
+    s = load_settings(f, env={"GATEWAY_BATCHES_MAX_IMAGES": "9", "GATEWAY_MINIO_SECURE": "true",
+                              "GATEWAY_CONFIG_UNRELATED": "x", "GATEWAY_TEST_S3_ENDPOINT": "y"})
+    assert s.server.listen == "127.0.0.1:9000"
+    assert s.batches.max_images == 9
+    assert s.minio.secure is True
+
+
+def test_every_bad_value_gets_its_own_message_naming_key_and_source(tmp_path: Path) -> None:
+    f = tmp_path / "g.toml"
+    f.write_text(
+        '[server]\nlisten = "nonsense"\nupload_success_status = 202\n'
+        '[storage]\nbackend = "tape"\n[batches]\nmax_images = 0\nbogus = 1\n[nosuch]\nx = 1\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, env={"GATEWAY_FORWARD_CONCURRENCY": "many", "GATEWAY_LIMITS_NOPE": "1"})
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert len(problems) == 8, text
+    assert any(p.startswith("server.listen") and str(f) in p for p in problems)
+    assert any(p.startswith("server.upload_success_status") for p in problems)
+    assert any(p.startswith("storage.backend") and "tape" in p for p in problems)
+    assert any(p.startswith("batches.max_images") and ">= 1" in p for p in problems)
+    assert any(p.startswith("batches.bogus") and "unknown key" in p for p in problems)
+    assert any(p.startswith("[nosuch]") and "unknown section" in p for p in problems)
+    assert any(p.startswith("forward.concurrency") and "env GATEWAY_FORWARD_CONCURRENCY" in p for p in problems)
+    assert any(p.startswith("limits.nope") and "unknown key" in p for p in problems)
+
+
+def test_minio_backend_needs_an_endpoint() -> None:
+    with pytest.raises(ConfigError, match="minio.endpoint"):
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_STORAGE_BACKEND": "minio"}, path=None)
+
+
+def test_secrets_are_redacted() -> None:
+    s = Settings()
+    s.minio.secret_key = "s3cr3t"
+    s.admin.token = "a" * 20
+    shown = redacted(s)
+    assert shown["minio"]["secret_key"] == "<redacted>"
+    assert shown["admin"]["token"] == "<redacted>"
+    assert "s3cr3t" not in str(shown)
+
+
+def test_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
+    f = tmp_path / "g.toml"
+    f.write_text('[minio]\nsecret_key = 12345\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, env={})
+    assert "12345" not in str(info.value)
+
+
+def test_cli_exits_non_zero_with_messages_before_listening(tmp_path: Path) -> None:
+    f = tmp_path / "g.toml"
+    f.write_text('[server]\nlisten = "127.0.0.1:99999"\n[dedup]\nscope = "planet"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(f), "serve"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "server.listen" in result.stderr and "dedup.scope" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing was created, nothing listened
