@@ -156,6 +156,13 @@ class Gateway:
         report.disk_free_bytes = self.disk_free()
         report.catalog_bytes = self.catalog.file_bytes()
         report.connectivity = "off" if not self.forwarding_on else "unknown"
+        report.startup = {
+            "reconciled_intents": self.startup_report.intents,
+            "committed": self.startup_report.committed,
+            "strays_removed": len(self.startup_report.strays_removed),
+            "missing_objects": self.startup_report.missing_objects,
+            "clean": self.startup_report.clean,
+        }
         return report
 
     async def refresh_gauges(self) -> StatusReport:

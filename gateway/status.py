@@ -26,6 +26,7 @@ class StatusReport(msgspec.Struct, kw_only=True):
     eta_s: float | None = None
     disk_free_bytes: int | None = None
     catalog_bytes: int = 0
+    startup: dict[str, object] = msgspec.field(default_factory=dict)
 
 
 def read_status(conn: Conn, now: float) -> StatusReport:
