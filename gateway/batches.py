@@ -30,31 +30,71 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4()}"
 
 
-def join_collecting_batch(conn: Conn, device_id: str, size: int, now: float, max_images: int) -> tuple[str, bool]:
-    """Add one image to the device's collecting batch (opening one if needed).
+def join_collecting_batches(
+    conn: Conn, uploads: list[tuple[str, int]], now: float, max_images: int
+) -> list[tuple[str, bool]]:
+    """Add each (device_id, size) upload to its device's collecting batch, opening one where none
+    is collecting; a group of uploads costs one statement per device in the common case.
 
-    Returns the batch id and whether this image filled the batch (it is then sealed)."""
+    Returns, per upload, its batch id and whether that upload filled (and so sealed) the batch."""
+    by_device: dict[str, list[int]] = {}
+    for i, (device_id, _) in enumerate(uploads):
+        by_device.setdefault(device_id, []).append(i)
+    placed: list[tuple[str, bool] | None] = [None] * len(uploads)
+    for device_id, idx in by_device.items():
+        added = sum(uploads[i][1] for i in idx)
+        # Fast path: the collecting batch has room for all of them without filling up.
+        row = conn.execute(
+            "UPDATE batches SET image_count = image_count + ?, total_bytes = total_bytes + ? "
+            "WHERE device_id = ? AND state = 'collecting' AND image_count + ? < ? RETURNING batch_id",
+            [len(idx), added, device_id, len(idx), max_images],
+        ).fetchone()
+        if row is not None:
+            for i in idx:
+                placed[i] = (str(row[0]), False)
+            continue
+        for i, result in zip(idx, _place_one_by_one(conn, device_id, [uploads[i][1] for i in idx], now, max_images),
+                             strict=True):
+            placed[i] = result
+    return [p for p in placed if p is not None]
+
+
+def _place_one_by_one(conn: Conn, device_id: str, sizes: list[int], now: float,
+                      max_images: int) -> list[tuple[str, bool]]:
+    """The slow path: a batch fills up (and is sealed) or none is collecting yet."""
     row = conn.execute(
         "SELECT batch_id, image_count FROM batches WHERE device_id = ? AND state = 'collecting' "
         "ORDER BY opened_at DESC LIMIT 1",
         [device_id],
     ).fetchone()
-    if row is None:
-        batch_id, count = new_batch_id(), 0
+    batch_id, count, added = (str(row[0]), int(row[1]), 0) if row else (None, 0, 0)
+    out: list[tuple[str, bool]] = []
+
+    def flush(full: bool) -> None:
         conn.execute(
-            "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)",
-            [batch_id, device_id, now],
+            "UPDATE batches SET image_count = ?, total_bytes = total_bytes + ?, "
+            "state = CASE WHEN ? THEN 'sealed' ELSE state END, sealed_at = CASE WHEN ? THEN ? ELSE sealed_at END "
+            "WHERE batch_id = ?",
+            [count, added, full, full, now, batch_id],
         )
-    else:
-        batch_id, count = row[0], int(row[1])
-    full = count + 1 >= max_images
-    conn.execute(
-        "UPDATE batches SET image_count = image_count + 1, total_bytes = total_bytes + ?, "
-        "state = CASE WHEN ? THEN 'sealed' ELSE state END, sealed_at = CASE WHEN ? THEN ? ELSE sealed_at END "
-        "WHERE batch_id = ?",
-        [size, full, full, now, batch_id],
-    )
-    return batch_id, full
+
+    for size in sizes:
+        if batch_id is None:
+            batch_id, count, added = new_batch_id(), 0, 0
+            conn.execute(
+                "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)",
+                [batch_id, device_id, now],
+            )
+        count += 1
+        added += size
+        full = count >= max_images
+        out.append((batch_id, full))
+        if full:
+            flush(True)
+            batch_id = None
+    if batch_id is not None:
+        flush(False)
+    return out
 
 
 def seal_due_batches(conn: Conn, now: float, timeout_s: float) -> list[str]:

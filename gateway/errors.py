@@ -29,8 +29,13 @@ class GatewayError(Exception):
         self.retry_after = retry_after if retry_after is not None else self.default_retry_after
         super().__init__(f"{self.code}: {self.message}" + (f" ({details})" if details else ""))
 
+    close_connection: bool = False  # answer with `Connection: close` (the body was not read to its end)
+
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        out = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        if self.close_connection:
+            out["Connection"] = "close"
+        return out
 
 
 class Unauthorized(GatewayError):

@@ -4,7 +4,10 @@ DuckDB allows one read-write process per file and prefers few, larger transactio
 a function `op(conn) -> result` queued to the writer thread, which runs all queued ops in one
 transaction and commits once (group commit). Ops must have no side effects outside the database:
 if one op fails, the group is rolled back and each op is re-run in a transaction of its own, so one
-bad op never fails its neighbours. Reads run in worker threads, each on its own cursor.
+bad op never fails its neighbours. Hot paths may instead submit *items* to a batch handler
+`handler(conn, items) -> results`: consecutive items for one handler are handed over together, so
+a group of uploads costs a handful of statements rather than a handful per upload.
+Reads run in worker threads, each on its own cursor.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gateway.errors import ServiceUnavailable
 
 T = TypeVar("T")
 Conn = duckdb.DuckDBPyConnection
+BatchHandler = Callable[[Conn, list[Any]], list[Any]]
 log = logging.getLogger("gateway.catalog")
 
 _MAX_GROUP = 256
@@ -92,12 +96,21 @@ class Catalog:
     # -- writes ----------------------------------------------------------------------------
 
     def submit(self, op: Callable[[Conn], T]) -> Future[T]:
-        fut: Future[T] = Future()
+        return self._enqueue(_Work(op, None, Future()))
+
+    def submit_item(self, handler: BatchHandler, item: Any) -> Future[Any]:
+        return self._enqueue(_Work(handler, item, Future(), batched=True))
+
+    def _enqueue(self, work: _Work) -> Future[Any]:
         if self._writer is None:
-            fut.set_exception(ServiceUnavailable("Catalog is closed"))
-            return fut
-        self._queue.put((op, fut))
-        return fut
+            work.future.set_exception(ServiceUnavailable("Catalog is closed"))
+        else:
+            self._queue.put(work)
+        return work.future
+
+    async def write_item(self, handler: BatchHandler, item: Any) -> Any:
+        """Hand `item` to `handler` in the writer thread, batched with its neighbours; returns its result."""
+        return await asyncio.wrap_future(self.submit_item(handler, item))
 
     async def write(self, op: Callable[[Conn], T]) -> T:
         """Run `op` in the writer thread inside a committed transaction; returns its result."""
@@ -114,7 +127,7 @@ class Catalog:
             item = self._queue.get()
             if item is _STOP:
                 break
-            group = [item]
+            group: list[_Work] = [item]
             while len(group) < _MAX_GROUP:
                 try:
                     nxt = self._queue.get_nowait()
@@ -126,41 +139,60 @@ class Catalog:
                 group.append(nxt)
             self._run_group(conn, group)
 
-    def _run_group(self, conn: Conn, group: list[tuple[Callable[[Conn], Any], Future[Any]]]) -> None:
-        live = [(op, fut) for op, fut in group if fut.set_running_or_notify_cancel()]
+    def _run_group(self, conn: Conn, group: list[_Work]) -> None:
+        live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
-        results: list[Any] = []
         try:
             conn.execute("BEGIN TRANSACTION")
-            for op, _ in live:
-                results.append(op(conn))
+            results = self._apply(conn, live)
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
             if len(live) == 1:
-                live[0][1].set_exception(_as_domain_error(exc))
+                live[0].future.set_exception(_as_domain_error(exc))
                 return
-            for op, fut in live:
-                self._run_alone(conn, op, fut)
+            for work in live:
+                self._run_alone(conn, work)
             return
         self.commits += 1
         self.ops += len(live)
-        for (_, fut), result in zip(live, results, strict=True):
-            fut.set_result(result)
+        for work, result in zip(live, results, strict=True):
+            work.future.set_result(result)
 
-    def _run_alone(self, conn: Conn, op: Callable[[Conn], Any], fut: Future[Any]) -> None:
+    @staticmethod
+    def _apply(conn: Conn, works: list[_Work]) -> list[Any]:
+        """Run the works in order; consecutive items of one batch handler go in one call."""
+        results: list[Any] = []
+        i = 0
+        while i < len(works):
+            work = works[i]
+            if not work.batched:
+                results.append(work.fn(conn))
+                i += 1
+                continue
+            j = i
+            while j < len(works) and works[j].batched and works[j].fn is work.fn:
+                j += 1
+            out = work.fn(conn, [w.item for w in works[i:j]])
+            if len(out) != j - i:
+                raise RuntimeError("batch handler returned the wrong number of results")
+            results.extend(out)
+            i = j
+        return results
+
+    def _run_alone(self, conn: Conn, work: _Work) -> None:
         try:
             conn.execute("BEGIN TRANSACTION")
-            result = op(conn)
+            (result,) = self._apply(conn, [work])
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
-            fut.set_exception(_as_domain_error(exc))
+            work.future.set_exception(_as_domain_error(exc))
             return
         self.commits += 1
         self.ops += 1
-        fut.set_result(result)
+        work.future.set_result(result)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -193,6 +225,16 @@ class Catalog:
             except OSError:
                 pass
         return total
+
+
+class _Work:
+    __slots__ = ("batched", "fn", "future", "item")
+
+    def __init__(self, fn: Callable[..., Any], item: Any, future: Future[Any], batched: bool = False) -> None:
+        self.fn = fn
+        self.item = item
+        self.future = future
+        self.batched = batched
 
 
 def _rollback(conn: Conn) -> None:

@@ -13,6 +13,10 @@ while undelivered; an entry in flight when the process died is simply still `pen
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
+
 from gateway.catalog import Conn
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
@@ -24,3 +28,146 @@ def enqueue(conn: Conn, image_id: str, seq: int, device_id: str, size: int, now:
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         [image_id, seq, device_id, size, HELD if held else PENDING, now, now],
     )
+
+
+def enqueue_many(conn: Conn, rows: list[tuple[str, int, str, int, float, bool]]) -> None:
+    """One outbox entry per (image_id, seq, device_id, size, now, held), in one statement."""
+    conn.execute(
+        "INSERT INTO outbox (image_id, seq, device_id, size, state, created_at, next_attempt_at) "
+        "SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?)",
+        [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+         [HELD if r[5] else PENDING for r in rows], [r[4] for r in rows], [r[4] for r in rows]],
+    )
+
+
+class Entry(msgspec.Struct, kw_only=True):
+    """A pending outbox entry with what it takes to forward it."""
+
+    image_id: str
+    seq: int
+    device_id: str
+    size: int
+    attempts: int
+    next_attempt_at: float
+    batch_id: str
+    filename: str
+    content_type: str
+    storage_key: str
+    metadata: bytes | None
+
+
+def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
+    """The first `per_device` pending entries of every device, oldest first (due or not)."""
+    rows = conn.execute(
+        """
+        SELECT o.image_id, o.seq, o.device_id, o.size, o.attempts, o.next_attempt_at,
+               i.batch_id, i.filename, i.content_type, i.storage_key, i.metadata
+        FROM (SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY seq) AS rn
+              FROM outbox WHERE state = 'pending') o
+        JOIN images i ON i.image_id = o.image_id
+        WHERE o.rn <= ? ORDER BY o.device_id, o.seq
+        """,
+        [per_device],
+    ).fetchall()
+    return [
+        Entry(image_id=r[0], seq=r[1], device_id=r[2], size=r[3], attempts=r[4], next_attempt_at=r[5] or 0.0,
+              batch_id=r[6], filename=r[7], content_type=r[8], storage_key=r[9],
+              metadata=None if r[10] is None else bytes(r[10]))
+        for r in rows
+    ]
+
+
+def mark_delivered(
+    conn: Conn, image_id: str, now: float, status: int | None, cloud_ids: tuple[str | None, str | None, str | None]
+) -> str | None:
+    """pending -> delivered, with the cloud's ids on the image; returns the image's batch id."""
+    conn.execute(
+        "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_status = ?, attempts = attempts + 1 "
+        "WHERE image_id = ? AND state = 'pending'",
+        [now, status, image_id],
+    )
+    image_key, batch_key, storage_key = cloud_ids
+    row = conn.execute(
+        "UPDATE images SET cloud_image_id = coalesce(?, cloud_image_id), "
+        "cloud_batch_id = coalesce(?, cloud_batch_id), cloud_storage_key = coalesce(?, cloud_storage_key) "
+        "WHERE image_id = ? RETURNING batch_id",
+        [image_key, batch_key, storage_key, image_id],
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:
+    """pending -> pending: one more failed attempt, next one not before `next_at`."""
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, last_error = ? "
+        "WHERE image_id = ? AND state = 'pending'",
+        [next_at, status, error[:2048], image_id],
+    )
+
+
+def mark_dead(conn: Conn, image_ids: list[str], now: float, status: int | None, error: str, count_attempt: bool) -> int:
+    """pending/held -> dead, keeping the status and reason; returns how many moved."""
+    if not image_ids:
+        return 0
+    rows = conn.execute(
+        "UPDATE outbox SET state = 'dead', attempts = attempts + ?, next_attempt_at = ?, last_status = ?, "
+        "last_error = ? WHERE image_id IN (SELECT unnest(?::VARCHAR[])) AND state IN ('pending', 'held') "
+        "RETURNING image_id",
+        [1 if count_attempt else 0, now, status, error[:2048], image_ids],
+    ).fetchall()
+    return len(rows)
+
+
+def device_backlog(conn: Conn, device_id: str, state: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT image_id FROM outbox WHERE device_id = ? AND state = ? ORDER BY seq", [device_id, state]
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def release_held(conn: Conn, device_id: str, now: float) -> int:
+    """held -> pending for a device whose key the cloud confirmed."""
+    rows = conn.execute(
+        "UPDATE outbox SET state = 'pending', next_attempt_at = ? WHERE device_id = ? AND state = 'held' "
+        "RETURNING image_id",
+        [now, device_id],
+    ).fetchall()
+    return len(rows)
+
+
+def retry_dead(conn: Conn, image_ids: list[str] | None, now: float) -> int:
+    """dead -> pending with attempts reset: every dead entry (`image_ids` None) or the ones named."""
+    if image_ids is None:
+        rows = conn.execute(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? WHERE state = 'dead' "
+            "RETURNING image_id",
+            [now],
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? "
+            "WHERE state = 'dead' AND image_id IN (SELECT unnest(?::VARCHAR[])) RETURNING image_id",
+            [now, image_ids],
+        ).fetchall()
+    return len(rows)
+
+
+LIST_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "attempts", "next_attempt_at", "last_status",
+                "last_error", "created_at", "delivered_at", "filename", "cloud_image_id")
+
+
+def list_entries(conn: Conn, states: list[str], device_id: str | None, limit: int) -> list[dict[str, Any]]:
+    """Outbox entries in the given states, oldest first, for `gateway outbox list`."""
+    sql = (
+        "SELECT o.image_id, o.seq, o.device_id, o.size, o.state, o.attempts, o.next_attempt_at, o.last_status, "
+        "o.last_error, o.created_at, o.delivered_at, i.filename, i.cloud_image_id "
+        "FROM outbox o JOIN images i ON i.image_id = o.image_id "
+        "WHERE o.state IN (SELECT unnest(?::VARCHAR[]))"
+    )
+    params: list[Any] = [states]
+    if device_id:
+        sql += " AND o.device_id = ?"
+        params.append(device_id)
+    sql += " ORDER BY o.seq LIMIT ?"
+    params.append(limit)
+    return [dict(zip(LIST_COLUMNS, r, strict=True)) for r in conn.execute(sql, params).fetchall()]

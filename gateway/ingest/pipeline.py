@@ -41,6 +41,7 @@ class UploadResult(msgspec.Struct, kw_only=True):
     storage_key: str
     duplicate: bool = False
     batch_sealed: bool = False
+    size: int = 0  # image bytes stored by this upload (0 for a duplicate)
 
 
 class _NewImage(msgspec.Struct, kw_only=True):
@@ -79,6 +80,7 @@ class Ingestor:
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         self._seq = 0
         self.on_sealed: Callable[[str], None] | None = None
+        self.on_recorded: Callable[[], None] | None = None  # a new outbox entry was committed (wakes the forwarder)
 
     @property
     def active_intents(self) -> set[str]:
@@ -117,18 +119,19 @@ class Ingestor:
             key = self._dedup_key(device.device_id, image.xxh3_128)
             while (pending := self._inflight.get(key)) is not None:
                 await pending.wait()
-            existing = await self.catalog.read(lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
-            if existing is not None:
-                return self._duplicate(existing)
+            # Claimed with no await since the check above: from here until the commit, no other
+            # upload of these bytes can get past that loop (this process is the only writer).
             done = self._inflight[key] = asyncio.Event()
             try:
+                existing = await self.catalog.read(
+                    lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
+                if existing is not None:
+                    return self._duplicate(existing)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
                 result = await self._store_and_record(uid, device, image, form.metadata, held)
             finally:
                 del self._inflight[key]
                 done.set()
-            if result.duplicate:
-                return self._duplicate(result)
             self.metrics.upload_bytes.inc(image.size)
             self.metrics.uploads_by_device.labels(device.device_id).inc()
             return result
@@ -189,18 +192,17 @@ class Ingestor:
             _truncate(image.path)
             raise
         try:
-            result = await self.catalog.write(lambda c: self._record(c, new))
+            result = await self.catalog.write_item(self._record_many, new)
         except Exception:
             # The transaction failed: nothing was committed, so the object must go.
             # (On cancellation we cannot know; the intent stays for reconciliation.)
             await self._discard_object(new.storage_key, image.path)
             raise
-        if result.duplicate:
-            await self._discard_object(new.storage_key, image.path)
-        else:
-            _unlink(image.path)
-            if result.batch_sealed and self.on_sealed is not None:
-                self.on_sealed(result.batch_id)
+        _unlink(image.path)
+        if self.on_recorded is not None:
+            self.on_recorded()
+        if result.batch_sealed and self.on_sealed is not None:
+            self.on_sealed(result.batch_id)
         return result
 
     def _put(self, storage_key: str, image: SpooledImage) -> None:
@@ -214,25 +216,33 @@ class Ingestor:
             return
         _unlink(spool_path)
 
-    def _record(self, conn: Conn, new: _NewImage) -> UploadResult:
-        """Catalog write op: image row, batch membership and outbox entry, one transaction."""
-        existing = self._find_duplicate(conn, new.device_id, new.xxh3_128)
-        if existing is not None:
-            return existing
-        batch_id, sealed = batches.join_collecting_batch(
-            conn, new.device_id, new.size, new.received_at, self.settings.batches.max_images
+    def _record_many(self, conn: Conn, items: list[_NewImage]) -> list[UploadResult]:
+        """Catalog batch op: image rows, batch membership and outbox entries for a group of uploads,
+        a few statements per group rather than per upload (DuckDB is fast per statement, slow per row).
+
+        No duplicate check here: `upload` holds the dedup key from its check until this commits, and
+        this process is the catalog's only writer, so no other upload of those bytes can slip in."""
+        placed = batches.join_collecting_batches(
+            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images
         )
-        self._seq += 1
+        seqs = list(range(self._seq + 1, self._seq + 1 + len(items)))
         conn.execute(
             "INSERT INTO images (image_id, seq, batch_id, device_id, filename, content_type, size, xxh3_128, "
-            "storage_key, metadata, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [new.image_id, self._seq, batch_id, new.device_id, new.filename, new.content_type, new.size,
-             new.xxh3_128, new.storage_key, new.metadata, new.received_at],
+            "storage_key, metadata, received_at) SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), "
+            "unnest(?), unnest(?), unnest(?), unnest(?), unnest(?::BLOB[]), unnest(?)",
+            [[n.image_id for n in items], seqs, [b for b, _ in placed], [n.device_id for n in items],
+             [n.filename for n in items], [n.content_type for n in items], [n.size for n in items],
+             [n.xxh3_128 for n in items], [n.storage_key for n in items], [n.metadata for n in items],
+             [n.received_at for n in items]],
         )
-        outbox.enqueue(conn, new.image_id, self._seq, new.device_id, new.size, new.received_at, new.held)
-        return UploadResult(
-            image_id=new.image_id, batch_id=batch_id, storage_key=new.storage_key, batch_sealed=sealed
-        )
+        outbox.enqueue_many(conn, [(n.image_id, seq, n.device_id, n.size, n.received_at, n.held)
+                                   for n, seq in zip(items, seqs, strict=True)])
+        self._seq = seqs[-1]  # only after every statement succeeded (a failed group is re-run)
+        return [
+            UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key, batch_sealed=sealed,
+                         size=n.size)
+            for n, (batch_id, sealed) in zip(items, placed, strict=True)
+        ]
 
 
 def _truncate(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class FolderStore:
     def ensure_ready(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".ready-probe"
+            # A name of its own per call: concurrent readiness checks must not race on one file.
+            probe = self.root / f".ready-probe-{os.getpid()}-{threading.get_ident()}"
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
