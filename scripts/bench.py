@@ -1,0 +1,270 @@
+"""`scripts/bench`: the gateway measured against its ceilings, side by side, in one run.
+
+Starts its own SeaweedFS, gateways (minio backend), a discard endpoint and a fake cloud on
+127.0.0.1, then alternates rounds (gateway, direct S3 PUT, discard) so that machine noise hits
+each alike. Prints a table (or `--json`). Ratios, not absolute figures, are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
+from scripts.benchlib.load import Round, multipart_upload, s3_put  # noqa: E402
+from tests.support.client import multipart_head, raw_request  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
+from tests.support.s3server import S3Server  # noqa: E402
+
+KiB, MiB = 1024, 1024 * 1024
+UPLOAD = "/api/device/images/upload"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def requests_for(size: int, concurrency: int, quick: bool) -> int:
+    budget = (48 if quick else 240) * MiB  # bytes per round
+    return max(concurrency * 4, min(3000 if not quick else 600, budget // size))
+
+
+def best(rounds: list[Round]) -> Round:
+    return max(rounds, key=lambda r: r.rps)
+
+
+def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]]:
+    gw = GatewayProcess(work / "gw-ingest", s3_env(s3)).start()
+    _, key = gw.add_device("bench-ingest")
+    discard_port = free_port()
+    discard = subprocess.Popen([sys.executable, "-m", "scripts.benchlib.discard", str(discard_port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(100):
+        try:
+            httpx.get(f"http://127.0.0.1:{discard_port}/", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    sizes = [100 * KiB, 1 * MiB] if quick else [100 * KiB, 1 * MiB, 5 * MiB]
+    concurrencies = [8] if quick else [1, 8, 32]
+    repeats = 1 if quick else 2
+    rows = []
+    try:
+        for size in sizes:
+            for conc in concurrencies:
+                n = requests_for(size, conc, quick)
+                got: dict[str, list[Round]] = {"gateway": [], "s3": [], "discard": []}
+                for _ in range(repeats):  # alternate, so noise hits every kind alike
+                    got["gateway"].append(multipart_upload(gw.port, UPLOAD, key, size, conc, n))
+                    got["s3"].append(s3_put(s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size,
+                                            conc, n))
+                    got["discard"].append(multipart_upload(discard_port, UPLOAD, None, size, conc, n))
+                g, d, c = best(got["gateway"]), best(got["s3"]), best(got["discard"])
+                row = {
+                    "size": size, "concurrency": conc, "requests": n,
+                    "gateway_rps": round(g.rps, 1), "gateway_mb_s": round(g.mb_per_s, 1),
+                    "gateway_p50_ms": round(g.pct(0.5), 2), "gateway_p99_ms": round(g.pct(0.99), 2),
+                    "gateway_errors": g.errors,
+                    "s3_rps": round(d.rps, 1), "s3_p50_ms": round(d.pct(0.5), 2), "s3_p99_ms": round(d.pct(0.99), 2),
+                    "discard_rps": round(c.rps, 1),
+                    "ratio_vs_s3": round(g.rps / d.rps, 3) if d.rps else None,
+                    "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
+                }
+                rows.append(row)
+                log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 {d.rps:.0f}/s, "
+                    f"discard {c.rps:.0f}/s -> {row['ratio_vs_s3']} of S3")
+    finally:
+        os.killpg(discard.pid, signal.SIGTERM)
+        discard.wait()
+        gw.stop()
+    return rows
+
+
+def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
+    gw = GatewayProcess(work / "gw-mem", s3_env(s3)).start()
+    _, key = gw.add_device("bench-mem")
+    url = f"{gw.url}{UPLOAD}"
+    block = secrets.token_bytes(MiB)
+
+    def stream(size: int, tag: int) -> Any:
+        yield b"\xff\xd8\xff" + tag.to_bytes(8, "big")
+        left = size - 11
+        while left > 0:
+            piece = block[: min(MiB, left)]
+            left -= len(piece)
+            yield piece
+
+    def send(size: int, tag: int) -> int:
+        head, tail = multipart_head(url, key, f"bnd{tag}", size, filename=f"m{tag}.jpg")
+        return raw_request(url, head, _chain(stream(size, tag), tail), read_timeout=120)[0]
+
+    base = gw.vm_hwm_kib()
+    refused = send(50 * MiB + 1, 0)
+    after_refused = gw.vm_hwm_kib()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: send(45 * MiB, i + 1), range(8)))
+    peak = gw.vm_hwm_kib()
+    gw.stop()
+    return {
+        "baseline_mib": round(base / 1024, 1), "refused_status": refused,
+        "growth_on_refused_50mib_mib": round((after_refused - base) / 1024, 1),
+        "accepted_45mib_x8_statuses": statuses, "peak_rss_mib": round(peak / 1024, 1),
+    }
+
+
+def _chain(gen: Any, tail: bytes) -> Any:
+    yield from gen
+    yield tail
+
+
+def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
+    from tests.support.fakecloud import FakeCloud
+
+    count = 200 if quick else 2000
+    concurrency = 8
+    size = MiB
+    cloud = FakeCloud().start()
+    try:
+        devices = 8
+        gw = GatewayProcess(work / "gw-fwd", s3_env(s3) | {
+            "GATEWAY_CLOUD_URL": cloud.url, "GATEWAY_FORWARD_CONCURRENCY": str(concurrency),
+            "GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2", "GATEWAY_FORWARD_BACKOFF_MAX_S": "1",
+        })
+        cloud.refuse_connections()  # build a backlog while the uplink is down
+        gw.start()
+        keys = []
+        for i in range(devices):
+            key = "adk_" + secrets.token_hex(16)
+            cloud.add_device(key)
+            with gw.admin() as client:
+                client.post("/api/admin/devices", json={"name": f"fwd{i}", "key": key}).raise_for_status()
+            keys.append(key)
+        per = count // devices
+        with concurrent.futures.ThreadPoolExecutor(devices) as pool:
+            list(pool.map(lambda k: multipart_upload(gw.port, UPLOAD, k, size, 1, per), keys))
+        cloud.accept_connections()
+        deadline = time.monotonic() + 600
+        while len(cloud.stored) < per * devices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        arrivals = sorted(r.at for r in cloud.stored.values())
+        gw.stop()
+        delivered = len(arrivals)
+        gw_seconds = arrivals[-1] - arrivals[0] if delivered > 1 else float("nan")
+        gw_rate = (delivered - 1) / gw_seconds if delivered > 1 else 0.0
+        plain_key = "adk_" + secrets.token_hex(16)
+        cloud.add_device(plain_key)
+        plain = multipart_upload(cloud.port, UPLOAD, plain_key, size, concurrency, per * devices)
+        return {
+            "images": per * devices, "size": size, "concurrency": concurrency, "delivered": delivered,
+            "gateway_rate_per_s": round(gw_rate, 1), "plain_rate_per_s": round(plain.rps, 1),
+            "ratio": round(gw_rate / plain.rps, 3) if plain.rps else None,
+        }
+    finally:
+        cloud.stop()
+
+
+def startup_section(s3: S3Server, work: Path, rows: int) -> dict[str, Any]:
+    out = {}
+    for label, n in (("empty", 0), ("pending", rows)):
+        proc = GatewayProcess(work / f"gw-start-{label}", s3_env(s3) | {
+            "GATEWAY_CLOUD_URL": f"http://127.0.0.1:{free_port()}/api"})  # an unreachable cloud
+        data = proc.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        if n:
+            fill(data / "catalog.duckdb", n, "pending")
+        t0 = time.monotonic()
+        proc.start(wait_ready=False)
+        health = ready = None
+        while time.monotonic() - t0 < 120 and ready is None:
+            try:
+                if health is None and httpx.get(f"{proc.url}/api/health", timeout=1).status_code == 200:
+                    health = time.monotonic() - t0
+                if httpx.get(f"{proc.url}/api/ready", timeout=1).status_code == 200:
+                    ready = time.monotonic() - t0
+            except httpx.TransportError:
+                time.sleep(0.02)
+        proc.stop()
+        out[label] = {"outbox_rows": n, "health_s": round(health or -1, 2), "ready_s": round(ready or -1, 2)}
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\n== 1/2. ingest: gateway vs direct S3 PUT vs discard endpoint (best of the alternated rounds)")
+    print(f"{'size':>8} {'conc':>4} {'gw req/s':>9} {'gw MB/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'S3 req/s':>9} {'discard/s':>9} {'gw/S3':>6} {'gw/disc':>7}")
+    for r in report.get("ingest", []):
+        size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
+        print(f"{size:>8} {r['concurrency']:>4} {r['gateway_rps']:>9} {r['gateway_mb_s']:>8} "
+              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['s3_rps']:>9} {r['discard_rps']:>9} "
+              f"{r['ratio_vs_s3']:>6} {r['ratio_vs_discard']:>7}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"\n== 3. memory: peak RSS with 8 x 45 MiB concurrent = {m['peak_rss_mib']} MiB "
+              f"(baseline {m['baseline_mib']} MiB); growth on a refused 50 MiB + 1 body = "
+              f"{m['growth_on_refused_50mib_mib']} MiB (status {m['refused_status']})")
+    if "dedup" in report:
+        d = report["dedup"]
+        print(f"\n== 4. dedup with {d['rows']:,} images: check p50/p99 {d['check_p50_ms']}/{d['check_p99_ms']} ms, "
+              f"insert p50/p99 {d['insert_p50_ms']}/{d['insert_p99_ms']} ms, check+insert p99 "
+              f"{d['check_plus_insert_p99_ms']} ms; catalog {d['bytes_per_image']} bytes/image")
+    if "forward" in report:
+        f = report["forward"]
+        print(f"\n== 5. forwarder drain of {f['images']} x 1 MiB at concurrency {f['concurrency']}: "
+              f"{f['gateway_rate_per_s']}/s vs plain client {f['plain_rate_per_s']}/s -> {f['ratio']}")
+    if "startup" in report:
+        s = report["startup"]
+        print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
+              f"outbox rows (empty catalog: {s['empty']['ready_s']} s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute), as CI runs it")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
+                        help="comma-separated sections to run")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        work = Path(tmp)
+        s3 = S3Server(work / "s3").start()
+        try:
+            if "ingest" in only:
+                report["ingest"] = ingest_section(s3, work, args.quick)
+            if "memory" in only:
+                report["memory"] = memory_section(s3, work)
+            if "dedup" in only:
+                log("dedup: filling the catalog")
+                report["dedup"] = dedup_latency(work / "dedup", 100_000 if args.quick else 1_000_000,
+                                                200 if args.quick else 1000)
+            if "forward" in only:
+                report["forward"] = forward_section(s3, work, args.quick)
+            if "startup" in only:
+                report["startup"] = startup_section(s3, work, 100_000)
+        finally:
+            s3.stop()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

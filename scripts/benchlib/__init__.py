@@ -1,0 +1,1 @@
+"""Pieces of `scripts/bench`: load generators, the discard endpoint, catalog and forwarder runs."""

@@ -1,0 +1,101 @@
+"""Catalog figures: dedup check + insert latency with many images already recorded, bytes per
+image, and a catalog with many pending outbox rows for the start-up measurement."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from gateway.catalog import Catalog
+from gateway.catalog.schema import migrate
+from gateway.config import Settings
+from gateway.ingest.pipeline import Ingestor, _NewImage
+from gateway.metrics import Metrics
+
+CHUNK = 200_000
+
+
+def fill(path: Path, rows: int, state: str, device_id: str = "dev_bench") -> None:
+    """Insert `rows` images with their outbox entries (bulk statements, as fast as DuckDB goes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    migrate(con)
+    con.execute("INSERT INTO batches (batch_id, device_id, state, opened_at, image_count) "
+                "VALUES ('batch_bench', ?, 'sealed', 1.0, ?)", [device_id, rows])
+    done = 0
+    while done < rows:
+        n = min(CHUNK, rows - done)
+        ids = [f"img_{uuid.uuid4()}" for _ in range(n)]
+        seqs = list(range(done + 1, done + n + 1))
+        hashes = [secrets.token_hex(16) for _ in range(n)]
+        con.execute(
+            "INSERT INTO images (image_id, seq, batch_id, device_id, filename, content_type, size, xxh3_128, "
+            "storage_key, metadata, received_at) SELECT unnest(?), unnest(?), 'batch_bench', ?, 'f.jpg', "
+            "'image/jpeg', 102400, unnest(?), 'raw-data/' || unnest(?) || '_f.jpg', NULL, 1.0",
+            [ids, seqs, device_id, hashes, [i[4:] for i in ids]],
+        )
+        con.execute(
+            "INSERT INTO outbox (image_id, seq, device_id, size, state, created_at, next_attempt_at) "
+            "SELECT unnest(?), unnest(?), ?, 102400, ?, 1.0, 1.0",
+            [ids, seqs, device_id, state],
+        )
+        done += n
+    con.execute("CHECKPOINT")
+    con.close()
+
+
+def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
+    """Time the upload path's catalog work (duplicate check, then the recording transaction)
+    through the real `Catalog` and `Ingestor` code, one upload at a time."""
+    path = workdir / "catalog.duckdb"
+    started = time.perf_counter()
+    fill(path, rows, "delivered")
+    fill_s = time.perf_counter() - started
+    size_bytes = os.path.getsize(path)
+    settings = Settings()
+    settings.data.dir = str(workdir)
+    catalog = Catalog(path)
+    catalog.open()
+    ingestor = Ingestor(settings, catalog, store=None, metrics=Metrics(), clock=time.time)  # type: ignore[arg-type]
+
+    async def run() -> tuple[list[float], list[float]]:
+        await ingestor.start()
+        checks, inserts = [], []
+        for i in range(samples):
+            digest = secrets.token_hex(16)
+            t0 = time.perf_counter()
+            await catalog.read(lambda c, d=digest: ingestor._find_duplicate(c, "dev_bench", d))
+            t1 = time.perf_counter()
+            uid = uuid.uuid4()
+            new = _NewImage(image_id=f"img_{uid}", device_id="dev_bench", filename=f"f{i}.jpg",
+                            content_type="image/jpeg", size=102400, xxh3_128=digest,
+                            storage_key=f"raw-data/{uid.hex}_f{i}.jpg", metadata=None, received_at=time.time(),
+                            held=False)
+            await catalog.write_item(ingestor._record_many, new)
+            t2 = time.perf_counter()
+            checks.append(t1 - t0)
+            inserts.append(t2 - t1)
+        return checks, inserts
+
+    checks, inserts = asyncio.run(run())
+    catalog.close()
+    both = sorted(c + i for c, i in zip(checks, inserts, strict=True))
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1000, 3)
+
+    return {
+        "rows": rows, "fill_s": round(fill_s, 1), "samples": samples,
+        "check_p50_ms": pct(checks, 0.5), "check_p99_ms": pct(checks, 0.99),
+        "insert_p50_ms": pct(inserts, 0.5), "insert_p99_ms": pct(inserts, 0.99),
+        "check_plus_insert_p50_ms": pct(both, 0.5), "check_plus_insert_p99_ms": pct(both, 0.99),
+        "catalog_bytes": size_bytes, "bytes_per_image": round(size_bytes / rows, 1),
+    }
