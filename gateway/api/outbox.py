@@ -1,0 +1,57 @@
+"""Admin routes for per-image delivery state: list outbox entries, send dead letters again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.params import Parameter
+
+from gateway.api.admin import admin_guard
+from gateway.api.envelope import ok
+from gateway.errors import ValidationFailed
+from gateway.forward import outbox
+from gateway.runtime import Gateway
+
+STATES = (outbox.PENDING, outbox.HELD, outbox.DELIVERED, outbox.DEAD)
+
+
+class RetryRequest(msgspec.Struct, kw_only=True):
+    all_dead: bool = False
+    image_ids: list[str] = msgspec.field(default_factory=list)
+
+
+@get("/")
+async def list_outbox(
+    gw: Gateway,
+    wanted: str = Parameter(query="state", default="pending,held,dead"),  # `state` is reserved by Litestar
+    device: str | None = None,
+    limit: int = 100,
+) -> Response[bytes]:
+    states = list(STATES) if wanted == "all" else [s for s in wanted.split(",") if s]
+    if not states or any(s not in STATES for s in states):
+        raise ValidationFailed("Bad state", f"state is 'all' or a comma-separated list of {', '.join(STATES)}")
+    if not 1 <= limit <= 10000:
+        raise ValidationFailed("Bad limit", "limit must be in 1..10000")
+    rows = await gw.catalog.read(lambda c: outbox.list_entries(c, states, device, limit))
+    return ok(rows, meta={"states": states, "limit": limit})
+
+
+@post("/retry", status_code=200)
+async def retry_outbox(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    try:
+        body = msgspec.json.decode(await request.body() or b"{}", type=RetryRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValidationFailed("Invalid request body", str(exc)) from None
+    if body.all_dead == bool(body.image_ids):
+        raise ValidationFailed("Say what to retry", "either all_dead or a list of image_ids")
+    now = gw.clock()
+    ids = None if body.all_dead else body.image_ids
+    retried = await gw.catalog.write(lambda c: outbox.retry_dead(c, ids, now))
+    if gw.forwarder is not None:
+        gw.forwarder.notify()
+    return ok({"retried": retried, "asked": "all dead" if ids is None else len(ids)})
+
+
+router = Router(path="/api/admin/outbox", route_handlers=[list_outbox, retry_outbox], guards=[admin_guard])

@@ -1,0 +1,204 @@
+"""The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in.
+
+Every answer is sorted into one of three kinds (SPEC §4): `delivered` (2xx, or 409: the cloud
+already holds the bytes), `retry` (408, 429, 5xx, transport errors, timeouts; with the parsed
+`Retry-After`) or `reject` (any other 4xx: kept with its status and the start of its body).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.forward.backoff import parse_retry_after
+
+DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
+BODY_KEPT = 2048
+RETRYABLE_4XX = frozenset({408, 429})
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """What one forward attempt came to."""
+
+    kind: str  # delivered | retry | reject
+    status: int | None = None  # None: no HTTP answer
+    error: str = ""
+    retry_after_s: float | None = None
+    connection_failed: bool = False  # nothing reached the cloud (refused, DNS, connect timeout)
+    image_id: str | None = None
+    batch_id: str | None = None
+    storage_key: str | None = None
+
+
+class KeyAnswer(msgspec.Struct, kw_only=True):
+    """The cloud's answer to `GET /device/self`: `status` None means it could not be reached."""
+
+    status: int | None
+    data: dict[str, Any] | None = None
+    code: str = ""
+    message: str = ""
+
+
+class CloudUnreachable(Exception):
+    """No usable answer from the cloud (transport error, timeout, 5xx, 429)."""
+
+
+def _quote(value: str) -> str:
+    # RFC 7578 §4.2: names go in a quoted string; quotes and line breaks must not break out.
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+class MultipartUpload:
+    """The upload request body: a metadata part (as stored, when any) and the image part, with
+    an exact length so the cloud sees a Content-Length, not a chunked body."""
+
+    def __init__(self, filename: str, content_type: str, size: int, metadata: bytes | None) -> None:
+        self.boundary = "gw" + secrets.token_hex(16)
+        head = b""
+        if metadata is not None:
+            head += (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n"
+                     f"Content-Type: application/json\r\n\r\n").encode() + metadata + b"\r\n"
+        head += (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+                 f"filename=\"{_quote(filename)}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
+        self.head = head
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.size = size
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + self.size + len(self.tail)
+
+    async def body(self, image: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        yield self.head
+        sent = 0
+        async for chunk in image:
+            sent += len(chunk)
+            if sent > self.size:
+                raise LocalBytesChanged(f"stored object is longer than the recorded {self.size} bytes")
+            yield chunk
+        if sent != self.size:
+            raise LocalBytesChanged(f"stored object has {sent} bytes, {self.size} recorded")
+        yield self.tail
+
+
+class LocalBytesChanged(Exception):
+    """The object store gave back other bytes than were recorded: do not send a truncated image."""
+
+
+def _envelope(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        payload = json.loads(resp.content)
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _ids(payload: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        return None, None, None
+
+    def text(k: str) -> str | None:
+        value = data.get(k)
+        return value if isinstance(value, str) else None
+
+    return text("image_id"), text("batch_id"), text("storage_key")
+
+
+def classify(resp: httpx.Response) -> Outcome:
+    """Sort one HTTP answer to an upload into delivered / retry / reject."""
+    status = resp.status_code
+    if 200 <= status < 300 or status == 409:
+        image_id, batch_id, storage_key = _ids(_envelope(resp))
+        return Outcome(kind=DELIVERED, status=status, image_id=image_id, batch_id=batch_id, storage_key=storage_key)
+    snippet = resp.content[:BODY_KEPT].decode("utf-8", "replace")
+    if status in RETRYABLE_4XX or status >= 500:
+        wait = parse_retry_after(resp.headers.get("retry-after"), time.time())
+        return Outcome(kind=RETRY, status=status, error=f"HTTP {status}: {snippet}", retry_after_s=wait)
+    return Outcome(kind=REJECT, status=status, error=f"HTTP {status}: {snippet}")
+
+
+class CloudClient:
+    """One pooled HTTP client for everything the gateway asks of the cloud."""
+
+    def __init__(self, base_url: str, timeout_s: float, max_connections: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_connections + 4, max_keepalive_connections=max_connections + 4),
+            headers={"User-Agent": "acusight-edge-gateway"},
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def upload(
+        self, key: str, form: MultipartUpload, image: AsyncIterator[bytes]
+    ) -> Outcome:
+        """POST one image as the device; never raises for cloud-side failures (they are outcomes)."""
+        headers = {"X-Device-Key": key, "Content-Type": form.content_type, "Content-Length": str(form.length)}
+        try:
+            resp = await self.http.post(
+                f"{self.base_url}/device/images/upload", headers=headers, content=form.body(image)
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            return Outcome(kind=RETRY, error=f"cannot connect: {exc or type(exc).__name__}", connection_failed=True)
+        except httpx.TimeoutException as exc:
+            return Outcome(kind=RETRY, error=f"timed out: {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            return Outcome(kind=RETRY, error=f"transport error: {exc or type(exc).__name__}")
+        return classify(resp)
+
+    async def device_self(self, key: str, timeout_s: float | None = None) -> KeyAnswer:
+        """What the cloud says of `key`; status None when it could not be reached."""
+        try:
+            resp = await self.http.get(
+                f"{self.base_url}/device/self", headers={"X-Device-Key": key},
+                timeout=timeout_s if timeout_s is not None else self.timeout_s,
+            )
+        except httpx.HTTPError:
+            return KeyAnswer(status=None)
+        payload = _envelope(resp)
+        err = payload.get("error")
+        err = err if isinstance(err, dict) else {}
+        data = payload.get("data")
+        data = data if isinstance(data, dict) else None
+        return KeyAnswer(status=resp.status_code, data=data, code=str(err.get("code") or ""),
+                         message=str(err.get("message") or ""))
+
+    async def probe(self, key: str | None) -> bool:
+        """Whether the cloud answers at all (any HTTP status counts)."""
+        try:
+            if key:
+                await self.http.get(f"{self.base_url}/device/self", headers={"X-Device-Key": key})
+            else:
+                await self.http.head(self.base_url)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    async def checkin(self, key: str, body: bytes, timeout_s: float) -> list[Any]:
+        """Relay a device's check-in; returns the cloud's `actions`. Raises `CloudUnreachable`."""
+        try:
+            resp = await self.http.post(
+                f"{self.base_url}/device/checkin", content=body, timeout=timeout_s,
+                headers={"X-Device-Key": key, "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise CloudUnreachable(str(exc) or type(exc).__name__) from exc
+        if resp.status_code >= 300:
+            raise CloudUnreachable(f"HTTP {resp.status_code}")
+        data = _envelope(resp).get("data")
+        actions = data.get("actions") if isinstance(data, dict) else None
+        return actions if isinstance(actions, list) else []

@@ -1,0 +1,396 @@
+"""The `Forwarder`: drains the outbox to the cloud (SPEC §4), one anyio task with its uploads as children.
+
+Scheduling: every device's pending entries are taken oldest `seq` first; at most
+`forward.per_device_in_flight` of a device's entries are in flight (1 by default: strict
+per-device order, an entry in backoff holds back the device's later ones), devices are served
+round robin, and at most `forward.concurrency` uploads run in total, fewer while the shared
+`CloudGate` ramps up after a pause or an outage. Results go to the catalog through
+`gateway.forward.outbox` (every transition of an entry lives there). Nothing is marked in
+flight in the catalog: on a crash or a stop, what was being sent is simply still pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.devices import DeviceRegistry
+from gateway.errors import GatewayError
+from gateway.forward import outbox
+from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
+from gateway.forward.client import (
+    DELIVERED,
+    REJECT,
+    RETRY,
+    CloudClient,
+    CloudUnreachable,
+    LocalBytesChanged,
+    MultipartUpload,
+    Outcome,
+)
+from gateway.metrics import Metrics
+from gateway.storage import ObjectStore
+
+log = logging.getLogger("gateway.forward")
+
+LOOKAHEAD = 8  # entries per device read ahead, so a busy device does not cost a query per upload
+REFILL_EVERY_S = 15.0
+MIN_REFILL_GAP_S = 1.0
+MAX_IDLE_S = 5.0
+PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
+KEY_REFUSED = (401, 403)
+CHECKIN_TIMEOUT_S = 5.0  # the device waits for this answer
+
+
+class Forwarder:
+    """Sends pending outbox entries to the cloud and records what became of them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        store: ObjectStore,
+        registry: DeviceRegistry,
+        metrics: Metrics,
+        client: CloudClient,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        f = settings.forward
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.client = client
+        self.clock = clock
+        self.monotonic = monotonic
+        self.per_device = f.per_device_in_flight
+        self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
+        self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
+        # Called with the batch ids of newly delivered images (manifests carry the cloud's ids).
+        self.on_delivered: Callable[[list[str]], None] | None = None
+        self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
+        # Called once per loop round; the key checker hangs its quarantine re-checks here.
+        self.on_round: Callable[[TaskGroup], None] | None = None
+        self.last_success_at: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self._wake = anyio.Event()
+        self._queues: dict[str, list[outbox.Entry]] = {}
+        self._truncated: set[str] = set()
+        self._in_flight: dict[str, str] = {}  # image id -> device id
+        self._settled: dict[str, outbox.Entry | None] = {}  # results since the last refill began
+        self._dirty = True
+        self._refilled_at = 0.0
+        self._rr_next = 0
+        self._probing = False
+
+    # -- outside world -----------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Something was enqueued or released: look at the outbox again now."""
+        self._dirty = True
+        self._wake.set()
+
+    @property
+    def connectivity(self) -> str:
+        return self.gate.state
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                self._wake = anyio.Event()
+                try:
+                    await self._round(tg)
+                except Exception:  # the loop must survive a passing catalog or store error
+                    log.exception("forwarder round failed")
+                    await anyio.sleep(1.0)
+                with anyio.move_on_after(self._idle_s()):
+                    await self._wake.wait()
+
+    async def _round(self, tg: TaskGroup) -> None:
+        if self.on_round is not None:
+            self.on_round(tg)
+        if self.gate.state == OFFLINE:
+            if self.gate.probe_due() and not self._probing:
+                self._probing = True
+                tg.start_soon(self._probe)
+            return
+        since = self.monotonic() - self._refilled_at
+        # New uploads mark the queues dirty; while there is work in hand, re-read at most every
+        # MIN_REFILL_GAP_S so that a busy ingest does not cost a backlog query per upload.
+        if since > REFILL_EVERY_S or (self._dirty and (since > MIN_REFILL_GAP_S or not self._has_due())):
+            await self._refill()
+        self._dispatch(tg)
+
+    def _idle_s(self) -> float:
+        """How long the loop may sleep before something becomes due (completions wake it sooner)."""
+        if self.gate.state == OFFLINE:
+            return MAX_IDLE_S if self._probing else max(0.01, min(MAX_IDLE_S, self.gate.wait_s()))
+        gate_wait = self.gate.wait_s()
+        if gate_wait > 0:
+            return min(MAX_IDLE_S, gate_wait)
+        if not self.gate.may_send(len(self._in_flight)):
+            return MAX_IDLE_S
+        wait = MAX_IDLE_S
+        if self._dirty:  # a re-read put off by MIN_REFILL_GAP_S
+            wait = min(wait, MIN_REFILL_GAP_S - (self.monotonic() - self._refilled_at))
+        now = self.clock()
+        busy = self._busy()
+        for device_id, queue in self._queues.items():
+            if busy.get(device_id, 0) >= self.per_device:
+                continue
+            for entry in queue[: self.per_device]:
+                if entry.image_id not in self._in_flight:
+                    wait = min(wait, entry.next_attempt_at - now)
+                    break
+        return max(0.01, wait)
+
+    def _busy(self) -> dict[str, int]:
+        busy: dict[str, int] = {}
+        for device_id in self._in_flight.values():
+            busy[device_id] = busy.get(device_id, 0) + 1
+        return busy
+
+    async def _refill(self) -> None:
+        self._dirty = False
+        self._settled = {}
+        fetch = self.per_device + LOOKAHEAD
+        entries = await self.catalog.read(lambda c: outbox.pending_heads(c, fetch))
+        queues: dict[str, list[outbox.Entry]] = {}
+        for entry in entries:
+            if entry.image_id in self._settled:  # finished while the query ran
+                newer = self._settled[entry.image_id]
+                if newer is None:
+                    continue
+                entry = newer
+            queues.setdefault(entry.device_id, []).append(entry)
+        self._queues = queues
+        self._truncated = {d for d, q in queues.items() if len(q) >= fetch}
+        self._refilled_at = self.monotonic()
+
+    def _dispatch(self, tg: TaskGroup) -> None:
+        devices = sorted(self._queues)
+        if not devices:
+            return
+        now = self.clock()
+        busy = self._busy()
+        started = True
+        while started:
+            started = False
+            for i in range(len(devices)):
+                if not self.gate.may_send(len(self._in_flight)):
+                    return
+                device_id = devices[(self._rr_next + i) % len(devices)]
+                if busy.get(device_id, 0) >= self.per_device:
+                    continue
+                entry = self._next_due(device_id, now)
+                if entry is None:
+                    continue
+                self._in_flight[entry.image_id] = device_id
+                busy[device_id] = busy.get(device_id, 0) + 1
+                self._rr_next = (self._rr_next + i + 1) % len(devices)
+                tg.start_soon(self._forward, entry)
+                started = True
+                break
+
+    def _has_due(self) -> bool:
+        now = self.clock()
+        return any(self._next_due(d, now) is not None for d in self._queues)
+
+    def _next_due(self, device_id: str, now: float) -> outbox.Entry | None:
+        for entry in self._queues.get(device_id, [])[: self.per_device]:
+            if entry.image_id in self._in_flight:
+                continue
+            return entry if entry.next_attempt_at <= now else None
+        return None
+
+    # -- one upload ----------------------------------------------------------------------------
+
+    async def _forward(self, entry: outbox.Entry) -> None:
+        try:
+            outcome, cloud_answered = await self._attempt(entry)
+            await self._record(entry, outcome, cloud_answered)
+        except Exception:
+            # Most likely the catalog refused the result: hold the entry back a while in memory
+            # (it is still pending on disk) rather than resend it in a tight loop.
+            log.exception("forwarding %s failed unexpectedly", entry.image_id)
+            f = self.settings.forward
+            entry.next_attempt_at = self.clock() + backoff_delay(entry.attempts + 1, f.backoff_base_s, f.backoff_max_s)
+            self._settle(entry, entry)
+        finally:
+            self._in_flight.pop(entry.image_id, None)
+            self._wake.set()
+
+    async def _attempt(self, entry: outbox.Entry) -> tuple[Outcome, bool]:
+        """One attempt; the flag says whether the outcome is the cloud's (it then moves the gate)."""
+        key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
+        if key is None:
+            return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
+        try:
+            chunks = await anyio.to_thread.run_sync(self.store.iter_chunks, entry.storage_key)
+        except KeyError:
+            return Outcome(kind=REJECT, error="local bytes missing from the object store"), False
+        except GatewayError as exc:
+            return Outcome(kind=RETRY, error=f"object store: {exc}"), False
+        form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
+        try:
+            outcome = await self.client.upload(key, form, self._paced(chunks))
+        except LocalBytesChanged as exc:
+            return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
+        except GatewayError as exc:
+            return Outcome(kind=RETRY, error=f"object store: {exc}"), False
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        return outcome, True
+
+    async def _paced(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        """The object's bytes, read in a worker thread, released no faster than the bandwidth cap."""
+        while True:
+            chunk = await anyio.to_thread.run_sync(next, chunks, None)
+            if chunk is None:
+                return
+            if self.bucket.rate <= 0:
+                yield chunk
+                continue
+            view = memoryview(chunk)
+            for start in range(0, len(view), PIECE):
+                piece = view[start : start + PIECE]
+                wait = self.bucket.take(len(piece))
+                if wait > 0:
+                    await anyio.sleep(wait)
+                yield bytes(piece)
+
+    async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool) -> None:
+        now = self.clock()
+        self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
+        if outcome.kind == DELIVERED:
+            ids = (outcome.image_id, outcome.batch_id, outcome.storage_key)
+            batch_id = await self.catalog.write(lambda c: outbox.mark_delivered(c, entry.image_id, now, outcome.status,
+                                                                                ids))
+            self.gate.on_success()
+            self.metrics.forward_bytes.inc(entry.size)
+            self.last_success_at = now
+            if self.on_delivered_bytes is not None:
+                self.on_delivered_bytes(entry.size)
+            self._settle(entry, None)
+            if batch_id and self.on_delivered is not None:
+                self.on_delivered([batch_id])
+            return
+        self.last_error, self.last_error_at = f"{entry.image_id}: {outcome.error}"[:500], now
+        if outcome.kind == RETRY:
+            if cloud_answered:
+                self.gate.on_retryable(outcome.status, outcome.retry_after_s, outcome.connection_failed)
+            attempts = entry.attempts + 1
+            max_attempts = self.settings.forward.max_attempts
+            if max_attempts and attempts >= max_attempts:
+                reason = f"gave up after {attempts} attempts; last: {outcome.error}"
+                await self.catalog.write(lambda c: outbox.mark_dead(c, [entry.image_id], now, outcome.status, reason,
+                                                                    True))
+                self._settle(entry, None)
+                return
+            f = self.settings.forward
+            delay = backoff_delay(attempts, f.backoff_base_s, f.backoff_max_s)
+            next_at = now + max(delay, outcome.retry_after_s or 0.0)
+            await self.catalog.write(lambda c: outbox.mark_retry(c, entry.image_id, next_at, outcome.status,
+                                                                 outcome.error))
+            entry.attempts, entry.next_attempt_at = attempts, next_at
+            self._settle(entry, entry)
+            return
+        # Rejected for good. A refused key refuses every upload of the device: dead-letter them all
+        # in one go rather than send each (the admin retries them once the key is fixed).
+        if cloud_answered:
+            self.gate.on_success()  # the cloud answered promptly: it is up
+        doomed = [entry.image_id]
+        if outcome.status in KEY_REFUSED:
+            doomed += [e.image_id for e in self._queues.get(entry.device_id, []) if e.image_id != entry.image_id
+                       and e.image_id not in self._in_flight]
+            doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
+            doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in self._in_flight))
+        reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
+        await self.catalog.write(lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
+        log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
+                    entry.device_id, outcome.error[:200])
+        for image_id in doomed:
+            self._settle_id(entry.device_id, image_id)
+
+    def _settle(self, entry: outbox.Entry, newer: outbox.Entry | None) -> None:
+        self._settled[entry.image_id] = newer
+        if newer is None:
+            self._settle_id(entry.device_id, entry.image_id)
+            return
+        queue = self._queues.get(entry.device_id, [])
+        for i, queued in enumerate(queue):  # a refill may have put a copy read before this result
+            if queued.image_id == entry.image_id:
+                queue[i] = newer
+
+    def _settle_id(self, device_id: str, image_id: str) -> None:
+        self._settled[image_id] = None
+        queue = self._queues.get(device_id)
+        if queue is None:
+            return
+        queue[:] = [e for e in queue if e.image_id != image_id]
+        if device_id in self._truncated and len(queue) < self.per_device + 1:
+            self._dirty = True
+        if not queue:
+            self._queues.pop(device_id, None)
+
+    async def relay_checkin(self, key: str, body: bytes) -> list[Any]:
+        """Relay a device's check-in while the cloud is reachable; the cloud's actions, or [] without it."""
+        if not self.gate.reachable:
+            return []
+        try:
+            return await self.client.checkin(key, body, timeout_s=min(CHECKIN_TIMEOUT_S, self.client.timeout_s))
+        except CloudUnreachable as exc:
+            log.info("check-in not relayed: %s", exc)
+            return []
+
+    # -- outage ----------------------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        try:
+            key = await anyio.to_thread.run_sync(self._any_key)
+            answered = await self.client.probe(key)
+            self.gate.on_probe(answered)
+            if answered:
+                log.info("cloud answers again; resuming with a ramp")
+                self._dirty = True
+        except Exception:
+            log.exception("cloud probe failed unexpectedly")
+            self.gate.on_probe(False)
+        finally:
+            self._probing = False
+            self._wake.set()
+
+    def _any_key(self) -> str | None:
+        for device_id in list(self._queues):
+            key = self.registry.key_of(device_id)
+            if key is not None:
+                return key
+        return None
+
+
+def _label(outcome: Outcome, cloud_answered: bool) -> str:
+    if not cloud_answered:
+        return "local_error"
+    if outcome.kind == DELIVERED:
+        return "already_delivered" if outcome.status == 409 else "delivered"
+    if outcome.kind == RETRY:
+        return "connection_error" if outcome.status is None else "retry"
+    return "rejected"

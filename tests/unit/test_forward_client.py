@@ -1,0 +1,86 @@
+"""The forwarded request body and the sorting of the cloud's answers (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import io
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import multipart
+import pytest
+
+from gateway.forward.client import (
+    DELIVERED,
+    REJECT,
+    RETRY,
+    LocalBytesChanged,
+    MultipartUpload,
+    classify,
+)
+
+
+async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _collect(form: MultipartUpload, image: bytes) -> bytes:
+    async def run() -> bytes:
+        return b"".join([chunk async for chunk in form.body(_pieces(image, 1000))])
+
+    return asyncio.run(run())
+
+
+def _parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, str | None, str | None]]:
+    _, opts = multipart.parse_options_header(content_type)
+    parser = multipart.MultipartParser(io.BytesIO(body), opts["boundary"])
+    return {p.name: (p.raw, p.filename, p.content_type) for p in parser}
+
+
+@pytest.mark.parametrize("metadata", [None, b'{ "b":1,  "a" : "\\u00e9\\n" }'])
+def test_body_has_the_exact_length_and_parts_as_stored(metadata: bytes | None) -> None:
+    image = b"\xff\xd8\xff" + bytes(range(256)) * 40
+    form = MultipartUpload('we"ird\r\nname.jpg', "image/jpeg", len(image), metadata)
+    body = _collect(form, image)
+    assert len(body) == form.length
+    parts = _parts(body, form.content_type)
+    assert parts["image"][0] == image
+    assert parts["image"][2] == "image/jpeg"
+    assert parts["image"][1] == 'we"ird\r\nname.jpg'  # escaped in the header, not breaking out of it
+    if metadata is None:
+        assert "metadata" not in parts
+    else:
+        assert parts["metadata"][0] == metadata  # byte for byte
+
+
+def test_body_refuses_bytes_other_than_recorded() -> None:
+    form = MultipartUpload("a.jpg", "image/jpeg", 10, None)
+    with pytest.raises(LocalBytesChanged):
+        _collect(form, b"\xff" * 9)
+    with pytest.raises(LocalBytesChanged):
+        _collect(form, b"\xff" * 11)
+
+
+def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, content=body, headers=headers or {})
+
+
+def test_answers_sorted_into_delivered_retry_reject() -> None:
+    ok = _answer(201, b'{"success":true,"data":{"image_id":"img_1","batch_id":"batch_1","storage_key":"raw/1"}}')
+    out = classify(ok)
+    assert (out.kind, out.image_id, out.batch_id, out.storage_key) == (DELIVERED, "img_1", "batch_1", "raw/1")
+    dup = classify(_answer(409, b'{"success":false,"error":{"code":"DUPLICATE_IMAGE"},"data":{"image_id":"img_0"}}'))
+    assert (dup.kind, dup.image_id, dup.batch_id) == (DELIVERED, "img_0", None)
+    assert classify(_answer(409, b"not json")).kind == DELIVERED
+    for status in (408, 429, 500, 502, 503, 504):
+        assert classify(_answer(status)).kind == RETRY
+    assert classify(_answer(503, headers={"Retry-After": "3"})).retry_after_s == 3.0
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert classify(_answer(429, headers={"Retry-After": when})).retry_after_s == pytest.approx(30, abs=2)
+    for status in (400, 401, 403, 404, 413, 415):
+        out = classify(_answer(status, b"x" * 5000))
+        assert out.kind == REJECT and out.status == status
+        assert len(out.error) < 2100  # a bounded slice of the body
