@@ -1,0 +1,103 @@
+"""Batch reads for the admin and sync APIs, and the catalog ops behind `seal` and `ack`.
+
+Batches and manifest rows leave here as plain dicts: times are unix seconds (UTC), metadata is
+the JSON text exactly as the device sent it (or None). The state transitions themselves stay in
+`gateway.batches`; the ops here only wrap them to tell the caller what changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import batches
+from gateway.catalog import Conn
+from gateway.errors import Conflict, NotFound, ValidationFailed
+
+BATCH_FIELDS = (
+    "batch_id", "device_id", "state", "opened_at", "sealed_at", "forwarded_at", "drained_at",
+    "image_count", "total_bytes", "manifest_key", "manifest_at",
+)
+ROW_FIELDS = (
+    "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
+    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key",
+)
+_BATCH_SELECT = f"SELECT {', '.join(BATCH_FIELDS)} FROM batches"
+MAX_LIMIT = 1000
+
+
+def check_page(state: str | None, limit: int, offset: int) -> None:
+    if state is not None and state not in batches.STATES:
+        raise ValidationFailed("Unknown batch state", f"state must be one of {', '.join(batches.STATES)}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValidationFailed("Bad limit", f"limit must be in 1..{MAX_LIMIT}")
+    if offset < 0:
+        raise ValidationFailed("Bad offset", "offset must be 0 or more")
+
+
+def list_batches(conn: Conn, state: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """One page of batches, oldest first, and the total matching `state` (None: every state)."""
+    where, params = ("WHERE state = ?", [state]) if state else ("", [])
+    total = conn.execute(f"SELECT count(*) FROM batches {where}", params).fetchone()
+    rows = conn.execute(
+        f"{_BATCH_SELECT} {where} ORDER BY opened_at, batch_id LIMIT ? OFFSET ?", [*params, limit, offset]
+    ).fetchall()
+    return [dict(zip(BATCH_FIELDS, r, strict=True)) for r in rows], int(total[0]) if total else 0
+
+
+def read_batch(conn: Conn, batch_id: str) -> dict[str, Any]:
+    row = conn.execute(f"{_BATCH_SELECT} WHERE batch_id = ?", [batch_id]).fetchone()
+    if row is None:
+        raise NotFound("No such batch", batch_id)
+    return dict(zip(BATCH_FIELDS, row, strict=True))
+
+
+def manifest_rows(conn: Conn, batch_id: str) -> list[dict[str, Any]]:
+    """The batch's images in upload order: the manifest's rows, as JSON-ready dicts."""
+    rows = conn.execute(
+        "SELECT image_id, batch_id, device_id, filename, size, content_type, xxh3_128, storage_key, "
+        "decode(metadata), received_at, cloud_image_id, cloud_batch_id, cloud_storage_key "
+        "FROM images WHERE batch_id = ? ORDER BY seq",
+        [batch_id],
+    ).fetchall()
+    return [dict(zip(ROW_FIELDS, r, strict=True)) for r in rows]
+
+
+def read_batch_with_manifest(conn: Conn, batch_id: str) -> dict[str, Any]:
+    return {"batch": read_batch(conn, batch_id), "manifest": manifest_rows(conn, batch_id)}
+
+
+def read_image(conn: Conn, image_id: str) -> dict[str, Any]:
+    """What the sync API needs to serve one image's bytes."""
+    row = conn.execute(
+        "SELECT storage_key, size, content_type, xxh3_128, bytes_removed_at FROM images WHERE image_id = ?",
+        [image_id],
+    ).fetchone()
+    if row is None:
+        raise NotFound("No such image", image_id)
+    if row[4] is not None:
+        raise NotFound("Image bytes were removed from this gateway", "removed by the retention setting")
+    return {"storage_key": row[0], "size": int(row[1]), "content_type": row[2], "xxh3_128": row[3]}
+
+
+def seal_by_hand(conn: Conn, batch_id: str, now: float) -> tuple[dict[str, Any], bool]:
+    """`batches seal ID`: the batch afterwards, and whether this call sealed it.
+
+    Sealing a batch that is already sealed (or later) changes nothing and is not an error."""
+    before = read_batch(conn, batch_id)
+    batches.seal_batch(conn, batch_id, now)
+    return read_batch(conn, batch_id), before["state"] == batches.COLLECTING
+
+
+def ack(conn: Conn, batch_id: str, now: float) -> tuple[dict[str, Any], bool]:
+    """A sync job acked the batch: `forwarded` becomes `drained`. Returns the batch and whether
+    this ack drained it; acking a drained batch again changes nothing (same answer).
+
+    A batch not yet forwarded (collecting, or sealed with images still on their way to the
+    cloud) is a `Conflict`: it is not drainable, and acking it must not lose the forwarding."""
+    before = read_batch(conn, batch_id)
+    if before["state"] in (batches.COLLECTING, batches.SEALED):
+        raise Conflict(
+            "Batch is not drainable yet", f"state is {before['state']}; only forwarded batches can be acked"
+        )
+    batches.mark_drained(conn, batch_id, now)
+    return read_batch(conn, batch_id), before["state"] == batches.FORWARDED

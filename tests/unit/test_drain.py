@@ -1,0 +1,35 @@
+"""The drain job's pure parts: local file names that are safe whatever the server sends, URLs, rates."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gateway.drain import DrainError, local_name, sync_base_url
+from gateway.drain_cli import parse_rate
+
+
+def test_local_names_stay_inside_the_batch_folder() -> None:
+    assert local_name("img_1", "frame.jpg") == "img_1_frame.jpg"
+    assert local_name("img_1", "../../etc/passwd") == "img_1__.._etc_passwd"
+    assert local_name("img_1", "a\\b\x00c\n.png") == "img_1_a_b_c_.png"
+    assert local_name("img_1", "...") == "img_1_image"
+    assert len(local_name("img_1", "x" * 1000)) == len("img_1_") + 150
+    for bad in ("../img", "/abs", "", ".hidden", "a/b"):
+        with pytest.raises(DrainError):
+            local_name(bad, "f.jpg")
+
+
+def test_sync_base_url_accepts_the_forms_people_type() -> None:
+    for url in ("http://gw:8080", "http://gw:8080/", "http://gw:8080/api", "http://gw:8080/api/sync/"):
+        assert sync_base_url(url) == "http://gw:8080/api/sync"
+
+
+def test_rates() -> None:
+    assert parse_rate("0") == 0
+    assert parse_rate("500K") == 500 * 1024
+    assert parse_rate("2M") == 2 * 1024 * 1024
+    assert parse_rate("1.5MiB") == int(1.5 * 1024 * 1024)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_rate("fast")
