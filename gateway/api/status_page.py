@@ -1,0 +1,106 @@
+"""The status page at `/`: one server-rendered HTML page for site admins, refreshing itself.
+
+Access (read-only): the admin token as `Authorization: Bearer`, or once as `?token=`, which sets
+an HttpOnly cookie (an HMAC of the token, not the token) and redirects to `/` so the token leaves
+the address bar; requests from loopback (127.0.0.1, ::1) read it without a token unless
+`[admin] loopback_status_page` is off (set it off where a reverse proxy or a container's port
+mapping makes remote requests look local).
+Everything shown is HTML-escaped: file names, device names and error messages come from devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.datastructures import Cookie
+from litestar.response import Redirect
+
+from gateway import __version__
+from gateway.api.status_render import PageFigures, render_login, render_page
+from gateway.runtime import Gateway
+from gateway.status import dead_letters, device_activity, recent_uploads
+
+COOKIE = "gateway_status"
+COOKIE_MAX_AGE_S = 7 * 24 * 3600
+RECENT_ROWS = 20
+THROUGHPUT_MINUTES = 15
+
+
+def cookie_value(admin_token: str) -> str:
+    """What the cookie holds: proof of the token that is useless as an admin API token."""
+    return hmac.new(admin_token.encode(), b"gateway status page v1", hashlib.sha256).hexdigest()
+
+
+def _is_loopback(request: Request[Any, Any, Any]) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address) in ("127.0.0.1", "::1")
+
+
+def _bearer(request: Request[Any, Any, Any]) -> str:
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else ""
+
+
+def _same(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
+
+
+def _html(body: str, status: int = 200) -> Response[str]:
+    return Response(
+        body, status_code=status, media_type="text/html; charset=utf-8",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+                 "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"},
+    )
+
+
+@get("/", include_in_schema=False)
+async def status_page(request: Request[Any, Any, Any], gw: Gateway, token: str | None = None) -> Response[Any]:
+    admin_token = gw.settings.admin.token
+    if token is not None:
+        if _same(token, admin_token):
+            secure = bool(gw.settings.server.certfile and gw.settings.server.keyfile)
+            cookie = Cookie(key=COOKIE, value=cookie_value(admin_token), path="/", httponly=True,
+                            samesite="strict", secure=secure, max_age=COOKIE_MAX_AGE_S)
+            return Redirect(path="/", status_code=303, cookies=[cookie], headers={"Cache-Control": "no-store"})
+        return _html(render_login("That token is not the admin token.", enabled=bool(admin_token)), 401)
+    allowed = (
+        (gw.settings.admin.loopback_status_page and _is_loopback(request))
+        or _same(_bearer(request), admin_token)
+        or (bool(admin_token) and _same(request.cookies.get(COOKIE, ""), cookie_value(admin_token)))
+    )
+    if not allowed:
+        return _html(render_login("", enabled=bool(admin_token)), 401 if admin_token else 403)
+    return _html(render_page(await gather(gw)))
+
+
+async def gather(gw: Gateway) -> PageFigures:
+    """Every figure the page shows, read once per page view."""
+    report = await gw.refresh_gauges()
+    devices = await gw.catalog.read(device_activity)
+    # Uploads refresh last-seen in memory only (check-ins persist it): the registry knows best.
+    seen = {d.device_id: d.last_seen_at for d in gw.registry.all()}
+    for d in devices:
+        d.last_seen_at = max((t for t in (d.last_seen_at, seen.get(d.device_id)) if t is not None), default=None)
+    devices.sort(key=lambda d: -max(d.last_seen_at or 0.0, d.last_upload_at or 0.0))
+    uploads = await gw.catalog.read(lambda c: recent_uploads(c, RECENT_ROWS))
+    dead = await gw.catalog.read(lambda c: dead_letters(c, RECENT_ROWS)) if report.dead_count else []
+    return PageFigures(
+        report=report, devices=devices, uploads=uploads, dead=dead,
+        errors=gw.recent_errors.latest(RECENT_ROWS), minutes=gw.throughput.last_minutes(THROUGHPUT_MINUTES),
+        now=gw.clock(), uptime_s=gw.clock() - gw.started_at, version=__version__,
+        forwarding_on=gw.forwarding_on, cloud_url=gw.settings.cloud.url,
+    )
+
+
+ROUTES = [status_page]
