@@ -1,0 +1,119 @@
+"""The container image: hadolint on the Containerfile (always), the compose file's settings, and
+the image built and run with podman by scripts/container-test (skipped where podman cannot run).
+
+The podman test installs podman, runc and mmdebstrap with apt-get when they are missing (root
+only), makes a Debian base image once (kept as localhost/gateway-base), builds the image from a
+wheelhouse, runs it, registers a device and uploads one JPEG through the published port, and
+checks the user and a clean `podman stop`. Its log and timings go to test-output/container/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+
+from gateway.config import section_types
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "container-test"
+OUTPUT = ROOT / "test-output" / "container"
+SKIP_STATUS = 77  # scripts/container-test: podman cannot run here
+
+
+def hadolint_path() -> str:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    found = str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+    assert found, "hadolint is missing: it comes with the test extras (pip install -e '.[test]')"
+    return found
+
+
+def test_containerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [hadolint_path(), "--no-color", str(ROOT / "Containerfile")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+    assert result.stdout.strip() == ""
+
+
+def test_containerfile_promises() -> None:
+    """The properties the tests below cannot see from outside: base as a build argument, the
+    secret outside /data, tini as PID 1, numeric non-root user."""
+    text = (ROOT / "Containerfile").read_text()
+    assert "\nARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm\n" in text
+    for line in (
+        'ENTRYPOINT ["tini", "--"]',
+        'CMD ["gateway", "serve"]',
+        "STOPSIGNAL SIGTERM",
+        "EXPOSE 8080",
+        "USER 10001:10001",
+        'VOLUME ["/data", "/secrets"]',
+        "ENV GATEWAY_KEYS_SECRET_FILE=/secrets/gateway.key",
+    ):
+        assert f"\n{line}\n" in text, line
+    assert "GATEWAY_DATA_DIR=/data" in text and "/api/health" in text
+
+
+def test_compose_environment_names_real_settings() -> None:
+    """Every GATEWAY_* variable in config/compose.yaml is a settings key (a typo would be ignored
+    by compose and rejected by nobody)."""
+    compose = yaml.safe_load((ROOT / "config" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"gateway", "minio"} <= set(services)
+    gateway = services["gateway"]
+    known = {
+        f"GATEWAY_{section.upper()}_{field.name.upper()}"
+        for section, cls in section_types().items()
+        for field in msgspec.structs.fields(cls)
+    }
+    env = gateway["environment"]
+    names = [name for name in env if name.startswith("GATEWAY_")]
+    assert set(names) <= known, sorted(set(names) - known)
+    assert env["GATEWAY_STORAGE_BACKEND"] == "minio"
+    assert env["GATEWAY_MINIO_ENDPOINT"].split(":")[0] == "minio"
+    secrets_needed = {"GATEWAY_ADMIN_TOKEN", "GATEWAY_MINIO_ACCESS_KEY", "GATEWAY_MINIO_SECRET_KEY"}
+    assert secrets_needed <= set(names)
+    mounts = {v.split(":")[1] for v in gateway["volumes"]}
+    assert mounts == {"/data", "/secrets"}
+    assert any(str(p).endswith(":8080") for p in gateway["ports"])
+    assert services["minio"]["volumes"][0].endswith(":/data")
+
+
+@pytest.mark.container
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # first run: apt-get podman, mmdebstrap base (both cached afterwards)
+def test_image_builds_runs_takes_an_upload_and_stops_cleanly(tmp_path: Path) -> None:
+    log_path = tmp_path / "container-test.log"  # copied to OUTPUT at the end: runs may overlap
+    env = dict(os.environ, GATEWAY_VENV=str(Path(sys.executable).parent.parent))
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT), "--podman"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+        try:
+            returncode = proc.wait(timeout=1100)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the script's trap removes the container it started
+            proc.wait(timeout=120)
+            raise
+    took = time.monotonic() - started
+    output = log_path.read_text(errors="replace")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(log_path, OUTPUT / "container-test.log")
+    print(output)  # the script's own timings, shown with -s or on failure
+    print(f"container-test took {took:.1f}s")
+    if returncode == SKIP_STATUS:
+        reasons = [ln[len("SKIP: "):] for ln in output.splitlines() if ln.startswith("SKIP: ")]
+        pytest.skip(f"container test skipped: {reasons[-1] if reasons else output[-500:]}")
+    tail = output[-4000:]
+    assert returncode == 0, f"scripts/container-test failed:\n{tail}"
+    assert "container-test: PASS" in output
