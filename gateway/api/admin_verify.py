@@ -1,0 +1,69 @@
+"""Admin routes of `gateway verify` (mounted on the admin router, behind its token guard).
+
+`POST /api/admin/verify` runs one verification and answers with its report; while it runs,
+`GET /api/admin/verify/progress` says how far it is (the CLI draws its progress bar from that).
+One run at a time: a second one gets 409.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import msgspec
+from litestar import Request, Response, get, post
+
+from gateway.api.envelope import ok
+from gateway.errors import Conflict, ValidationFailed
+from gateway.runtime import Gateway
+from gateway.verify import Verifier, VerifyProgress
+
+log = logging.getLogger("gateway.verify")
+
+
+class VerifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    full: bool = False
+    repair: bool = False
+    sample: int = 100
+
+
+def _progress(request: Request[Any, Any, Any]) -> VerifyProgress:
+    state = request.app.state
+    if "verify_progress" not in state:
+        state.verify_progress = VerifyProgress()
+    progress: VerifyProgress = state.verify_progress
+    return progress
+
+
+@post("/verify", status_code=200)
+async def run_verify(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    try:
+        body = msgspec.json.decode(await request.body() or b"{}", type=VerifyRequest)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ValidationFailed("Invalid request body", str(exc)) from None
+    if body.sample < 0:
+        raise ValidationFailed("Invalid request body", "sample must be >= 0")
+    progress = _progress(request)
+    if progress.running:
+        raise Conflict("A verification is already running", f"phase {progress.phase}")
+    progress.running, progress.started_at = True, gw.clock()
+    verifier = Verifier(gw.catalog, gw.store, gw.settings.data_dir / "spool", gw.settings.storage.orphan_grace_s,
+                        progress, now=gw.clock())
+    try:
+        report = await anyio.to_thread.run_sync(
+            lambda: verifier.run(full=body.full, sample=body.sample, repair=body.repair), abandon_on_cancel=True)
+    finally:
+        verifier.cancelled.set()
+        progress.running = False
+    summary = report.summary()
+    log.info("verify: %d rows, %d objects, %d hashed: %s", report.rows, report.objects, report.hashed, summary)
+    return ok({**msgspec.to_builtins(report), "summary": summary})
+
+
+@get("/verify/progress")
+async def verify_progress(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return ok(msgspec.to_builtins(_progress(request)))
+
+
+ROUTES = [run_verify, verify_progress]
