@@ -14,13 +14,16 @@ from contextlib import asynccontextmanager
 
 
 import anyio
+import msgspec
 from litestar import Litestar
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.api import admin, device, ops
+from gateway.activity import ErrorEntry
+from gateway.api import admin, device, ops, outbox, status_page, sync
 from gateway.api.envelope import EXCEPTION_HANDLERS
 from gateway.config import Settings
 from gateway.logs import request_id
@@ -52,7 +55,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
         return gw
 
     app = Litestar(
-        route_handlers=[*device.ROUTES, *ops.ROUTES, admin.router],
+        route_handlers=[*device.ROUTES, *ops.ROUTES, admin.router, outbox.router, sync.router, *status_page.ROUTES],
         dependencies={"gw": Provide(provide_gateway, use_cache=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[] if offline else [lifespan],
@@ -68,22 +71,26 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
 
 
 def _observe(app: ASGIApp) -> ASGIApp:
-    """Request id, latency histogram and one access-log line per request."""
+    """Request id, latency histogram, one access-log line per request, and error responses kept
+    for the status page (method, path without query string, status, error code and message)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:  # the enum (a str) narrows the scope type for mypy
             await app(scope, receive, send)
             return
         rid = secrets.token_hex(6)
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
+        error_body = b""
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error_body
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            elif message["type"] == "http.response.body" and status >= 400 and len(error_body) < _ERROR_BODY_KEPT:
+                error_body += message.get("body", b"")[:_ERROR_BODY_KEPT]
             await send(message)
 
         try:
@@ -93,14 +100,32 @@ def _observe(app: ASGIApp) -> ASGIApp:
             route = scope.get("path_template") or "unmatched"
             gw: Gateway = scope["app"].state.gateway
             gw.metrics.request_seconds.labels(route, str(status)).observe(elapsed)
+            extra: dict[str, object] = {"status": status, "duration_ms": round(elapsed * 1000, 1)}
+            if status >= 400:
+                code, message = _envelope_error(error_body)
+                extra["code"] = code
+                client = scope.get("client")
+                gw.recent_errors.add(ErrorEntry(
+                    at=gw.clock(), method=scope["method"], path=scope.get("path", ""), status=status,
+                    code=code, message=message, request_id=rid, client=client[0] if client else "",
+                ))
             # Successes at debug: at thousands of uploads a second an info line each is a cost.
             access_log.log(
                 logging.DEBUG if status < 400 else logging.INFO,
-                "%s %s %d %.1fms", scope["method"], route, status, elapsed * 1000,
-                extra={"status": status, "duration_ms": round(elapsed * 1000, 1)},
+                "%s %s %d %.1fms", scope["method"], route, status, elapsed * 1000, extra=extra,
             )
             request_id.reset(token)
 
     return middleware
 
 
+_ERROR_BODY_KEPT = 2048
+
+
+def _envelope_error(body: bytes) -> tuple[str, str]:
+    """(code, message) from an error envelope; empty strings when the body is not one."""
+    try:
+        error = msgspec.json.decode(body).get("error") or {}
+        return str(error.get("code", ""))[:64], str(error.get("message", ""))[:200]
+    except (msgspec.DecodeError, AttributeError):
+        return "", ""

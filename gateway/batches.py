@@ -174,6 +174,7 @@ class BatchSealer:
         self.on_sealed = on_sealed
         # Check often enough that a batch is sealed within ~1 s (or 5 % of the timeout) of its due time.
         self.interval_s = max(0.2, min(5.0, math.ceil(timeout_s * 50) / 1000))
+        self._wake: anyio.Event | None = None
 
     async def tick(self) -> list[str]:
         now = self.clock()
@@ -185,10 +186,18 @@ class BatchSealer:
                 await self.on_sealed(sealed)
         return sealed
 
+    def wake(self) -> None:
+        """A batch was sealed by count or by hand: move it on now rather than at the next tick
+        (with forwarding off a sealed batch is drainable at once)."""
+        if self._wake is not None:
+            self._wake.set()
+
     async def run(self) -> None:
         while True:
+            self._wake = anyio.Event()
             try:
                 await self.tick()
             except Exception:  # the loop must survive a passing catalog error
                 log.exception("batch sealer tick failed")
-            await anyio.sleep(self.interval_s)
+            with anyio.move_on_after(self.interval_s):
+                await self._wake.wait()

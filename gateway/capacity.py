@@ -4,39 +4,78 @@ Two limits: `limits.max_pending_bytes` (bytes not yet delivered to the cloud) an
 `limits.min_free_disk_bytes` (free space kept on the data folder's disk, which holds the spool,
 the catalog and, with folder storage, the objects). The backlog figure comes from the catalog at
 most once a second, plus what was accepted since.
+
+Below the disk floor, and when the objects live on that disk (folder storage), the local bytes of
+images already delivered to the cloud are evicted first, oldest delivery first (images of drained
+batches before the others while the sync API is on), never an undelivered one; only when nothing
+delivered is left does the upload get its 507. Each eviction marks `bytes_removed_at` before the
+object goes, so a crash in between leaves an object `gateway verify --repair` removes, never a row
+whose bytes are missing. Counted in /metrics: evicted bytes and images, refusals by reason.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from gateway.catalog import Catalog
+import anyio
+
+from gateway.catalog import Catalog, Conn
 from gateway.errors import InsufficientStorage
 from gateway.metrics import Metrics
+from gateway.storage import ObjectStore
 
+log = logging.getLogger("gateway.capacity")
 REFRESH_S = 1.0
+EVICT_BATCH = 100
+EVICT_MAX_PER_CALL = 5000  # bounds the latency one upload can spend making room
+
+
+def delivered_oldest(conn: Conn, drained_only: bool, limit: int) -> list[tuple[str, str, int]]:
+    """(image id, storage key, size) of delivered images still holding local bytes, oldest delivery first."""
+    sql = ("SELECT i.image_id, i.storage_key, i.size FROM images i JOIN outbox o ON o.image_id = i.image_id "
+           "WHERE o.state = 'delivered' AND i.bytes_removed_at IS NULL")
+    if drained_only:
+        sql += " AND i.batch_id IN (SELECT batch_id FROM batches WHERE state = 'drained')"
+    rows = conn.execute(sql + " ORDER BY o.delivered_at, o.seq LIMIT ?", [limit]).fetchall()
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def _mark_removed(conn: Conn, image_ids: list[str], now: float) -> None:
+    conn.execute("UPDATE images SET bytes_removed_at = ? WHERE image_id IN (SELECT unnest(?::VARCHAR[])) "
+                 "AND bytes_removed_at IS NULL", [now, image_ids])
 
 
 class CapacityGuard:
     def __init__(self, catalog: Catalog, data_dir: Path, max_pending_bytes: int, min_free_disk_bytes: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, store: ObjectStore | None = None, prefer_drained: bool = False) -> None:
         self.catalog = catalog
         self.data_dir = data_dir
         self.max_pending_bytes = max_pending_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
         self.metrics = metrics
+        # Evicting frees this disk only when the objects live on it (folder storage).
+        self.store = store if store is not None and store.name == "folder" else None
+        self.prefer_drained = prefer_drained
         self._pending = 0
         self._refreshed = 0.0
+        self._evicting = anyio.Lock()
+
+    def _free(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.data_dir).free
+        except OSError:
+            return None
 
     async def check(self, incoming: int) -> None:
         """Raise `InsufficientStorage` if an upload of about `incoming` bytes would break a limit."""
         if self.min_free_disk_bytes:
-            try:
-                free = shutil.disk_usage(self.data_dir).free
-            except OSError:
-                free = None
+            free = self._free()
+            if free is not None and free - incoming < self.min_free_disk_bytes and self.store is not None:
+                free = await self.make_room(incoming)
             if free is not None and free - incoming < self.min_free_disk_bytes:
                 self.metrics.storage_refusals.labels("disk_floor").inc()
                 raise InsufficientStorage(
@@ -57,3 +96,48 @@ class CapacityGuard:
 
     def accepted(self, size: int) -> None:
         self._pending += size
+
+    async def make_room(self, incoming: int) -> int | None:
+        """Evict delivered bytes until the floor plus some headroom is free (or nothing delivered
+        is left); returns the free bytes then. One eviction at a time; waiters re-check first."""
+        headroom = max(incoming, self.min_free_disk_bytes // 8)
+        async with self._evicting:
+            evicted = 0
+            for drained_only in (True, False) if self.prefer_drained else (False,):
+                while evicted < EVICT_MAX_PER_CALL:
+                    free = self._free()
+                    if free is None or free - incoming >= self.min_free_disk_bytes + headroom:
+                        return free
+                    due = await self.catalog.read(partial(delivered_oldest, drained_only=drained_only,
+                                                          limit=EVICT_BATCH))
+                    if not due:
+                        break
+                    removed = await self._evict(due)
+                    if not removed:  # the store refuses deletes: stop marking rows
+                        return self._free()
+                    evicted += removed
+            if evicted:
+                log.warning("disk nearly full: evicted the local bytes of %d delivered image(s)", evicted)
+            return self._free()
+
+    async def _evict(self, due: list[tuple[str, str, int]]) -> int:
+        assert self.store is not None
+        store = self.store
+        now = time.time()
+        ids = [image_id for image_id, _, _ in due]
+        await self.catalog.write(lambda c: _mark_removed(c, ids, now))
+
+        def delete_all() -> int:
+            done = 0
+            for _, key, size in due:
+                try:
+                    store.delete(key)
+                except Exception as exc:  # marked already: `verify --repair` removes the leftover
+                    log.warning("eviction could not remove %s: %s", key, exc)
+                    continue
+                self.metrics.evictions.inc(size)
+                self.metrics.pressure_evictions.inc()
+                done += 1
+            return done
+
+        return await anyio.to_thread.run_sync(delete_all)

@@ -16,7 +16,12 @@ import anyio
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, redacted
+from gateway.cli_outbox import add_arguments as add_outbox_arguments
+from gateway.cli_outbox import cmd_outbox
 from gateway.control import Control, ControlError, connect
+from gateway.verify_cli import add_arguments as add_verify_arguments
+from gateway.verify_cli import cmd_verify
+from gateway.humanize import human_age, human_bytes
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -36,29 +41,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float) and value > 1e9:  # a unix time
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     return str(value)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d"
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -124,6 +106,48 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_batches(ctl: Control, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        params = {"limit": args.limit, "offset": args.offset} | ({"state": args.state} if args.state else {})
+        rows = await ctl.call("GET", "/batches", params=params)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                r["size"] = human_bytes(r["total_bytes"])
+                r["manifest"] = "yes" if r["manifest_key"] else "no"
+            print(_table(rows, [("batch_id", "BATCH"), ("device_id", "DEVICE"), ("state", "STATE"),
+                                ("image_count", "IMAGES"), ("size", "SIZE"), ("opened_at", "OPENED"),
+                                ("sealed_at", "SEALED"), ("manifest", "MANIFEST")]))
+        return 0
+    if args.action == "seal":
+        data = await ctl.call("POST", f"/batches/{args.batch_id}/seal")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            b = data["batch"]
+            print(f"batch {b['batch_id']}: " + ("sealed" if data["sealed_now"] else f"already {b['state']}")
+                  + f" ({b['image_count']} image(s))")
+        return 0
+    data = await ctl.call("GET", f"/batches/{args.batch_id}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    b = data["batch"]
+    fields = [("batch", b["batch_id"]), ("device", b["device_id"]), ("state", b["state"]),
+              ("images", f"{b['image_count']} ({human_bytes(b['total_bytes'])})"),
+              ("opened", _cell(b["opened_at"])), ("sealed", _cell(b["sealed_at"])),
+              ("forwarded", _cell(b["forwarded_at"])), ("drained", _cell(b["drained_at"])),
+              ("manifest", f"{b['manifest_key']} ({_cell(b['manifest_at'])})" if b["manifest_key"] else "-")]
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}")
+    print()
+    print(_table(data["manifest"], [("image_id", "IMAGE"), ("filename", "FILE"), ("size", "BYTES"),
+                                    ("xxh3_128", "XXH3-128"), ("cloud_image_id", "CLOUD IMAGE")]))
+    return 0
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     print(json.dumps(redacted(settings), indent=2))
     return 0
@@ -133,6 +157,12 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings) -> int:
+    # A stop signal that arrives while we are still starting must not kill the process: note it,
+    # and stop cleanly as soon as the server is up.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+
     import hypercorn.asyncio
     from hypercorn.config import Config as HypercornConfig
 
@@ -161,6 +191,8 @@ def serve(settings: Settings) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if early:
+            on_signal()
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     try:
@@ -168,6 +200,9 @@ def serve(settings: Settings) -> int:
     except Exception as exc:  # start-up failures: one clear line, non-zero exit
         print(f"gateway: cannot serve: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a repeated stop signal while exiting changes nothing
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
@@ -197,7 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help="backlog, connectivity, last success and error, disk")
 
-    for parser in [p, *sub.choices.values(), *dsub.choices.values()]:
+    add_verify_arguments(sub.add_parser("verify", help="check the catalog against the object store, both ways"))
+
+    bat = sub.add_parser("batches", help="list, show and seal batches")
+    bsub = bat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    blist = bsub.add_parser("list", help="list batches, oldest first")
+    blist.add_argument("--state", choices=("collecting", "sealed", "forwarded", "drained"))
+    blist.add_argument("--limit", type=int, default=100, help="at most this many (1..1000)")
+    blist.add_argument("--offset", type=int, default=0)
+    bsub.add_parser("show", help="a batch and its manifest rows").add_argument("batch_id", metavar="BATCH_ID")
+    bsub.add_parser("seal", help="seal a collecting batch now").add_argument("batch_id", metavar="BATCH_ID")
+
+    from gateway.drain_cli import add_arguments as add_drain_arguments
+
+    add_drain_arguments(sub.add_parser(
+        "drain", help="sync job: copy drainable batches from a gateway into a folder, verify, ack"))
+
+    outbox_parsers = add_outbox_arguments(sub)
+
+    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers]:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="machine-readable output")
     return p
@@ -206,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "devices": cmd_devices,
     "status": cmd_status,
+    "verify": cmd_verify,
+    "batches": cmd_batches,
+    "outbox": cmd_outbox,
 }
 
 
@@ -217,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not hasattr(args, "json"):
         args.json = False
+    if args.command == "drain":  # a client of some gateway: the local settings play no part
+        from gateway.drain_cli import main as drain_main
+
+        return drain_main(args)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

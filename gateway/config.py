@@ -43,6 +43,11 @@ class ServerSettings(_Section):
     read_timeout_s: Annotated[
         float, _help("A request body that sends nothing for this long is cut off (slow clients).", gt=0)
     ] = 30.0
+    min_body_rate_bytes_per_s: Annotated[
+        int,
+        _help("A request body must also average this many bytes/s after the first read_timeout_s "
+              "(a client trickling a byte a second is cut off); 0 = no rate floor.", ge=0),
+    ] = 1024
 
 
 class DataSettings(_Section):
@@ -101,6 +106,11 @@ class CloudSettings(_Section):
 
 class ForwardSettings(_Section):
     concurrency: Annotated[int, _help("Uploads to the cloud in flight at once.", ge=1, le=64)] = 4
+    per_device_in_flight: Annotated[
+        int,
+        _help("Uploads of one device in flight at once; 1 keeps each device's strict upload order, "
+              "more trades that order for throughput.", ge=1, le=64),
+    ] = 1
     bandwidth_bytes_per_s: Annotated[int, _help("Upload bandwidth cap in bytes/s; 0 = unlimited.", ge=0)] = 0
     max_attempts: Annotated[
         int, _help("Failed attempts (retryable errors) before an entry is dead-lettered; 0 = never.", ge=0)
@@ -135,6 +145,11 @@ class AdminSettings(_Section):
     url: Annotated[
         str, _help("Where the CLI reaches a running server; empty: derived from server.listen.")
     ] = ""
+    loopback_status_page: Annotated[
+        bool,
+        _help("Requests from 127.0.0.1/::1 may read the status page without the token; turn off where a "
+              "reverse proxy or a container port mapping makes remote requests look local."),
+    ] = True
 
 
 class KeySettings(_Section):

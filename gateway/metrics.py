@@ -9,6 +9,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "acusight_gateway"
+# gateway.forward.worker's attempt outcomes and gateway.forward.backoff's states.
+FORWARD_OUTCOMES = ("delivered", "already_delivered", "retry", "connection_error", "rejected", "local_error")
+CONNECTIVITY_STATES = ("online", "degraded", "offline", "recovering")
 
 
 class Metrics:
@@ -29,9 +32,19 @@ class Metrics:
                                         ["outcome"], registry=r)
         self.forward_bytes = Counter(f"{PREFIX}_forward_bytes", "Image bytes delivered to the cloud.", registry=r)
         self.evictions = Counter(f"{PREFIX}_evicted_bytes", "Local bytes of delivered images removed.", registry=r)
+        self.pressure_evictions = Counter(f"{PREFIX}_disk_pressure_evictions",
+                                          "Delivered images whose local bytes were removed to make room on a "
+                                          "nearly full disk (their bytes count in evicted_bytes).", registry=r)
         self.storage_refusals = Counter(f"{PREFIX}_storage_refusals", "Uploads refused for lack of room, by reason.",
                                         ["reason"], registry=r)
         self.batches_sealed = Counter(f"{PREFIX}_batches_sealed", "Batches sealed.", registry=r)
+        self.manifest_writes = Counter(f"{PREFIX}_manifest_writes", "Batch manifests written, by outcome.",
+                                       ["outcome"], registry=r)
+        self.sync_acks = Counter(f"{PREFIX}_sync_acks",
+                                 "Batch acks from sync jobs, by outcome (drained, already_drained, refused).",
+                                 ["outcome"], registry=r)
+        self.sync_image_bytes = Counter(f"{PREFIX}_sync_image_bytes", "Image bytes served to sync jobs.",
+                                        registry=r)
         # State gauges, refreshed on scrape.
         self.backlog_count = Gauge(f"{PREFIX}_backlog_images", "Images not yet delivered to the cloud.", registry=r)
         self.backlog_bytes = Gauge(f"{PREFIX}_backlog_bytes", "Bytes not yet delivered to the cloud.", registry=r)
@@ -45,6 +58,20 @@ class Metrics:
         self.catalog_bytes = Gauge(f"{PREFIX}_catalog_bytes", "Size of the catalog file.", registry=r)
         self.images_stored = Gauge(f"{PREFIX}_images", "Images in the catalog.", registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 while /api/ready answers 200.", registry=r)
+        self.cloud_connectivity = Gauge(f"{PREFIX}_cloud_connectivity",
+                                        "1 for the forwarder's connectivity state (online, degraded, offline, "
+                                        "recovering), 0 for the others.", ["state"], registry=r)
+        self.forward_in_flight = Gauge(f"{PREFIX}_forward_in_flight", "Uploads to the cloud in flight.", registry=r)
+        self.forwarding_enabled = Gauge(f"{PREFIX}_forwarding_enabled",
+                                        "1 when a cloud URL is set (alerts on connectivity need it).", registry=r)
+        # Known label values start at 0, so rate() and alert rules see a series before the first event.
+        for outcome in FORWARD_OUTCOMES:
+            self.forward_attempts.labels(outcome)
+        for state in CONNECTIVITY_STATES:
+            self.cloud_connectivity.labels(state)
+        for reason in ("disk_floor", "pending_bytes"):  # capacity.CapacityGuard's refusals
+            self.storage_refusals.labels(reason)
+        self.uploads.labels("accepted")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

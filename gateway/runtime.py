@@ -1,7 +1,8 @@
 """The running gateway's parts and their start-up and shut-down order.
 
 Start: data folders -> catalog (migrations) -> key secret -> devices -> object store -> settle
-leftover upload intents -> ingest; then background loops (batch sealer, reconciliation, forwarder).
+leftover upload intents -> ingest; then background loops (batch sealer, manifest writer,
+reconciliation, forwarder).
 Stop: refuse new work (readiness off) -> background loops cancelled -> catalog drained and closed.
 """
 
@@ -17,22 +18,29 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from gateway.activity import RecentErrors, Throughput
 from gateway.batches import BatchSealer
 from gateway.capacity import CapacityGuard
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.devices import DeviceRegistry
 from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.forward.client import CloudClient
+from gateway.forward.keycheck import RECHECK_EVERY_S, KeyChecker
+from gateway.forward.retention import RetentionSweeper
+from gateway.forward.worker import Forwarder
 from gateway.ingest.pipeline import Ingestor
 from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, settle_intents
 from gateway.keys import KeyBox
-from gateway.metrics import Metrics
+from gateway.manifests import ManifestWriter
+from gateway.metrics import CONNECTIVITY_STATES, Metrics
 from gateway.ratelimit import DeviceRateLimiter
 from gateway.status import StatusReport, read_status
 from gateway.storage import ObjectStore, open_store
 
 log = logging.getLogger("gateway")
 RECONCILE_EVERY_S = 600.0
+RECONCILE_RETRY_S = 30.0
 STALE_INTENT_S = 600.0
 
 
@@ -47,16 +55,23 @@ class Gateway:
         self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
+        self.throughput = Throughput(clock)  # per-minute accepted/delivered, for the status page
+        self.recent_errors = RecentErrors()  # last error responses (app.py's access middleware)
         self.catalog = Catalog(catalog_path(settings))
         self.store: ObjectStore = open_store(settings)
         self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
         self.capacity = CapacityGuard(
             self.catalog, settings.data_dir, settings.limits.max_pending_bytes, settings.limits.min_free_disk_bytes,
-            self.metrics,
+            self.metrics, store=self.store, prefer_drained=bool(settings.sync.token),
         )
+        self.manifests = ManifestWriter(self.catalog, self.store, settings.data_dir, self.metrics, clock)
         self.registry: DeviceRegistry
         self.ingestor: Ingestor
         self.sealer: BatchSealer
+        self.keycheck: KeyChecker
+        self.cloud: CloudClient | None = None  # set while forwarding is on (cloud.url)
+        self.forwarder: Forwarder | None = None
+        self.retention: RetentionSweeper | None = None
         self.shutting_down = False
         self.started_at = clock()
         self.startup_report = ReconcileReport()
@@ -80,13 +95,50 @@ class Gateway:
         await self.open_catalog()
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
         await self.ingestor.start()
-        self.sealer = BatchSealer(self.catalog, s.batches.timeout_s, self.forwarding_on, self.clock)
+        self.sealer = BatchSealer(self.catalog, s.batches.timeout_s, self.forwarding_on, self.clock,
+                                  on_sealed=self.manifests.sealed_many)
+        self.ingestor.on_sealed = self.batch_sealed
+        self._wire_forwarding()
         try:
             await anyio.to_thread.run_sync(self.store.ensure_ready)
             self._store_ok_at = time.monotonic()
             self.startup_report = await anyio.to_thread.run_sync(self._reconcile_at_start)
         except GatewayError as exc:
             log.error("object store not ready at start-up (%s); uploads get 503 until it answers", exc)
+            # Leftover upload intents wait for the store; the reconcile loop retries them soon.
+            self.startup_report = ReconcileReport(deferred=len(list(self.ingestor.spool_dir.glob("*.part"))))
+
+    def batch_sealed(self, batch_id: str) -> None:
+        """A batch was sealed by count or by hand: its manifest is due, and the sealer moves it on."""
+        self.manifests.sealed(batch_id)
+        sealer: BatchSealer | None = getattr(self, "sealer", None)  # absent on the CLI's offline use
+        if sealer is not None:
+            sealer.wake()
+
+    def _wire_forwarding(self) -> None:
+        """Cloud client, forwarder, key checker and retention (only the key checker without cloud.url)."""
+        s = self.settings
+        if self.forwarding_on:
+            self.cloud = CloudClient(s.cloud.url, s.cloud.timeout_s, s.forward.concurrency)
+            fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
+                                             self.clock)
+            fwd.on_delivered = self._cloud_ids_arrived
+            fwd.on_delivered_bytes = self.throughput.record_delivered
+            self.ingestor.on_recorded = fwd.notify
+            if s.forward.delete_after_days > 0:
+                self.retention = RetentionSweeper(self.catalog, self.store, self.metrics, s.forward.delete_after_days,
+                                                  bool(s.sync.token), self.clock)
+        self.keycheck = KeyChecker(self.registry, self.catalog, s.cloud, self.cloud,
+                                   cloud_reachable=lambda: self.forwarder is None or self.forwarder.gate.reachable,
+                                   # quarantined keys are re-asked about as often as retries are spaced
+                                   recheck_every_s=min(RECHECK_EVERY_S, s.forward.backoff_max_s))
+        if self.forwarder is not None:
+            self.keycheck.on_released = self.forwarder.notify
+            self.forwarder.on_round = self.keycheck.maybe_recheck
+
+    def _cloud_ids_arrived(self, batch_ids: list[str]) -> None:
+        for batch_id in batch_ids:  # manifests list the cloud's ids: rewrite them
+            self.manifests.request(batch_id)
 
     def _reconcile_at_start(self) -> ReconcileReport:
         report = settle_intents(self.catalog, self.store, self.ingestor.spool_dir)
@@ -98,20 +150,32 @@ class Gateway:
 
     def run_background(self, tg: TaskGroup) -> None:
         tg.start_soon(self.sealer.run)
+        tg.start_soon(self.manifests.run)
         tg.start_soon(self._reconcile_loop)
+        if self.forwarder is not None:
+            tg.start_soon(self.forwarder.run)
+        if self.retention is not None:
+            tg.start_soon(self.retention.run)
 
     async def _reconcile_loop(self) -> None:
+        # Intents a previous process left are retried soon while any remain unsettled (the store
+        # was down at start-up); this process's own are settled once clearly abandoned.
+        leftovers = not self.startup_report.clean or self.startup_report.deferred > 0
         while True:
-            await anyio.sleep(RECONCILE_EVERY_S)
+            await anyio.sleep(RECONCILE_RETRY_S if leftovers else RECONCILE_EVERY_S)
             try:
-                await anyio.to_thread.run_sync(lambda: settle_intents(
+                report = await anyio.to_thread.run_sync(lambda: settle_intents(
                     self.catalog, self.store, self.ingestor.spool_dir,
-                    skip=self.ingestor.active_intents, min_age_s=STALE_INTENT_S))
+                    skip=self.ingestor.active_intents, min_age_s=STALE_INTENT_S, before=self.started_at))
+                leftovers = report.deferred > 0
             except Exception as exc:
                 log.warning("periodic reconciliation failed: %s", exc)
+                leftovers = True
 
     async def stop(self) -> None:
         self.shutting_down = True
+        if self.cloud is not None:
+            await self.cloud.aclose()
         await anyio.to_thread.run_sync(self.catalog.close)
 
     # -- health ----------------------------------------------------------------------------
@@ -155,12 +219,22 @@ class Gateway:
         report = await self.catalog.read(lambda c: read_status(c, now))
         report.disk_free_bytes = self.disk_free()
         report.catalog_bytes = self.catalog.file_bytes()
-        report.connectivity = "off" if not self.forwarding_on else "unknown"
+        report.connectivity = (
+            "off" if not self.forwarding_on else self.forwarder.connectivity if self.forwarder else "unknown"
+        )
+        fwd = self.forwarder
+        if fwd is not None and fwd.last_error_at is not None and (
+                report.last_error_at is None or fwd.last_error_at >= report.last_error_at):
+            report.last_error, report.last_error_at = fwd.last_error, fwd.last_error_at  # fresher than the catalog's
+        report.eta_s = self.throughput.eta_s(report.backlog_count, report.backlog_bytes)
+        if report.connectivity == "offline":
+            report.eta_s = None  # past throughput says nothing while the cloud cannot be reached
         report.startup = {
             "reconciled_intents": self.startup_report.intents,
             "committed": self.startup_report.committed,
             "strays_removed": len(self.startup_report.strays_removed),
             "missing_objects": self.startup_report.missing_objects,
+            "deferred": self.startup_report.deferred,
             "clean": self.startup_report.clean,
         }
         return report
@@ -174,7 +248,13 @@ class Gateway:
         m.oldest_pending_age.set(report.oldest_pending_age_s or 0.0)
         m.dead_letters.set(report.dead_count)
         m.last_forward_success.set(report.last_success_at or 0.0)
-        m.cloud_up.set(1 if report.connectivity == "online" else 0)
+        # Degraded (some retries) and recovering (ramping up) still reach the cloud.
+        m.cloud_up.set(1 if report.connectivity in ("online", "degraded", "recovering") else 0)
+        m.forwarding_enabled.set(1 if self.forwarding_on else 0)
+        if self.forwarder is not None:
+            for state in CONNECTIVITY_STATES:
+                m.cloud_connectivity.labels(state).set(1 if state == report.connectivity else 0)
+            m.forward_in_flight.set(self.forwarder.in_flight)
         m.disk_free.set(report.disk_free_bytes or 0)
         m.catalog_bytes.set(report.catalog_bytes)
         return report

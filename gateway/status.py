@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from gateway.catalog import Conn
@@ -65,3 +67,83 @@ def read_status(conn: Conn, now: float) -> StatusReport:
         last_error=err[0] if err else None,
         last_error_at=err[1] if err else None,
     )
+
+
+# -- detail for the status page (read ops; each is bounded by LIMIT or by the device count) --------
+
+
+class DeviceActivity(msgspec.Struct, kw_only=True):
+    device_id: str
+    name: str
+    status: str
+    revoked: bool
+    last_seen_at: float | None
+    images: int
+    image_bytes: int
+    last_upload_at: float | None
+
+
+class RecentUpload(msgspec.Struct, kw_only=True):
+    image_id: str
+    device_id: str
+    filename: str
+    size: int
+    received_at: float
+    state: str | None  # outbox state: pending | held | delivered | dead
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    image_id: str
+    device_id: str
+    filename: str | None
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+
+
+def device_activity(conn: Conn) -> list[DeviceActivity]:
+    """Every device with its image count, bytes and last upload, most recently seen first."""
+    rows = conn.execute(
+        "SELECT d.device_id, d.name, d.status, d.revoked, d.last_seen_at, "
+        "coalesce(i.n, 0), coalesce(i.bytes, 0), i.last_at "
+        "FROM devices d LEFT JOIN (SELECT device_id, count(*) AS n, sum(size) AS bytes, max(received_at) AS last_at "
+        "FROM images GROUP BY device_id) i USING (device_id) "
+        "ORDER BY greatest(coalesce(d.last_seen_at, 0), coalesce(i.last_at, 0)) DESC, d.name"
+    ).fetchall()
+    return [
+        DeviceActivity(device_id=r[0], name=r[1], status=r[2], revoked=bool(r[3]), last_seen_at=r[4],
+                       images=int(r[5]), image_bytes=int(r[6]), last_upload_at=r[7])
+        for r in rows
+    ]
+
+
+def _by_id(conn: Conn, sql: str, ids: list[str]) -> dict[str, Any]:
+    """`sql` (with `{ids}` for the placeholders) run for a few ids: a primary-key look-up each,
+    where a join would scan the whole table (measured: 15 vs 130-200 ms at 2 M rows)."""
+    if not ids:
+        return {}
+    rows = conn.execute(sql.format(ids=", ".join("?" * len(ids))), ids).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def recent_uploads(conn: Conn, limit: int = 20) -> list[RecentUpload]:
+    """The newest `limit` images with their delivery state."""
+    rows = conn.execute(
+        "SELECT image_id, device_id, filename, size, received_at FROM images ORDER BY seq DESC LIMIT ?", [limit]
+    ).fetchall()
+    states = _by_id(conn, "SELECT image_id, state FROM outbox WHERE image_id IN ({ids})", [r[0] for r in rows])
+    return [RecentUpload(image_id=r[0], device_id=r[1], filename=r[2], size=int(r[3]), received_at=r[4],
+                         state=states.get(r[0])) for r in rows]
+
+
+def dead_letters(conn: Conn, limit: int = 20) -> list[DeadLetter]:
+    """The newest `limit` dead-lettered outbox entries, with the status and error the cloud gave."""
+    rows = conn.execute(
+        "SELECT image_id, device_id, attempts, last_status, last_error, created_at FROM outbox "
+        "WHERE state = 'dead' ORDER BY seq DESC LIMIT ?",
+        [limit],
+    ).fetchall()
+    names = _by_id(conn, "SELECT image_id, filename FROM images WHERE image_id IN ({ids})", [r[0] for r in rows])
+    return [DeadLetter(image_id=r[0], device_id=r[1], filename=names.get(r[0]), attempts=int(r[2]),
+                       last_status=r[3], last_error=r[4], created_at=r[5]) for r in rows]

@@ -8,7 +8,10 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.params import Parameter
 
+from gateway import batch_queries
+from gateway.api import admin_verify
 from gateway.api.auth import require_bearer
 from gateway.api.envelope import ok
 from gateway.errors import ValidationFailed
@@ -36,7 +39,7 @@ class DeviceRef(msgspec.Struct):
 def _decode(raw: bytes, kind: type[Any]) -> Any:
     try:
         return msgspec.json.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
 
 
@@ -70,8 +73,35 @@ async def status(gw: Gateway) -> Response[bytes]:
     return ok(msgspec.to_builtins(report))
 
 
+@get("/batches")
+async def list_batches(
+    gw: Gateway,
+    batch_state: str | None = Parameter(query="state", default=None),  # `state` is reserved by Litestar
+    limit: int = 100,
+    offset: int = 0,
+) -> Response[bytes]:
+    batch_queries.check_page(batch_state, limit, offset)
+    rows, total = await gw.catalog.read(lambda c: batch_queries.list_batches(c, batch_state, limit, offset))
+    return ok(rows, meta={"total": total, "limit": limit, "offset": offset})
+
+
+@get("/batches/{batch_id:str}")
+async def show_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
+    return ok(await gw.catalog.read(lambda c: batch_queries.read_batch_with_manifest(c, batch_id)))
+
+
+@post("/batches/{batch_id:str}/seal", status_code=200)
+async def seal_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
+    now = gw.clock()
+    batch, sealed_now = await gw.catalog.write(lambda c: batch_queries.seal_by_hand(c, batch_id, now))
+    if sealed_now:
+        gw.batch_sealed(batch_id)  # offline (CLI on a stopped server): the manifest is written at the next start
+    return ok({"batch": batch, "sealed_now": sealed_now})
+
+
 router = Router(
     path="/api/admin",
-    route_handlers=[list_devices, add_device, change_device, status],
+    route_handlers=[list_devices, add_device, change_device, status, list_batches, show_batch, seal_batch,
+                    *admin_verify.ROUTES],
     guards=[admin_guard],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,53 +21,89 @@ class ClientGone(ValidationFailed):
     default_message = "Client disconnected before the body was complete"
 
 
-async def body_chunks(receive: Receive, read_timeout: float) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client silent for `read_timeout` seconds is cut off."""
-    while True:
+class RequestBody:
+    """The request body as it arrives. A client silent for `read_timeout` seconds is cut off, and
+    so is one that trickles: the body must arrive within `read_timeout` plus one second per
+    `min_rate` bytes received (as Apache's mod_reqtimeout does), else a byte a second lasts forever."""
+
+    def __init__(self, receive: Receive, read_timeout: float, min_rate: int = 0) -> None:
+        self.receive = receive
+        self.read_timeout = read_timeout
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+        self.received = 0
+        self.done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self.done:
+            wait = self.read_timeout
+            if self.min_rate:
+                wait = min(wait, self.started + self.read_timeout + self.received / self.min_rate - time.monotonic())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                with anyio.fail_after(wait):
+                    message = await self.receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    details=f"body slower than {self.min_rate} bytes/s or silent for {self.read_timeout:g} s"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            self.done = not message.get("more_body", False)
+            chunk = message.get("body", b"")
+            if chunk:
+                self.received += len(chunk)
+                yield chunk
+
+    async def drain(self, limit: int) -> None:
+        """Read and drop the rest of the body (at most `limit` bytes in all), so that a client that
+        sends its whole body before reading gets the answer instead of a stalled connection."""
         try:
-            with anyio.fail_after(read_timeout):
-                message = await receive()
-        except TimeoutError:
-            raise RequestTimeout(details=f"no body bytes for {read_timeout:g} s") from None
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
+            async for _ in self.chunks():
+                if self.received > limit:
+                    return
+        except GatewayError:
             return
 
 
-async def authenticate(gw: Gateway, request: Request[Any, Any, Any]) -> Device:
-    return gw.registry.authenticate(request.headers.get("x-device-key"))
+async def authenticate(gw: Gateway, request: Request[Any, Any, Any], require_approved: bool = True) -> Device:
+    """The device holding the request's key; keys unknown here may be checked with the cloud (SPEC §3)."""
+    return await gw.keycheck.authenticate(request.headers.get("x-device-key"), require_approved)
 
 
 @post("/api/device/images/upload", status_code=201)
 async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     outcome = "INTERNAL_ERROR"
+    limits, server = gw.settings.limits, gw.settings.server
+    ceiling = limits.max_image_bytes + limits.max_metadata_bytes + 256 * 1024
+    body = RequestBody(request.receive, server.read_timeout_s, server.min_body_rate_bytes_per_s)
     try:
         device = await authenticate(gw, request)
         gw.rate_limiter.take(device.device_id)
-        limits = gw.settings.limits
         declared = request.headers.get("content-length")
         length = int(declared) if declared and declared.isdigit() else 0
-        ceiling = limits.max_image_bytes + limits.max_metadata_bytes + 256 * 1024
         if length > ceiling:
             raise PayloadTooLarge("Request body is too large", f"limit is {ceiling} bytes")
         await gw.capacity.check(length)
         await gw.require_store()
         result = await gw.ingestor.upload(
-            device, request.headers.get("content-type"),
-            body_chunks(request.receive, gw.settings.server.read_timeout_s),
+            device, request.headers.get("content-type"), body.chunks(),
+            held=device.origin == "quarantine",  # forwarded only once the cloud confirms the key
         )
         gw.registry.touch(device, gw.clock())
         if not result.duplicate:
             gw.capacity.accepted(length)
+            gw.throughput.record_accepted(result.size)
         outcome = "duplicate_accepted" if result.duplicate else "accepted"
         data = {"image_id": result.image_id, "batch_id": result.batch_id, "storage_key": result.storage_key}
         return ok(data, status=gw.settings.server.upload_success_status)
     except GatewayError as exc:
         outcome = exc.code
+        if isinstance(exc, PayloadTooLarge | RequestTimeout | ClientGone):
+            exc.close_connection = True  # stop reading: never take in an oversized or stalled body
+        elif not body.done:
+            await body.drain(ceiling)
         raise
     finally:
         gw.metrics.uploads.labels(outcome).inc()
@@ -74,10 +111,7 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
 
 @get("/api/device/self")
 async def device_self(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    device = gw.registry.lookup(request.headers.get("x-device-key"))
-    if device is None or device.revoked:
-        gw.registry.check(device)
-    assert device is not None
+    device = await authenticate(gw, request, require_approved=False)
     return ok(device.public())
 
 
@@ -94,8 +128,13 @@ async def device_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Respon
         body = msgspec.json.decode(raw or b"{}", type=CheckinBody)
     except msgspec.DecodeError as exc:
         raise ValidationFailed("Invalid check-in body", str(exc)) from None
+    except RecursionError:
+        raise ValidationFailed("Invalid check-in body", "nested too deeply") from None
     await gw.registry.checkin(device, body.status, body.metrics)
-    return ok({"actions": []})
+    actions: list[Any] = []
+    if gw.forwarder is not None:  # relayed when the cloud is reachable; recorded here either way
+        actions = await gw.forwarder.relay_checkin(request.headers.get("x-device-key") or "", raw or b"{}")
+    return ok({"actions": actions})
 
 
 ROUTES = [upload_image, device_self, device_checkin]

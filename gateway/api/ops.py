@@ -8,6 +8,7 @@ from litestar import Response, get
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.envelope import ok
+from gateway.errors import GatewayError
 from gateway.runtime import Gateway
 
 
@@ -30,6 +31,11 @@ async def ready(gw: Gateway) -> Response[bytes]:
 @get("/metrics")
 async def metrics(gw: Gateway) -> Response[bytes]:
     await gw.refresh_gauges()
+    try:  # the ready gauge must not depend on someone having probed /api/ready lately
+        await gw.readiness()
+        gw.metrics.ready.set(1)
+    except GatewayError:
+        gw.metrics.ready.set(0)
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -66,6 +66,11 @@ MIGRATIONS: list[str] = [
         delivered_at    DOUBLE
     );
     """,
+    # 2: how many cloud image ids the stored manifest holds, so a manifest written before the
+    # cloud's ids arrived is known to be stale and rewritten (gateway.manifests).
+    """
+    ALTER TABLE batches ADD COLUMN manifest_cloud_ids INTEGER;
+    """,
 ]
 
 

@@ -3,12 +3,14 @@
     pending --(2xx or 409 from the cloud)----------------------------> delivered
     pending --(408/429/5xx/transport error: attempts += 1, backoff)--> pending
     pending --(other 4xx, or forward.max_attempts reached)-----------> dead
+    pending --(401/403: the device's key refused)--------------------> dead, with the device's other pending
     held    --(the cloud confirms a quarantined device's key)--------> pending
     held    --(the cloud refuses the key)----------------------------> dead
     dead    --(`gateway outbox retry`)-------------------------------> pending
 
 Entries are sent oldest first (`seq`) within each device. Nothing is ever deleted from here
-while undelivered; an entry in flight when the process died is simply still `pending`.
+while undelivered; an entry in flight when the process died is simply still `pending`. The
+functions taking `conn` are the transitions: catalog write ops (or reads) for `catalog.write`.
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ def mark_dead(conn: Conn, image_ids: list[str], now: float, status: int | None, 
         [1 if count_attempt else 0, now, status, error[:2048], image_ids],
     ).fetchall()
     return len(rows)
+
+
+def mark_dead_after_attempt(conn: Conn, attempted: str, image_ids: list[str], now: float, status: int | None,
+                            reason: str) -> int:
+    """Dead-letter `image_ids` for one reason; only `attempted` counts an attempt (the others were not sent)."""
+    moved = mark_dead(conn, [attempted], now, status, reason, True)
+    return moved + mark_dead(conn, [i for i in image_ids if i != attempted], now, status, reason, False)
 
 
 def device_backlog(conn: Conn, device_id: str, state: str) -> list[str]:

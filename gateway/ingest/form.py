@@ -8,6 +8,7 @@ kept in memory up to its own small limit. Other parts are read and dropped.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,14 @@ import msgspec
 import xxhash
 from multipart import MultipartError, MultipartSegment, ParserLimitReached, PushMultipartParser, parse_options_header
 
-from gateway.errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from gateway.errors import (
+    GatewayError,
+    InsufficientStorage,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +67,11 @@ class ImageSpool:
         self.size = 0
         self.head = b""
         self._hash = xxhash.xxh3_128()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = -1
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self.size += len(chunk)
@@ -71,9 +83,12 @@ class ImageSpool:
                 raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
         self._hash.update(chunk)
         view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:  # a full disk is the device's 507, not our 500
+            raise _spool_error(exc) from exc
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -82,6 +97,12 @@ class ImageSpool:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+def _spool_error(exc: OSError) -> GatewayError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("Local disk is full", "no room for the upload spool")
+    return ServiceUnavailable("Upload spool unavailable", str(exc)[:200])
 
 
 def boundary_of(content_type: str | None) -> bytes:

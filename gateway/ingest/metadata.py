@@ -36,6 +36,8 @@ def validate_metadata(raw: bytes) -> None:
         value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ValidationFailed("metadata is not valid JSON", str(exc)) from None
+    except RecursionError:  # msgspec's decoder gives up near 1,000 levels, before _depth can look
+        raise ValidationFailed("metadata is nested too deeply", f"more than {MAX_DEPTH} levels") from None
     if not isinstance(value, dict):
         raise ValidationFailed("metadata must be a JSON object", f"got {type(value).__name__}")
     if _depth(value) > MAX_DEPTH:

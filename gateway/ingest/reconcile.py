@@ -16,6 +16,7 @@ from collections.abc import Collection
 import msgspec
 
 from gateway.catalog import Catalog
+from gateway.errors import GatewayError
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.reconcile")
@@ -24,12 +25,13 @@ log = logging.getLogger("gateway.reconcile")
 class ReconcileReport(msgspec.Struct, kw_only=True):
     intents: int = 0
     committed: int = 0
+    deferred: int = 0  # could not be settled now (store unreachable); tried again later
     strays_removed: list[str] = msgspec.field(default_factory=list)
     missing_objects: list[str] = msgspec.field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.strays_removed and not self.missing_objects and self.intents == 0
+        return not self.strays_removed and not self.missing_objects and self.intents == 0 and self.deferred == 0
 
 
 def settle_intents(
@@ -39,9 +41,14 @@ def settle_intents(
     *,
     skip: Collection[str] = (),
     min_age_s: float = 0.0,
+    before: float | None = None,
     report: ReconcileReport | None = None,
 ) -> ReconcileReport:
-    """Settle leftover upload intents (blocking; run in a worker thread)."""
+    """Settle leftover upload intents (blocking; run in a worker thread).
+
+    An intent is settled when it is at least `min_age_s` old, or older than `before` (intents a
+    previous process left are settled whatever their age). One that cannot be settled now (the
+    store does not answer) is kept and counted as deferred."""
     report = report or ReconcileReport()
     now = time.time()
     try:
@@ -55,23 +62,33 @@ def settle_intents(
         if uid in skip:
             continue
         try:
-            if now - entry.stat().st_mtime < min_age_s:
-                continue
+            mtime = entry.stat().st_mtime
         except FileNotFoundError:
             continue
+        if now - mtime < min_age_s and (before is None or mtime >= before):
+            continue
+        try:
+            _settle_one(catalog, store, uid, report)
+        except GatewayError as exc:
+            report.deferred += 1
+            log.warning("upload intent %s not settled yet: %s", uid, exc)
+            continue
         report.intents += 1
-        image_id = f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
-        row = catalog.read_sync(lambda c: c.execute(
-            "SELECT storage_key FROM images WHERE image_id = ?", [image_id]).fetchone())
-        if row is not None:
-            report.committed += 1
-        else:
-            for obj in list(store.list(f"raw-data/{uid}_")):
-                store.delete(obj.key)
-                report.strays_removed.append(obj.key)
-                log.warning("removed stray object %s (upload never committed)", obj.key)
         os.unlink(entry.path)
     return report
+
+
+def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: ReconcileReport) -> None:
+    image_id = f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
+    row = catalog.read_sync(lambda c: c.execute(
+        "SELECT storage_key FROM images WHERE image_id = ?", [image_id]).fetchone())
+    if row is not None:
+        report.committed += 1
+        return
+    for obj in list(store.list(f"raw-data/{uid}_")):
+        store.delete(obj.key)
+        report.strays_removed.append(obj.key)
+        log.warning("removed stray object %s (upload never committed)", obj.key)
 
 
 def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50,

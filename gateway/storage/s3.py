@@ -33,9 +33,20 @@ class S3Store:
             num_pools=4,
             maxsize=pool_size,
             timeout=urllib3.Timeout(connect=3.0, read=60.0),
-            retries=urllib3.Retry(total=2, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+            # A read timeout is not retried: a store that accepts connections but does not answer
+            # would otherwise hold an upload for 3 x 60 s before its 503.
+            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
         )
-        self.client = Minio(
+        self.client = self._client(settings, http)
+        # The readiness probe (also run before uploads while the store is in doubt) answers
+        # within seconds, so /api/ready and devices get their 503 promptly from a hung store.
+        self._probe = self._client(settings, urllib3.PoolManager(
+            num_pools=1, maxsize=4, timeout=urllib3.Timeout(connect=2.0, read=3.0), retries=False))
+        self._bucket_ok = False
+
+    @staticmethod
+    def _client(settings: MinioSettings, http: urllib3.PoolManager) -> Minio:
+        return Minio(
             settings.endpoint,
             access_key=settings.access_key or None,
             secret_key=settings.secret_key or None,
@@ -43,12 +54,11 @@ class S3Store:
             region=settings.region or None,
             http_client=http,
         )
-        self._bucket_ok = False
 
     def ensure_ready(self) -> None:
         try:
             if not self._bucket_ok:
-                if not self.client.bucket_exists(self.bucket):
+                if not self._probe.bucket_exists(self.bucket):
                     try:
                         self.client.make_bucket(self.bucket)
                     except S3Error as exc:
@@ -56,7 +66,7 @@ class S3Store:
                             raise
                 self._bucket_ok = True
             else:
-                self.client.bucket_exists(self.bucket)
+                self._probe.bucket_exists(self.bucket)
         except (S3Error, Urllib3Error, OSError) as exc:
             self._bucket_ok = False
             raise _store_error(exc) from exc
