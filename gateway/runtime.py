@@ -149,6 +149,7 @@ class Gateway:
         return report
 
     def run_background(self, tg: TaskGroup) -> None:
+        tg.start_soon(self.ingestor.keep_seen_keys)
         tg.start_soon(self.sealer.run)
         tg.start_soon(self.manifests.run)
         tg.start_soon(self._reconcile_loop)

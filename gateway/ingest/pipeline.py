@@ -28,6 +28,7 @@ from gateway.forward import outbox
 from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
+from gateway.ingest.seen import SeenKeys
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -76,6 +77,9 @@ class Ingestor:
         self.spool_dir = settings.data_dir / "spool"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._inflight: dict[str, asyncio.Event] = {}
+        self._seen: SeenKeys | None = None  # None until built: then every upload asks the catalog
+        self._seen_claimed: list[str] | None = []
+        self._seen_wanted: anyio.Event | None = None
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         self._seq = 0
@@ -90,6 +94,43 @@ class Ingestor:
     async def start(self) -> None:
         row = await self.catalog.read(lambda c: c.execute("SELECT max(seq) FROM images").fetchone())
         self._seq = int(row[0]) if row and row[0] is not None else 0
+
+    async def keep_seen_keys(self) -> None:
+        """Background task: build the filter of stored dedup keys, and rebuild it when it fills up.
+        Until it is ready every upload asks the catalog, so serving need not wait for it."""
+        while True:
+            self._seen_wanted = anyio.Event()
+            self._seen_claimed = []  # keys claimed while the catalog is being read
+            seen = await anyio.to_thread.run_sync(self._read_seen)
+            for key in self._seen_claimed:
+                seen.add(key)
+            self._seen, self._seen_claimed = seen, None
+            await self._seen_wanted.wait()
+
+    def _read_seen(self) -> SeenKeys:
+        if self.settings.dedup.scope == "device":
+            sql = "SELECT device_id || ':' || xxh3_128 FROM images"
+        else:
+            sql = "SELECT xxh3_128 FROM images"
+        cur = self.catalog.cursor()
+        total = (cur.execute("SELECT count(*) FROM images").fetchone() or (0,))[0]
+        seen = SeenKeys(max(1 << 20, 2 * int(total)))
+        cur.execute(sql)
+        while rows := cur.fetchmany(50_000):
+            for (key,) in rows:
+                seen.add(key)
+        return seen
+
+    def _maybe_stored(self, key: str) -> bool:
+        return self._seen is None or key in self._seen
+
+    def _claim_seen(self, key: str) -> None:
+        if self._seen_claimed is not None:
+            self._seen_claimed.append(key)
+        if self._seen is not None:
+            self._seen.add(key)
+            if self._seen.full and self._seen_wanted is not None:
+                self._seen_wanted.set()
 
     def _dedup_key(self, device_id: str, digest: str) -> str:
         return f"{device_id}:{digest}" if self.settings.dedup.scope == "device" else digest
@@ -123,10 +164,13 @@ class Ingestor:
             # upload of these bytes can get past that loop (this process is the only writer).
             done = self._inflight[key] = asyncio.Event()
             try:
-                existing = await self.catalog.read(
-                    lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
+                existing = None
+                if self._maybe_stored(key):  # the filter says "maybe": the catalog decides
+                    existing = await self.catalog.read(
+                        lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
                 if existing is not None:
                     return self._duplicate(existing)
+                self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
                 result = await self._store_and_record(uid, device, image, form.metadata, held)
             finally:
