@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-
 import anyio
 import msgspec
 from litestar import Litestar

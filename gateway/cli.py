@@ -15,13 +15,13 @@ from typing import Any
 import anyio
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.cli_outbox import add_arguments as add_outbox_arguments
 from gateway.cli_outbox import cmd_outbox
+from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.control import Control, ControlError, connect
+from gateway.humanize import human_age, human_bytes
 from gateway.verify_cli import add_arguments as add_verify_arguments
 from gateway.verify_cli import cmd_verify
-from gateway.humanize import human_age, human_bytes
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:

@@ -73,5 +73,6 @@ async def connect(settings: Settings) -> Control:
         )
         raise ControlError(f"a running server holds {gw.catalog.path}; {hint}") from None
     app = create_app(settings, gw, offline=True)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://offline", timeout=None)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar is an ASGI app
+    client = httpx.AsyncClient(transport=transport, base_url="http://offline", timeout=None)
     return Control(client, f"{settings.data_dir} (no server running)", gateway=gw)

@@ -60,6 +60,7 @@ class DeviceRegistry:
         self.clock = clock
         self._by_hash: dict[str, Device] = {}
         self._hash_by_id: dict[str, str] = {}
+        self._keys: dict[str, str] = {}  # device id -> key in clear, for the forwarder
 
     async def load(self) -> None:
         rows = await self.catalog.read(lambda c: c.execute(f"SELECT key_hash, {_COLUMNS} FROM devices").fetchall())
@@ -89,6 +90,9 @@ class DeviceRegistry:
 
     def key_of(self, device_id: str) -> str | None:
         """The device's key in clear, for the forwarder to act as the device (None if not stored)."""
+        cached = self._keys.get(device_id)
+        if cached is not None:
+            return cached
         h = self._hash_by_id.get(device_id)
         if h is None:
             return None
@@ -97,7 +101,9 @@ class DeviceRegistry:
         )
         if sealed is None or sealed[0] is None:
             return None
-        return self.keybox.open(bytes(sealed[0]))
+        # A device's key never changes (a new key is a new device), so it is opened once.
+        key = self._keys[device_id] = self.keybox.open(bytes(sealed[0]))
+        return key
 
     def get(self, device_id: str) -> Device | None:
         h = self._hash_by_id.get(device_id)
@@ -152,10 +158,7 @@ class DeviceRegistry:
 
     def resolve(self, ref: str) -> Device:
         """A device by id or by key."""
-        if ref.startswith("adk_"):
-            device = self._by_hash.get(keys.key_hash(ref))
-        else:
-            device = self.get(ref)
+        device = self._by_hash.get(keys.key_hash(ref)) if ref.startswith("adk_") else self.get(ref)
         if device is None:
             raise NotFound("No such device", ref if not ref.startswith("adk_") else keys.redact(ref))
         return device

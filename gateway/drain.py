@@ -161,7 +161,8 @@ class DrainJob:
             resp.read()
         try:
             err = resp.json().get("error") or {}
-            message = f"{err.get('code')}: {err.get('message')}" + (f" ({err['details']})" if err.get("details") else "")
+            detail = f" ({err['details']})" if err.get("details") else ""
+            message = f"{err.get('code')}: {err.get('message')}{detail}"
         except ValueError:
             message = resp.text[:200]
         if resp.status_code in (401, 403):

@@ -6,7 +6,7 @@ oldest pending age, disk) are computed when `/metrics` is scraped, through `Gaug
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 PREFIX = "acusight_gateway"
 # gateway.forward.worker's attempt outcomes and gateway.forward.backoff's states.
@@ -16,7 +16,7 @@ CONNECTIVITY_STATES = ("online", "degraded", "offline", "recovering")
 
 class Metrics:
     def __init__(self) -> None:
-        disable_created_metrics()  # `_created` series double every counter's lines for no use here
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double every counter's lines for no use here
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.uploads = Counter(f"{PREFIX}_uploads", "Upload requests by outcome (error code or 'accepted').",
                                ["outcome"], registry=r)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -51,7 +51,7 @@ class RequestBody:
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             self.done = not message.get("more_body", False)
-            chunk = message.get("body", b"")
+            chunk = cast(bytes, message.get("body", b""))
             if chunk:
                 self.received += len(chunk)
                 yield chunk

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from litestar import Response, get
 from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -13,6 +13,7 @@ Reads run in worker threads, each on its own cursor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -76,10 +77,8 @@ class Catalog:
             self._writer = None
         with self._cursors_lock:
             for cur in self._cursors:
-                try:
+                with contextlib.suppress(duckdb.Error):
                     cur.close()
-                except duckdb.Error:
-                    pass
             self._cursors.clear()
         if self._conn is not None:
             try:
@@ -220,10 +219,8 @@ class Catalog:
     def file_bytes(self) -> int:
         total = 0
         for p in (self.path, self.path.with_name(self.path.name + ".wal")):
-            try:
+            with contextlib.suppress(OSError):
                 total += p.stat().st_size
-            except OSError:
-                pass
         return total
 
 
@@ -238,10 +235,8 @@ class _Work:
 
 
 def _rollback(conn: Conn) -> None:
-    try:
+    with contextlib.suppress(duckdb.Error):
         conn.execute("ROLLBACK")
-    except duckdb.Error:
-        pass
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:

@@ -119,7 +119,8 @@ class KeyChecker:
             log.info("cloud refused unknown key %s: %s", keys.redact(key), answer.status)
             raise error
         if answer.status == 200:  # known to the cloud but not approved there
-            error = DeviceNotApproved(details=f"the cloud says the device is {answer.data and answer.data.get('status')}")
+            status = answer.data and answer.data.get("status")
+            error = DeviceNotApproved(details=f"the cloud says the device is {status}")
             self._remember_refusal(h, error)
             raise error
         if self.settings.accept_unknown_keys_offline:

@@ -324,7 +324,8 @@ class Forwarder:
             doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
             doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in self._in_flight))
         reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
-        await self.catalog.write(lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
+        await self.catalog.write(
+            lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
         log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
                     entry.device_id, outcome.error[:200])
         for image_id in doomed:

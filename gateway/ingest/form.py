@@ -116,7 +116,7 @@ def boundary_of(content_type: str | None) -> bytes:
     if not boundary or len(boundary) > 200:
         raise ValidationFailed("Expected multipart/form-data", "missing or invalid boundary")
     try:
-        return boundary.encode("latin-1")
+        return str(boundary).encode("latin-1")
     except UnicodeEncodeError:
         raise ValidationFailed("Expected multipart/form-data", "invalid boundary") from None
 
@@ -133,7 +133,6 @@ async def read_upload_form(
     max_body = max_image_bytes + max_metadata_bytes + 256 * 1024
     received = 0
     spool: ImageSpool | None = None
-    segment: MultipartSegment | None = None
     target: str | None = None  # "image" | "metadata" | "skip"
     metadata = bytearray()
     meta_seen = False
@@ -153,7 +152,6 @@ async def read_upload_form(
                 raise PayloadTooLarge("Request body is too large", f"limit is {max_body} bytes")
             for event in parser.parse(chunk):
                 if isinstance(event, MultipartSegment):
-                    segment = event
                     if event.name == "image":
                         if spool is not None:
                             raise ValidationFailed("Invalid upload", "the image part is given twice")
@@ -170,7 +168,7 @@ async def read_upload_form(
                 elif event is None:
                     if target == "image":
                         image_done = True
-                    target, segment = None, None
+                    target, _segment = None, None
                 elif target == "image":
                     assert spool is not None
                     spool.write(event)

@@ -47,7 +47,8 @@ def validate_metadata(raw: bytes) -> None:
     except msgspec.ValidationError as exc:
         raise ValidationFailed("metadata has an invalid field", str(exc)) from None
     if known.timestamp is not None and known.timestamp.tzinfo is None:
-        raise ValidationFailed("metadata has an invalid field", "timestamp must be RFC 3339 with an offset - at `$.timestamp`")
+        raise ValidationFailed(
+            "metadata has an invalid field", "timestamp must be RFC 3339 with an offset - at `$.timestamp`")
     for i, ann in enumerate(known.annotations or []):
         where = f"$.annotations[{i}]"
         if not ann.class_value:

@@ -10,6 +10,7 @@ start-up reconciliation finds every upload that may have left a stray object (`r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -189,7 +190,8 @@ class Ingestor:
         if self.settings.dedup.on_duplicate == "reject":
             raise DuplicateImage(
                 details=f"existing image {existing.image_id}",
-                data={"image_id": existing.image_id, "batch_id": existing.batch_id, "storage_key": existing.storage_key},
+                data={"image_id": existing.image_id, "batch_id": existing.batch_id,
+                      "storage_key": existing.storage_key},
             )
         return UploadResult(
             image_id=existing.image_id, batch_id=existing.batch_id, storage_key=existing.storage_key, duplicate=True
@@ -236,7 +238,7 @@ class Ingestor:
             _truncate(image.path)
             raise
         try:
-            result = await self.catalog.write_item(self._record_many, new)
+            result: UploadResult = await self.catalog.write_item(self._record_many, new)
         except Exception:
             # The transaction failed: nothing was committed, so the object must go.
             # (On cancellation we cannot know; the intent stays for reconciliation.)
@@ -290,14 +292,10 @@ class Ingestor:
 
 
 def _truncate(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.truncate(path, 0)
-    except OSError:
-        pass
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
