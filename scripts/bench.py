@@ -40,8 +40,10 @@ def log(msg: str) -> None:
 
 
 def requests_for(size: int, concurrency: int, quick: bool) -> int:
-    budget = (48 if quick else 240) * MiB  # bytes per round
-    return max(concurrency * 4, min(3000 if not quick else 600, budget // size))
+    """Enough requests for a few seconds a round: bounded by bytes, by count, and by concurrency."""
+    budget = (48 if quick else 160) * MiB  # bytes per round
+    cap = (300 if quick else 600) if concurrency > 1 else 200
+    return max(concurrency * 4, min(cap, budget // size))
 
 
 def best(rounds: list[Round]) -> Round:
