@@ -171,13 +171,48 @@ def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
         plain_key = "adk_" + secrets.token_hex(16)
         cloud.add_device(plain_key)
         plain = multipart_upload(cloud.port, UPLOAD, plain_key, size, concurrency, per * devices)
+        # A second ceiling: a plain client that reads each stored image back from the same S3 store
+        # and posts it, as the forwarder must (the cloud answers 409, after reading the whole body).
+        from_store = store_to_cloud(s3, gw.env["GATEWAY_MINIO_BUCKET"], cloud.port, plain_key, concurrency)
         return {
             "images": per * devices, "size": size, "concurrency": concurrency, "delivered": delivered,
             "gateway_rate_per_s": round(gw_rate, 1), "plain_rate_per_s": round(plain.rps, 1),
             "ratio": round(gw_rate / plain.rps, 3) if plain.rps else None,
+            "store_to_cloud_rate_per_s": round(from_store, 1),
+            "ratio_vs_store_to_cloud": round(gw_rate / from_store, 3) if from_store else None,
         }
     finally:
         cloud.stop()
+
+
+def store_to_cloud(s3: S3Server, bucket: str, port: int, key: str, concurrency: int) -> float:
+    """Images per second a plain client moves from the S3 store to the cloud (GET, then POST)."""
+    import http.client
+
+    client = s3.client(timeout=60)
+    names = [o.object_name for o in client.list_objects(bucket, prefix="raw-data/", recursive=True)]
+    boundary = "storeb0undary"
+
+    def one(name: str) -> None:
+        resp = client.get_object(bucket, name)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", UPLOAD, body=head + data + tail, headers={
+            "X-Device-Key": key, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        conn.getresponse().read()
+        conn.close()
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, names))
+    return len(names) / (time.perf_counter() - started)
 
 
 def startup_section(s3: S3Server, work: Path, rows: int) -> dict[str, Any]:
@@ -227,7 +262,9 @@ def print_table(report: dict[str, Any]) -> None:
     if "forward" in report:
         f = report["forward"]
         print(f"\n== 5. forwarder drain of {f['images']} x 1 MiB at concurrency {f['concurrency']}: "
-              f"{f['gateway_rate_per_s']}/s vs plain client {f['plain_rate_per_s']}/s -> {f['ratio']}")
+              f"{f['gateway_rate_per_s']}/s vs plain client from memory {f['plain_rate_per_s']}/s -> {f['ratio']}; "
+              f"vs plain client reading each from S3 {f['store_to_cloud_rate_per_s']}/s -> "
+              f"{f['ratio_vs_store_to_cloud']}")
     if "startup" in report:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
