@@ -24,6 +24,7 @@ import httpx
 import xxhash
 
 from gateway.progress import ProgressBar, RateLimit
+from gateway.storage.folder import fsync_dir
 
 HASH_HEADER = "X-Content-XXH3-128"
 CHUNK = 256 * 1024
@@ -69,14 +70,6 @@ def file_xxh3(path: Path) -> str:
         while chunk := fh.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sync_base_url(url: str) -> str:

@@ -8,12 +8,12 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import Parameter
 
 from gateway import batch_queries
 from gateway.api import admin_verify
 from gateway.api.auth import require_bearer
 from gateway.api.envelope import ok
+from gateway.api.sync import list_batches, show_batch  # the same views, behind the admin token here
 from gateway.errors import ValidationFailed
 from gateway.runtime import Gateway
 
@@ -71,23 +71,6 @@ async def change_device(action: str, request: Request[Any, Any, Any], gw: Gatewa
 async def status(gw: Gateway) -> Response[bytes]:
     report = await gw.refresh_gauges()
     return ok(msgspec.to_builtins(report))
-
-
-@get("/batches")
-async def list_batches(
-    gw: Gateway,
-    batch_state: str | None = Parameter(query="state", default=None),  # `state` is reserved by Litestar
-    limit: int = 100,
-    offset: int = 0,
-) -> Response[bytes]:
-    batch_queries.check_page(batch_state, limit, offset)
-    rows, total = await gw.catalog.read(lambda c: batch_queries.list_batches(c, batch_state, limit, offset))
-    return ok(rows, meta={"total": total, "limit": limit, "offset": offset})
-
-
-@get("/batches/{batch_id:str}")
-async def show_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
-    return ok(await gw.catalog.read(lambda c: batch_queries.read_batch_with_manifest(c, batch_id)))
 
 
 @post("/batches/{batch_id:str}/seal", status_code=200)

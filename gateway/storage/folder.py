@@ -56,7 +56,7 @@ class FolderStore:
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise _store_error(exc) from exc
 
@@ -70,7 +70,7 @@ class FolderStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise _store_error(exc) from exc
 
@@ -131,7 +131,8 @@ def _read_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
