@@ -8,6 +8,7 @@ Stop: refuse new work (readiness off) -> background loops cancelled -> catalog d
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -40,7 +41,9 @@ from gateway.storage import ObjectStore, open_store
 
 log = logging.getLogger("gateway")
 RECONCILE_EVERY_S = 600.0
-RECONCILE_RETRY_S = 30.0
+RECONCILE_RETRY_S = 5.0
+# After a crash, how long a PUT the dead process had sent may take to land in the store.
+INTENT_QUIET_S = 20.0
 STALE_INTENT_S = 600.0
 
 
@@ -75,7 +78,9 @@ class Gateway:
         self.shutting_down = False
         self.started_at = clock()
         self.startup_report = ReconcileReport()
+        self.unsettled_intents = 0  # leftover upload intents still to settle (see _reconcile_loop)
         self._store_ok_at = 0.0
+        self._store_check = asyncio.Lock()
 
     @property
     def forwarding_on(self) -> bool:
@@ -141,7 +146,8 @@ class Gateway:
             self.manifests.request(batch_id)
 
     def _reconcile_at_start(self) -> ReconcileReport:
-        report = settle_intents(self.catalog, self.store, self.ingestor.spool_dir)
+        report = settle_intents(self.catalog, self.store, self.ingestor.spool_dir,
+                                quiet_until=self.started_at + INTENT_QUIET_S)
         check_recent_objects(self.catalog, self.store, report=report)
         if report.intents:
             log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d stray object(s) removed",
@@ -161,17 +167,18 @@ class Gateway:
     async def _reconcile_loop(self) -> None:
         # Intents a previous process left are retried soon while any remain unsettled (the store
         # was down at start-up); this process's own are settled once clearly abandoned.
-        leftovers = not self.startup_report.clean or self.startup_report.deferred > 0
+        self.unsettled_intents = self.startup_report.deferred
         while True:
-            await anyio.sleep(RECONCILE_RETRY_S if leftovers else RECONCILE_EVERY_S)
+            await anyio.sleep(RECONCILE_RETRY_S if self.unsettled_intents else RECONCILE_EVERY_S)
             try:
                 report = await anyio.to_thread.run_sync(lambda: settle_intents(
                     self.catalog, self.store, self.ingestor.spool_dir,
-                    skip=self.ingestor.active_intents, min_age_s=STALE_INTENT_S, before=self.started_at))
-                leftovers = report.deferred > 0
+                    skip=self.ingestor.active_intents, min_age_s=STALE_INTENT_S, before=self.started_at,
+                    quiet_until=self.started_at + INTENT_QUIET_S))
+                self.unsettled_intents = report.deferred
             except Exception as exc:
                 log.warning("periodic reconciliation failed: %s", exc)
-                leftovers = True
+                self.unsettled_intents = max(1, self.unsettled_intents)
 
     async def stop(self) -> None:
         self.shutting_down = True
@@ -202,12 +209,15 @@ class Gateway:
         """Fail fast with 503 while the object store is known to be down (re-checked each second)."""
         if time.monotonic() - self._store_ok_at < 1.0:
             return
-        try:
-            await anyio.to_thread.run_sync(self.store.ensure_ready)
-        except GatewayError:
-            self._store_ok_at = 0.0
-            raise
-        self._store_ok_at = time.monotonic()
+        async with self._store_check:  # one probe at a time: concurrent uploads share its answer
+            if time.monotonic() - self._store_ok_at < 1.0:
+                return
+            try:
+                await anyio.to_thread.run_sync(self.store.ensure_ready)
+            except GatewayError:
+                self._store_ok_at = 0.0
+                raise
+            self._store_ok_at = time.monotonic()
 
     def disk_free(self) -> int | None:
         try:
@@ -236,6 +246,7 @@ class Gateway:
             "strays_removed": len(self.startup_report.strays_removed),
             "missing_objects": self.startup_report.missing_objects,
             "deferred": self.startup_report.deferred,
+            "unsettled_intents": self.unsettled_intents,
             "clean": self.startup_report.clean,
         }
         return report

@@ -42,13 +42,16 @@ def settle_intents(
     skip: Collection[str] = (),
     min_age_s: float = 0.0,
     before: float | None = None,
+    quiet_until: float = 0.0,
     report: ReconcileReport | None = None,
 ) -> ReconcileReport:
     """Settle leftover upload intents (blocking; run in a worker thread).
 
     An intent is settled when it is at least `min_age_s` old, or older than `before` (intents a
     previous process left are settled whatever their age). One that cannot be settled now (the
-    store does not answer) is kept and counted as deferred."""
+    store does not answer) is kept and counted as deferred. Until `quiet_until`, an uncommitted
+    intent whose object is not (yet) in the store is kept too: a PUT the dead process had fully
+    sent may still be landing, and its object must not outlive the intent that can find it."""
     report = report or ReconcileReport()
     now = time.time()
     try:
@@ -68,27 +71,34 @@ def settle_intents(
         if now - mtime < min_age_s and (before is None or mtime >= before):
             continue
         try:
-            _settle_one(catalog, store, uid, report)
+            settled = _settle_one(catalog, store, uid, report, keep_if_absent=now < quiet_until)
         except GatewayError as exc:
             report.deferred += 1
             log.warning("upload intent %s not settled yet: %s", uid, exc)
+            continue
+        if not settled:
+            report.deferred += 1
             continue
         report.intents += 1
         os.unlink(entry.path)
     return report
 
 
-def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: ReconcileReport) -> None:
+def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: ReconcileReport,
+                keep_if_absent: bool) -> bool:
+    """Settle one intent; False when it must be kept for a later pass."""
     image_id = f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
     row = catalog.read_sync(lambda c: c.execute(
         "SELECT storage_key FROM images WHERE image_id = ?", [image_id]).fetchone())
     if row is not None:
         report.committed += 1
-        return
-    for obj in list(store.list(f"raw-data/{uid}_")):
+        return True
+    found = list(store.list(f"raw-data/{uid}_"))
+    for obj in found:
         store.delete(obj.key)
         report.strays_removed.append(obj.key)
         log.warning("removed stray object %s (upload never committed)", obj.key)
+    return bool(found) or not keep_if_absent
 
 
 def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50,
