@@ -27,7 +27,7 @@ import httpx  # noqa: E402
 
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put  # noqa: E402
-from tests.support.client import multipart_head, raw_request  # noqa: E402
+from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
 from tests.support.s3server import S3Server  # noqa: E402
 
@@ -103,17 +103,8 @@ def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
     url = f"{gw.url}{UPLOAD}"
     block = secrets.token_bytes(MiB)
 
-    def stream(size: int, tag: int) -> Any:
-        yield b"\xff\xd8\xff" + tag.to_bytes(8, "big")
-        left = size - 11
-        while left > 0:
-            piece = block[: min(MiB, left)]
-            left -= len(piece)
-            yield piece
-
     def send(size: int, tag: int) -> int:
-        head, tail = multipart_head(url, key, f"bnd{tag}", size, filename=f"m{tag}.jpg")
-        return raw_request(url, head, _chain(stream(size, tag), tail), read_timeout=120)[0]
+        return upload_streamed(url, key, size, tag, block)
 
     base = gw.vm_hwm_kib()
     refused = send(50 * MiB + 1, 0)
@@ -127,11 +118,6 @@ def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
         "growth_on_refused_50mib_mib": round((after_refused - base) / 1024, 1),
         "accepted_45mib_x8_statuses": statuses, "peak_rss_mib": round(peak / 1024, 1),
     }
-
-
-def _chain(gen: Any, tail: bytes) -> Any:
-    yield from gen
-    yield tail
 
 
 def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:

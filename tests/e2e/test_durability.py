@@ -16,7 +16,7 @@ import pytest
 import xxhash
 
 from tests.conftest import BACKENDS, jpeg_bytes
-from tests.support.client import admin_status, multipart_head, raw_request, stored_objects
+from tests.support.client import admin_status, multipart_head, raw_request, stored_objects, upload_streamed
 from tests.support.gateway_proc import GatewayProcess, s3_env
 
 MiB = 1024 * 1024
@@ -142,34 +142,10 @@ def test_peak_memory_with_big_uploads(request: pytest.FixtureRequest, tmp_path: 
     _, key = proc.add_device("cam-big")
     url = f"{proc.url}/api/device/images/upload"
     block = secrets.token_bytes(MiB)
-
-    def stream(size: int, tag: int) -> Any:
-        yield b"\xff\xd8\xff" + tag.to_bytes(8, "big")
-        left = size - 11
-        while left > 0:
-            piece = block[: min(MiB, left)]
-            left -= len(piece)
-            yield piece
-
-    # A refused 50 MiB + 1 byte upload.
-    size = 50 * MiB + 1
-    head, tail = multipart_head(url, key, "bigbnd", size)
-    status, _, _ = raw_request(url, head, [*stream(size, 0), tail].__iter__())
-    assert status == 413
+    assert upload_streamed(url, key, 50 * MiB + 1, 0, block) == 413  # a refused 50 MiB + 1 byte upload
     # Eight concurrent accepted 45 MiB uploads (each distinct).
-    size = 45 * MiB
-
-    def one(i: int) -> int:
-        h, t = multipart_head(url, key, f"bnd{i}", size, filename=f"b{i}.jpg")
-
-        def body() -> Any:
-            yield from stream(size, i + 1)
-            yield t
-
-        return raw_request(url, h, body(), read_timeout=120)[0]
-
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(one, range(8)))
+        statuses = list(pool.map(lambda i: upload_streamed(url, key, 45 * MiB, i + 1, block), range(8)))
     assert statuses == [201] * 8
     peak_mib = proc.vm_hwm_kib() / 1024
     print(f"\n[{backend}] server peak RSS (VmHWM) after 8 x 45 MiB + refused 50 MiB: {peak_mib:.0f} MiB")
