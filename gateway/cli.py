@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -302,3 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `gateway ... | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
