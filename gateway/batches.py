@@ -166,12 +166,14 @@ class BatchSealer:
         forwarding_on: bool,
         clock: Callable[[], float],
         on_sealed: SealedHook | None = None,
+        on_forwarded: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.timeout_s = timeout_s
         self.forwarding_on = forwarding_on
         self.clock = clock
         self.on_sealed = on_sealed
+        self.on_forwarded = on_forwarded
         # Check often enough that a batch is sealed within ~1 s (or 5 % of the timeout) of its due time.
         self.interval_s = max(0.2, min(5.0, math.ceil(timeout_s * 50) / 1000))
         self._wake: anyio.Event | None = None
@@ -179,7 +181,9 @@ class BatchSealer:
     async def tick(self) -> list[str]:
         now = self.clock()
         sealed = await self.catalog.write(lambda c: seal_due_batches(c, now, self.timeout_s))
-        await self.catalog.write(lambda c: mark_forwarded_when_delivered(c, now, self.forwarding_on))
+        forwarded = await self.catalog.write(lambda c: mark_forwarded_when_delivered(c, now, self.forwarding_on))
+        if forwarded and self.forwarding_on and self.on_forwarded is not None:
+            self.on_forwarded(forwarded)  # every cloud id is known now: time for the final manifest
         if sealed:
             log.info("sealed %d batch(es) by time", len(sealed))
             if self.on_sealed is not None:

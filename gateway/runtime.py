@@ -101,7 +101,7 @@ class Gateway:
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
         await self.ingestor.start()
         self.sealer = BatchSealer(self.catalog, s.batches.timeout_s, self.forwarding_on, self.clock,
-                                  on_sealed=self.manifests.sealed_many)
+                                  on_sealed=self.manifests.sealed_many, on_forwarded=self._cloud_ids_arrived)
         self.ingestor.on_sealed = self.batch_sealed
         self._wire_forwarding()
         try:
@@ -127,7 +127,6 @@ class Gateway:
             self.cloud = CloudClient(s.cloud.url, s.cloud.timeout_s, s.forward.concurrency)
             fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
                                              self.clock)
-            fwd.on_delivered = self._cloud_ids_arrived
             fwd.on_delivered_bytes = self.throughput.record_delivered
             self.ingestor.on_recorded = fwd.notify
             if s.forward.delete_after_days > 0:
@@ -142,7 +141,10 @@ class Gateway:
             self.forwarder.on_round = self.keycheck.maybe_recheck
 
     def _cloud_ids_arrived(self, batch_ids: list[str]) -> None:
-        for batch_id in batch_ids:  # manifests list the cloud's ids: rewrite them
+        # Manifests list the cloud's ids. A batch's manifest is rewritten once all its images are
+        # delivered (here, when it turns `forwarded`), not after every delivery: each rewrite is a
+        # Parquet COPY and a PUT. The manifest writer's periodic scan catches partial progress.
+        for batch_id in batch_ids:
             self.manifests.request(batch_id)
 
     def _reconcile_at_start(self) -> ReconcileReport:

@@ -354,3 +354,30 @@ def test_per_device_in_flight_lets_one_device_use_several_connections(
     cloud.release()
     assert cloud.wait_until(lambda c: len(c.stored) == 6, timeout=20), cloud.stats()
     wait_for(lambda: admin_status(gw)["delivered_count"] == 6, what="all delivered")
+
+
+def test_stored_manifest_gets_the_cloud_ids_once_the_batch_is_forwarded(
+    start_gateway: Callable[..., GatewayProcess], cloud: FakeCloud
+) -> None:
+    """The manifest object in the store (not only the one the sync API serves) ends up listing
+    every image's cloud ids: it is rewritten when the batch turns `forwarded`."""
+    from pathlib import Path
+
+    import duckdb
+
+    gw = forwarding_gateway(start_gateway, cloud, GATEWAY_BATCHES_MAX_IMAGES="3")
+    ((_, key),) = add_devices(gw, cloud, 1)
+    ids = [upload(gw, key, jpeg_bytes()).json()["data"] for _ in range(3)]
+    batch_id = ids[0]["batch_id"]
+    assert {d["batch_id"] for d in ids} == {batch_id}  # sealed by count
+    with gw.admin() as admin:
+        wait_for(lambda: admin.get(f"/api/admin/batches/{batch_id}").json()["data"]["batch"]["state"] == "forwarded",
+                 what="the batch to be forwarded")
+    stored = Path(gw.env["GATEWAY_DATA_DIR"]) / "objects" / "batches" / batch_id / "manifest.parquet"
+
+    def cloud_ids() -> set[str | None]:
+        rows = duckdb.sql(f"SELECT cloud_image_id FROM read_parquet('{stored}')").fetchall()
+        return {r[0] for r in rows}
+
+    expected = {rec.image_id for rec in cloud.stored.values()}
+    wait_for(lambda: stored.exists() and cloud_ids() == expected, what="the manifest to list the cloud ids")
