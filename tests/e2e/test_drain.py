@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import xxhash
 
 from tests.conftest import BACKENDS, jpeg_bytes
-from tests.support.client import upload
+from tests.support.client import upload, wait_for
 from tests.support.gateway_proc import SYNC_TOKEN, GatewayProcess
 
 pytestmark = pytest.mark.e2e
@@ -63,15 +62,6 @@ def ack_counts(gw: GatewayProcess) -> dict[str, float]:
 
 def image_files(dest: Path) -> list[Path]:
     return [p for p in dest.glob("batch_*/*") if p.name != MANIFEST and not p.name.endswith(".part")]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,7 +22,7 @@ from gateway.manifests import COLUMNS, ManifestWriter, manifest_key, stale_manif
 from gateway.metrics import Metrics
 from gateway.storage import FolderStore
 from tests.conftest import BACKENDS, png_bytes
-from tests.support.client import upload
+from tests.support.client import upload, wait_for
 from tests.support.gateway_proc import SYNC_TOKEN, GatewayProcess, free_port
 
 MAX_IMAGES = 5
@@ -34,16 +34,6 @@ def admin_batches(gw: GatewayProcess) -> list[dict[str, Any]]:
         resp = client.get("/api/admin/batches", params={"limit": 1000})
         resp.raise_for_status()
         return resp.json()["data"]  # type: ignore[no-any-return]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_manifest(data: bytes, tmp_path: Path) -> tuple[list[str], list[tuple[Any, ...]]]:

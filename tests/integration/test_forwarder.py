@@ -16,7 +16,7 @@ import pytest
 import xxhash
 
 from tests.conftest import jpeg_bytes
-from tests.support.client import admin_status, upload
+from tests.support.client import admin_status, upload, wait_for
 from tests.support.fakecloud import SELF_PATH, UPLOAD_PATH, FakeCloud
 from tests.support.gateway_proc import GatewayProcess
 
@@ -46,16 +46,6 @@ def add_devices(gw: GatewayProcess, cloud: FakeCloud, n: int) -> list[tuple[str,
         cloud.add_device(key, device_id=device_id)
         devices.append((device_id, key))
     return devices
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def outbox_rows(gw: GatewayProcess, *args: str) -> list[dict[str, Any]]:
@@ -110,7 +100,7 @@ def test_outage_then_recovery_delivers_everything_once_in_order_byte_identical(
                 f'"seq":{i}, "annotations": []}}').encode()
 
     order, metas = send_images(gw, devices, 100, metadata=odd_metadata)
-    status = wait_for(lambda: (s := admin_status(gw))["connectivity"] == "offline" and s, what="offline")
+    status = wait_for("offline", lambda: (s := admin_status(gw))["connectivity"] == "offline" and s)
     assert status["backlog_count"] == 100
     assert status["last_error"] and "connect" in status["last_error"]
     assert metric(gw, 'acusight_gateway_cloud_connectivity{state="offline"}') == 1.0
@@ -129,7 +119,7 @@ def test_outage_then_recovery_delivers_everything_once_in_order_byte_identical(
         assert rec.metadata_raw == metas[h]  # byte-identical
         assert rec.filename and rec.filename.startswith("frame-")
 
-    status = wait_for(lambda: (s := admin_status(gw))["delivered_count"] == 100 and s, what="delivered in catalog")
+    status = wait_for("delivered in catalog", lambda: (s := admin_status(gw))["delivered_count"] == 100 and s)
     assert status["backlog_count"] == 0 and status["dead_count"] == 0
     assert status["connectivity"] == "online" and status["last_success_at"]
     rows = outbox_rows(gw, "--state", "all")
@@ -181,7 +171,7 @@ def test_refused_key_dead_letters_that_device_others_flow_then_retry_delivers(
     cloud.set_key_status(bad_key, 401)
     order, _ = send_images(gw, devices, 18)
     assert cloud.wait_until(lambda c: len(c.stored) == 12, timeout=30), cloud.stats()
-    dead = wait_for(lambda: (r := outbox_rows(gw, "--dead")) and len(r) == 6 and r, what="6 dead letters")
+    dead = wait_for("6 dead letters", lambda: (r := outbox_rows(gw, "--dead")) and len(r) == 6 and r)
     assert {r["device_id"] for r in dead} == {bad_id}
     for row in dead:
         assert row["state"] == "dead" and row["last_status"] == 401
@@ -195,7 +185,7 @@ def test_refused_key_dead_letters_that_device_others_flow_then_retry_delivers(
     assert "6 dead letter(s) queued again" in result.stdout
     assert cloud.wait_until(lambda c: len(c.stored) == 18, timeout=30), cloud.stats()
     assert cloud.stats()["devices"][bad_id] == order[bad_id]
-    status = wait_for(lambda: (s := admin_status(gw))["delivered_count"] == 18 and s, what="all delivered")
+    status = wait_for("all delivered", lambda: (s := admin_status(gw))["delivered_count"] == 18 and s)
     assert status["dead_count"] == 0
 
 
@@ -267,7 +257,7 @@ def test_quarantine_while_offline_then_the_cloud_decides(
     cloud.accept_connections()
     assert cloud.wait_until(lambda c: len(c.stored) == 3, timeout=30), cloud.stats()
     assert set(cloud.stored) == {digest(i) for i in good_images}
-    dead = wait_for(lambda: (r := outbox_rows(gw, "--dead")) and len(r) == 2 and r, what="quarantine dead letters")
+    dead = wait_for("quarantine dead letters", lambda: (r := outbox_rows(gw, "--dead")) and len(r) == 2 and r)
     assert all("refused by the cloud" in r["last_error"] for r in dead)
     listed = {d["name"]: d for d in json.loads(gw.cli("devices", "list", "--json").stdout)}
     states = sorted((d["origin"], d["revoked"]) for d in listed.values())
@@ -309,7 +299,7 @@ def test_delete_after_days_removes_only_delivered_and_drained_bytes(
     cloud.set_key_status(bad_key, 403)
     kept = [upload(gw, good_key, jpeg_bytes(7000 + i)).json()["data"] for i in range(2)]
     dead = upload(gw, bad_key, jpeg_bytes(7100)).json()["data"]
-    wait_for(lambda: (s := admin_status(gw))["delivered_count"] == 2 and s["dead_count"] == 1, what="settled")
+    wait_for("settled", lambda: (s := admin_status(gw))["delivered_count"] == 2 and s["dead_count"] == 1)
     time.sleep(3.5)
     assert {d["storage_key"] for d in [*kept, dead]} <= set(stored_objects(gw))  # delivered, not drained
 
@@ -317,10 +307,10 @@ def test_delete_after_days_removes_only_delivered_and_drained_bytes(
     gw.cli("batches", "seal", batch_id)
     sync = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {SYNC_TOKEN}"}, timeout=10)
     with sync:
-        wait_for(lambda: sync.get(f"/api/sync/batches/{batch_id}").json()["data"]["batch"]["state"] == "forwarded",
-                 what="batch forwarded")
+        wait_for("batch forwarded",
+                 lambda: sync.get(f"/api/sync/batches/{batch_id}").json()["data"]["batch"]["state"] == "forwarded")
         assert sync.post(f"/api/sync/batches/{batch_id}/ack").status_code == 200
-    wait_for(lambda: not ({d["storage_key"] for d in kept} & set(stored_objects(gw))), what="bytes removed")
+    wait_for("bytes removed", lambda: not ({d["storage_key"] for d in kept} & set(stored_objects(gw))))
     assert dead["storage_key"] in stored_objects(gw)  # never bytes not yet delivered
     assert metric(gw, "acusight_gateway_evicted_bytes_total") >= 14000
 
@@ -335,7 +325,7 @@ def test_a_poison_item_is_dead_lettered_and_a_reset_is_retried_without_stalling_
     order, _ = send_images(gw, [(device_id, key)], 6, size=200_000)
     assert cloud.wait_until(lambda c: len(c.stored) == 5, timeout=30), cloud.stats()
     assert cloud.stats()["devices"][device_id] == order[device_id][1:]
-    [dead] = wait_for(lambda: outbox_rows(gw, "--dead"), what="one dead letter")
+    [dead] = wait_for("one dead letter", lambda: outbox_rows(gw, "--dead"))
     assert dead["last_status"] == 400 and "VALIDATION_ERROR" in dead["last_error"] and dead["attempts"] == 1
     assert [a.status for a in cloud.attempts][:3] == [400, 0, 201]  # 0: the reset
 
@@ -353,7 +343,7 @@ def test_per_device_in_flight_lets_one_device_use_several_connections(
     assert cloud.held == 3  # the device's limit, below the gateway's concurrency of 4
     cloud.release()
     assert cloud.wait_until(lambda c: len(c.stored) == 6, timeout=20), cloud.stats()
-    wait_for(lambda: admin_status(gw)["delivered_count"] == 6, what="all delivered")
+    wait_for("all delivered", lambda: admin_status(gw)["delivered_count"] == 6)
 
 
 def test_stored_manifest_gets_the_cloud_ids_once_the_batch_is_forwarded(
@@ -371,8 +361,8 @@ def test_stored_manifest_gets_the_cloud_ids_once_the_batch_is_forwarded(
     batch_id = ids[0]["batch_id"]
     assert {d["batch_id"] for d in ids} == {batch_id}  # sealed by count
     with gw.admin() as admin:
-        wait_for(lambda: admin.get(f"/api/admin/batches/{batch_id}").json()["data"]["batch"]["state"] == "forwarded",
-                 what="the batch to be forwarded")
+        wait_for("the batch to be forwarded",
+                 lambda: admin.get(f"/api/admin/batches/{batch_id}").json()["data"]["batch"]["state"] == "forwarded")
     stored = Path(gw.env["GATEWAY_DATA_DIR"]) / "objects" / "batches" / batch_id / "manifest.parquet"
 
     def cloud_ids() -> set[str | None]:
@@ -380,4 +370,4 @@ def test_stored_manifest_gets_the_cloud_ids_once_the_batch_is_forwarded(
         return {r[0] for r in rows}
 
     expected = {rec.image_id for rec in cloud.stored.values()}
-    wait_for(lambda: stored.exists() and cloud_ids() == expected, what="the manifest to list the cloud ids")
+    wait_for("the manifest to list the cloud ids", lambda: stored.exists() and cloud_ids() == expected)

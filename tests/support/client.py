@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -141,3 +142,14 @@ def upload_streamed(url: str, key: str, size: int, tag: int, block: bytes, read_
 
     head, tail = multipart_head(url, key, f"bnd{tag}", size, filename=f"big{tag}.jpg")
     return raw_request(url, head, chunks(), read_timeout=read_timeout)[0]
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    """Poll `check()` every 0.1 s until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
