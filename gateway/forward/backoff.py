@@ -16,6 +16,7 @@ at one upload in flight. While offline nothing is sent but probes, spaced by the
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
@@ -169,13 +170,15 @@ class ByteBucket:
         self.burst = burst if burst is not None else max(64 * 1024.0, rate / 20)
         self.tokens = self.burst
         self.updated = clock()
+        self._lock = threading.Lock()  # the senders are threads
 
     def take(self, n: int) -> float:
         """Take `n` bytes' worth; returns how long the caller must wait before sending them."""
         if self.rate <= 0:
             return 0.0
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        self.tokens -= n
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            self.tokens -= n
+            return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

@@ -12,8 +12,9 @@ flight in the catalog: on a crash or a stop, what was being sent is simply still
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -34,7 +35,9 @@ from gateway.forward.client import (
     LocalBytesChanged,
     MultipartUpload,
     Outcome,
+    Stopped,
 )
+from gateway.forward.threads import DaemonPool
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -75,6 +78,7 @@ class Forwarder:
         self.per_device = f.per_device_in_flight
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
         self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
+        self._threads = DaemonPool("forward", f.concurrency)
         # Called with the batch ids of newly delivered images (manifests carry the cloud's ids).
         self.on_delivered: Callable[[list[str]], None] | None = None
         self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
@@ -237,19 +241,30 @@ class Forwarder:
             self._wake.set()
 
     async def _attempt(self, entry: outbox.Entry) -> tuple[Outcome, bool]:
-        """One attempt; the flag says whether the outcome is the cloud's (it then moves the gate)."""
-        key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
+        """One attempt; the flag says whether the outcome is the cloud's (it then moves the gate).
+
+        The whole transfer (key, store read, POST, answer) is one blocking call in a daemon
+        thread: one hand-off per image rather than one per chunk. If this task is cancelled
+        (shutdown), the thread is told to abandon the request at its next chunk."""
+        stop = threading.Event()
+        try:
+            return await self._threads.run(self._attempt_blocking, entry, stop)
+        finally:
+            stop.set()
+
+    def _attempt_blocking(self, entry: outbox.Entry, stop: threading.Event) -> tuple[Outcome, bool]:
+        key = self.registry.key_of(entry.device_id)
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
         try:
-            chunks = await anyio.to_thread.run_sync(self.store.iter_chunks, entry.storage_key)
+            chunks = self.store.iter_chunks(entry.storage_key)
         except KeyError:
             return Outcome(kind=REJECT, error="local bytes missing from the object store"), False
         except GatewayError as exc:
             return Outcome(kind=RETRY, error=f"object store: {exc}"), False
         form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
         try:
-            outcome = await self.client.upload(key, form, self._paced(chunks))
+            return self.client.upload_blocking(key, form, self._paced(chunks, stop), stop), True
         except LocalBytesChanged as exc:
             return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
         except GatewayError as exc:
@@ -258,23 +273,19 @@ class Forwarder:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        return outcome, True
 
-    async def _paced(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-        """The object's bytes, read in a worker thread, released no faster than the bandwidth cap."""
-        while True:
-            chunk = await anyio.to_thread.run_sync(next, chunks, None)
-            if chunk is None:
-                return
-            if self.bucket.rate <= 0:
-                yield chunk
-                continue
+    def _paced(self, chunks: Iterator[bytes], stop: threading.Event) -> Iterator[bytes]:
+        """The object's bytes, released no faster than the bandwidth cap (runs in the sending thread)."""
+        if self.bucket.rate <= 0:
+            yield from chunks
+            return
+        for chunk in chunks:
             view = memoryview(chunk)
             for start in range(0, len(view), PIECE):
                 piece = view[start : start + PIECE]
                 wait = self.bucket.take(len(piece))
-                if wait > 0:
-                    await anyio.sleep(wait)
+                if wait > 0 and stop.wait(wait):
+                    raise Stopped
                 yield bytes(piece)
 
     async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
-import httpx
 import multipart
 import pytest
 
@@ -18,20 +16,18 @@ from gateway.forward.client import (
     RETRY,
     LocalBytesChanged,
     MultipartUpload,
+    Outcome,
     classify,
 )
 
 
-async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
+def _pieces(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
 
 
 def _collect(form: MultipartUpload, image: bytes) -> bytes:
-    async def run() -> bytes:
-        return b"".join([chunk async for chunk in form.body(_pieces(image, 1000))])
-
-    return asyncio.run(run())
+    return b"".join(form.body(_pieces(image, 1000)))
 
 
 def _parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, str | None, str | None]]:
@@ -64,23 +60,22 @@ def test_body_refuses_bytes_other_than_recorded() -> None:
         _collect(form, b"\xff" * 11)
 
 
-def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(status, content=body, headers=headers or {})
+def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Outcome:
+    return classify(status, body, (headers or {}).get("Retry-After"))
 
 
 def test_answers_sorted_into_delivered_retry_reject() -> None:
-    ok = _answer(201, b'{"success":true,"data":{"image_id":"img_1","batch_id":"batch_1","storage_key":"raw/1"}}')
-    out = classify(ok)
+    out = _answer(201, b'{"success":true,"data":{"image_id":"img_1","batch_id":"batch_1","storage_key":"raw/1"}}')
     assert (out.kind, out.image_id, out.batch_id, out.storage_key) == (DELIVERED, "img_1", "batch_1", "raw/1")
-    dup = classify(_answer(409, b'{"success":false,"error":{"code":"DUPLICATE_IMAGE"},"data":{"image_id":"img_0"}}'))
+    dup = _answer(409, b'{"success":false,"error":{"code":"DUPLICATE_IMAGE"},"data":{"image_id":"img_0"}}')
     assert (dup.kind, dup.image_id, dup.batch_id) == (DELIVERED, "img_0", None)
-    assert classify(_answer(409, b"not json")).kind == DELIVERED
+    assert _answer(409, b"not json").kind == DELIVERED
     for status in (408, 429, 500, 502, 503, 504):
-        assert classify(_answer(status)).kind == RETRY
-    assert classify(_answer(503, headers={"Retry-After": "3"})).retry_after_s == 3.0
+        assert _answer(status).kind == RETRY
+    assert _answer(503, headers={"Retry-After": "3"}).retry_after_s == 3.0
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert classify(_answer(429, headers={"Retry-After": when})).retry_after_s == pytest.approx(30, abs=2)
+    assert _answer(429, headers={"Retry-After": when}).retry_after_s == pytest.approx(30, abs=2)
     for status in (400, 401, 403, 404, 413, 415):
-        out = classify(_answer(status, b"x" * 5000))
+        out = _answer(status, b"x" * 5000)
         assert out.kind == REJECT and out.status == status
         assert len(out.error) < 2100  # a bounded slice of the body
