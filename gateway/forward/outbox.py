@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from gateway.catalog import Conn
+from gateway.catalog.db import insert_rows
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 
@@ -34,12 +35,8 @@ def enqueue(conn: Conn, image_id: str, seq: int, device_id: str, size: int, now:
 
 def enqueue_many(conn: Conn, rows: list[tuple[str, int, str, int, float, bool]]) -> None:
     """One outbox entry per (image_id, seq, device_id, size, now, held), in one statement."""
-    conn.execute(
-        "INSERT INTO outbox (image_id, seq, device_id, size, state, created_at, next_attempt_at) "
-        "SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?)",
-        [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-         [HELD if r[5] else PENDING for r in rows], [r[4] for r in rows], [r[4] for r in rows]],
-    )
+    insert_rows(conn, "outbox", ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at"),
+                [(r[0], r[1], r[2], r[3], HELD if r[5] else PENDING, r[4], r[4]) for r in rows])
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -81,21 +78,22 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
 
 def mark_delivered(
     conn: Conn, image_id: str, now: float, status: int | None, cloud_ids: tuple[str | None, str | None, str | None]
-) -> str | None:
-    """pending -> delivered, with the cloud's ids on the image; returns the image's batch id."""
+) -> None:
+    """pending -> delivered, with the cloud's ids on the image."""
     conn.execute(
         "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_status = ?, attempts = attempts + 1 "
         "WHERE image_id = ? AND state = 'pending'",
         [now, status, image_id],
     )
     image_key, batch_key, storage_key = cloud_ids
-    row = conn.execute(
+    if image_key is None and batch_key is None and storage_key is None:
+        return
+    conn.execute(
         "UPDATE images SET cloud_image_id = coalesce(?, cloud_image_id), "
         "cloud_batch_id = coalesce(?, cloud_batch_id), cloud_storage_key = coalesce(?, cloud_storage_key) "
-        "WHERE image_id = ? RETURNING batch_id",
+        "WHERE image_id = ?",
         [image_key, batch_key, storage_key, image_id],
-    ).fetchone()
-    return None if row is None else str(row[0])
+    )
 
 
 def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:

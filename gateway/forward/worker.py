@@ -293,8 +293,9 @@ class Forwarder:
         self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
         if outcome.kind == DELIVERED:
             ids = (outcome.image_id, outcome.batch_id, outcome.storage_key)
-            batch_id = await self.catalog.write(lambda c: outbox.mark_delivered(c, entry.image_id, now, outcome.status,
-                                                                                ids))
+            # No RETURNING for the batch id (the entry has it): measured 1 ms of DuckDB CPU per delivery.
+            await self.catalog.write(lambda c: outbox.mark_delivered(c, entry.image_id, now, outcome.status, ids))
+            batch_id = entry.batch_id
             self.gate.on_success()
             self.metrics.forward_bytes.inc(entry.size)
             self.last_success_at = now

@@ -22,6 +22,7 @@ import msgspec
 
 from gateway import batches
 from gateway.catalog import Catalog, Conn
+from gateway.catalog.db import insert_rows
 from gateway.config import Settings
 from gateway.devices import Device
 from gateway.errors import DuplicateImage, GatewayError
@@ -35,6 +36,8 @@ from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
+_IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "content_type", "size", "xxh3_128",
+                  "storage_key", "metadata", "received_at")
 
 
 class UploadResult(msgspec.Struct, kw_only=True):
@@ -84,6 +87,7 @@ class Ingestor:
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         self._seq = 0
+        self._collecting: dict[str, str] = {}  # device id -> its collecting batch, a hint (writer thread only)
         self.on_sealed: Callable[[str], None] | None = None
         self.on_recorded: Callable[[], None] | None = None  # a new outbox entry was committed (wakes the forwarder)
 
@@ -100,13 +104,18 @@ class Ingestor:
         """Background task: build the filter of stored dedup keys, and rebuild it when it fills up.
         Until it is ready every upload asks the catalog, so serving need not wait for it."""
         while True:
-            self._seen_wanted = anyio.Event()
-            self._seen_claimed = []  # keys claimed while the catalog is being read
-            seen = await anyio.to_thread.run_sync(self._read_seen)
-            for key in self._seen_claimed:
-                seen.add(key)
-            self._seen, self._seen_claimed = seen, None
+            await self.load_seen_keys()
+            assert self._seen_wanted is not None
             await self._seen_wanted.wait()
+
+    async def load_seen_keys(self) -> None:
+        """(Re)build the filter of stored dedup keys from the catalog."""
+        self._seen_wanted = anyio.Event()
+        self._seen_claimed = []  # keys claimed while the catalog is being read
+        seen = await anyio.to_thread.run_sync(self._read_seen)
+        for key in self._seen_claimed:
+            seen.add(key)
+        self._seen, self._seen_claimed = seen, None
 
     def _read_seen(self) -> SeenKeys:
         if self.settings.dedup.scope == "device":
@@ -165,10 +174,7 @@ class Ingestor:
             # upload of these bytes can get past that loop (this process is the only writer).
             done = self._inflight[key] = asyncio.Event()
             try:
-                existing = None
-                if self._maybe_stored(key):  # the filter says "maybe": the catalog decides
-                    existing = await self.catalog.read(
-                        lambda c: self._find_duplicate(c, device.device_id, image.xxh3_128))
+                existing = await self.find_duplicate(device.device_id, image.xxh3_128)
                 if existing is not None:
                     return self._duplicate(existing)
                 self._claim_seen(key)
@@ -196,6 +202,13 @@ class Ingestor:
         return UploadResult(
             image_id=existing.image_id, batch_id=existing.batch_id, storage_key=existing.storage_key, duplicate=True
         )
+
+    async def find_duplicate(self, device_id: str, digest: str) -> UploadResult | None:
+        """The stored image these bytes duplicate, if any: the filter answers "certainly new" for
+        most new bytes without a catalog read; "maybe" is decided by the catalog."""
+        if not self._maybe_stored(self._dedup_key(device_id, digest)):
+            return None
+        return await self.catalog.read(lambda c: self._find_duplicate(c, device_id, digest))
 
     def _find_duplicate(self, conn: Conn, device_id: str, digest: str) -> UploadResult | None:
         if self.settings.dedup.scope == "device":
@@ -269,18 +282,15 @@ class Ingestor:
         No duplicate check here: `upload` holds the dedup key from its check until this commits, and
         this process is the catalog's only writer, so no other upload of those bytes can slip in."""
         placed = batches.join_collecting_batches(
-            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images
+            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images,
+            self._collecting,
         )
         seqs = list(range(self._seq + 1, self._seq + 1 + len(items)))
-        conn.execute(
-            "INSERT INTO images (image_id, seq, batch_id, device_id, filename, content_type, size, xxh3_128, "
-            "storage_key, metadata, received_at) SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), "
-            "unnest(?), unnest(?), unnest(?), unnest(?), unnest(?::BLOB[]), unnest(?)",
-            [[n.image_id for n in items], seqs, [b for b, _ in placed], [n.device_id for n in items],
-             [n.filename for n in items], [n.content_type for n in items], [n.size for n in items],
-             [n.xxh3_128 for n in items], [n.storage_key for n in items], [n.metadata for n in items],
-             [n.received_at for n in items]],
-        )
+        insert_rows(conn, "images", _IMAGE_COLUMNS, [
+            (n.image_id, seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128, n.storage_key,
+             n.metadata, n.received_at)
+            for n, seq, (batch_id, _) in zip(items, seqs, placed, strict=True)
+        ])
         outbox.enqueue_many(conn, [(n.image_id, seq, n.device_id, n.size, n.received_at, n.held)
                                    for n, seq in zip(items, seqs, strict=True)])
         self._seq = seqs[-1]  # only after every statement succeeded (a failed group is re-run)

@@ -52,8 +52,9 @@ def fill(path: Path, rows: int, state: str, device_id: str = "dev_bench") -> Non
 
 
 def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
-    """Time the upload path's catalog work (duplicate check, then the recording transaction)
-    through the real `Catalog` and `Ingestor` code, one upload at a time."""
+    """Time the upload path's catalog work through the real `Catalog` and `Ingestor` code, one
+    upload at a time: the duplicate check of new bytes (the filter, then the catalog when it says
+    "maybe"), the recording transaction, and the look-up that finds an already stored image."""
     path = workdir / "catalog.duckdb"
     started = time.perf_counter()
     fill(path, rows, "delivered")
@@ -65,14 +66,18 @@ def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
     catalog.open()
     ingestor = Ingestor(settings, catalog, store=None, metrics=Metrics(), clock=time.time)  # type: ignore[arg-type]
 
-    async def run() -> tuple[list[float], list[float]]:
+    async def run() -> tuple[list[float], list[float], list[float]]:
         await ingestor.start()
-        checks, inserts = [], []
+        await ingestor.load_seen_keys()  # as a serving gateway has it
+        stored = [r[0] for r in await catalog.read(
+            lambda c: c.execute("SELECT xxh3_128 FROM images USING SAMPLE 1000 ROWS").fetchall())]
+        checks, inserts, dup_checks = [], [], []
         for i in range(samples):
             digest = secrets.token_hex(16)
             t0 = time.perf_counter()
-            await catalog.read(lambda c, d=digest: ingestor._find_duplicate(c, "dev_bench", d))
+            found = await ingestor.find_duplicate("dev_bench", digest)
             t1 = time.perf_counter()
+            assert found is None
             uid = uuid.uuid4()
             new = _NewImage(image_id=f"img_{uid}", device_id="dev_bench", filename=f"f{i}.jpg",
                             content_type="image/jpeg", size=102400, xxh3_128=digest,
@@ -82,9 +87,13 @@ def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
             t2 = time.perf_counter()
             checks.append(t1 - t0)
             inserts.append(t2 - t1)
-        return checks, inserts
+            t3 = time.perf_counter()
+            dup = await ingestor.find_duplicate("dev_bench", stored[i % len(stored)])
+            dup_checks.append(time.perf_counter() - t3)
+            assert dup is not None
+        return checks, inserts, dup_checks
 
-    checks, inserts = asyncio.run(run())
+    checks, inserts, dup_checks = asyncio.run(run())
     catalog.close()
     both = sorted(c + i for c, i in zip(checks, inserts, strict=True))
 
@@ -95,6 +104,7 @@ def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
     return {
         "rows": rows, "fill_s": round(fill_s, 1), "samples": samples,
         "check_p50_ms": pct(checks, 0.5), "check_p99_ms": pct(checks, 0.99),
+        "duplicate_lookup_p50_ms": pct(dup_checks, 0.5), "duplicate_lookup_p99_ms": pct(dup_checks, 0.99),
         "insert_p50_ms": pct(inserts, 0.5), "insert_p99_ms": pct(inserts, 0.99),
         "check_plus_insert_p50_ms": pct(both, 0.5), "check_plus_insert_p99_ms": pct(both, 0.99),
         "catalog_bytes": size_bytes, "bytes_per_image": round(size_bytes / rows, 1),
