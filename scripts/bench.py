@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
+from scripts.benchlib.cpu import CpuMeter  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
@@ -45,6 +47,14 @@ def requests_for(size: int, concurrency: int, quick: bool) -> int:
     budget = (48 if quick else 160) * MiB  # bytes per round
     cap = (300 if quick else 600) if concurrency > 1 else 200
     return max(concurrency * 4, min(cap, budget // size))
+
+
+def metered(pids: dict[str, int | None], split: int | None, run: Callable[..., Round], *args: Any) -> Round:
+    """Run one round and note the CPU each process spent on it, per request."""
+    with CpuMeter(pids, split) as meter:
+        r = run(*args)
+    r.cpu = meter.per_request_ms(max(1, r.requests))
+    return r
 
 
 def best(rounds: list[Round]) -> Round:
@@ -68,15 +78,24 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
     repeats = 1 if quick else 2
     rows = []
     try:
+        # Warm-up, not measured: the direct bucket is created and each server opens its first volume.
+        multipart_upload(gw.port, UPLOAD, key, 100 * KiB, 8, 64)
+        s3_put(s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", 100 * KiB, 8, 64)
+        multipart_upload(discard_port, UPLOAD, None, 100 * KiB, 8, 64)
         for size in sizes:
             for conc in concurrencies:
                 n = requests_for(size, conc, quick)
                 got: dict[str, list[Round]] = {"gateway": [], "s3": [], "discard": []}
                 for _ in range(repeats):  # alternate, so noise hits every kind alike
-                    got["gateway"].append(multipart_upload(gw.port, UPLOAD, key, size, conc, n))
-                    got["s3"].append(s3_put(s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size,
-                                            conc, n))
-                    got["discard"].append(multipart_upload(discard_port, UPLOAD, None, size, conc, n))
+                    got["gateway"].append(metered(
+                        {"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
+                        multipart_upload, gw.port, UPLOAD, key, size, conc, n))
+                    got["s3"].append(metered(
+                        {"s3": s3.pid, "client": os.getpid()}, None,
+                        s3_put, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
+                    got["discard"].append(metered(
+                        {"discard": discard.pid, "client": os.getpid()}, None,
+                        multipart_upload, discard_port, UPLOAD, None, size, conc, n))
                 g, d, c = best(got["gateway"]), best(got["s3"]), best(got["discard"])
                 row = {
                     "size": size, "concurrency": conc, "requests": n,
@@ -87,6 +106,7 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
                     "discard_rps": round(c.rps, 1),
                     "ratio_vs_s3": round(g.rps / d.rps, 3) if d.rps else None,
                     "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
+                    "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 {d.rps:.0f}/s, "
@@ -146,10 +166,11 @@ def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
         per = count // devices
         with concurrent.futures.ThreadPoolExecutor(devices) as pool:
             list(pool.map(lambda k: multipart_upload(gw.port, UPLOAD, k, size, 1, per), keys))
-        cloud.accept_connections()
-        deadline = time.monotonic() + 600
-        while len(cloud.stored) < per * devices and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with CpuMeter({"gateway": gw.pid, "s3": s3.pid, "fake cloud": os.getpid()}, gw.pid) as meter:
+            cloud.accept_connections()
+            deadline = time.monotonic() + 600
+            while len(cloud.stored) < per * devices and time.monotonic() < deadline:
+                time.sleep(0.05)
         arrivals = sorted(r.at for r in cloud.stored.values())
         gw.stop()
         delivered = len(arrivals)
@@ -167,6 +188,7 @@ def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
             "ratio": round(gw_rate / plain.rps, 3) if plain.rps else None,
             "store_to_cloud_rate_per_s": round(from_store, 1),
             "ratio_vs_store_to_cloud": round(gw_rate / from_store, 3) if from_store else None,
+            "cpu_ms_per_image": meter.per_request_ms(max(1, delivered)),
         }
     finally:
         cloud.stop()
@@ -236,6 +258,17 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{size:>8} {r['concurrency']:>4} {r['gateway_rps']:>9} {r['gateway_mb_s']:>8} "
               f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['s3_rps']:>9} {r['discard_rps']:>9} "
               f"{r['ratio_vs_s3']:>6} {r['ratio_vs_discard']:>7}")
+    if report.get("ingest"):
+        print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
+        print(f"{'size':>8} {'conc':>4} | {'gateway':>7} {'loop':>6} {'writer':>6} {'other':>6} {'S3':>6} "
+              f"{'client':>6} | direct: {'S3':>6} {'client':>6} | discard: {'server':>6}")
+        for r in report["ingest"]:
+            size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
+            g, d, c = (r["cpu_ms_per_request"][k] for k in ("gateway_round", "s3_round", "discard_round"))
+            print(f"{size:>8} {r['concurrency']:>4} | {g.get('gateway', 0):>7} {g.get('gateway event loop', 0):>6} "
+                  f"{g.get('gateway catalog-writer', 0):>6} {g.get('gateway other threads', 0):>6} "
+                  f"{g.get('s3', 0):>6} {g.get('client', 0):>6} | direct: {d.get('s3', 0):>6} "
+                  f"{d.get('client', 0):>6} | discard: {c.get('discard', 0):>6}")
     if "memory" in report:
         m = report["memory"]
         print(f"\n== 3. memory: peak RSS with 8 x 45 MiB concurrent = {m['peak_rss_mib']} MiB "
@@ -254,6 +287,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"{f['gateway_rate_per_s']}/s vs plain client from memory {f['plain_rate_per_s']}/s -> {f['ratio']}; "
               f"vs plain client reading each from S3 {f['store_to_cloud_rate_per_s']}/s -> "
               f"{f['ratio_vs_store_to_cloud']}")
+        cpu = ", ".join(f"{k} {v}" for k, v in f.get("cpu_ms_per_image", {}).items())
+        print(f"   CPU ms per forwarded image: {cpu}")
     if "startup" in report:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "

@@ -27,6 +27,7 @@ import duckdb
 
 from gateway.catalog.schema import migrate
 from gateway.errors import ServiceUnavailable
+from gateway.osthread import name_this_thread
 
 T = TypeVar("T")
 Conn = duckdb.DuckDBPyConnection
@@ -120,6 +121,7 @@ class Catalog:
         return self.submit(op).result()
 
     def _write_loop(self) -> None:
+        name_this_thread("catalog-writer")
         assert self._conn is not None
         conn = self._conn
         stopping = False

@@ -76,24 +76,38 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
     ]
 
 
-def mark_delivered(
-    conn: Conn, image_id: str, now: float, status: int | None, cloud_ids: tuple[str | None, str | None, str | None]
-) -> None:
-    """pending -> delivered, with the cloud's ids on the image."""
+class Delivery(msgspec.Struct, frozen=True):
+    """One image the cloud accepted (2xx or 409), with the ids it answered with."""
+
+    image_id: str
+    at: float
+    status: int | None
+    cloud_image_id: str | None = None
+    cloud_batch_id: str | None = None
+    cloud_storage_key: str | None = None
+
+
+def mark_delivered(conn: Conn, deliveries: list[Delivery]) -> list[None]:
+    """pending -> delivered, with the cloud's ids on the image. A catalog batch handler: a group
+    of deliveries costs two statements (index look-ups by image id), not two per delivery."""
+    rows = ", ".join(["(?, ?::DOUBLE, ?::INTEGER)"] * len(deliveries))
     conn.execute(
-        "UPDATE outbox SET state = 'delivered', delivered_at = ?, last_status = ?, attempts = attempts + 1 "
-        "WHERE image_id = ? AND state = 'pending'",
-        [now, status, image_id],
+        "UPDATE outbox SET state = 'delivered', delivered_at = v.done_at, last_status = v.status, "
+        f"attempts = outbox.attempts + 1 FROM (VALUES {rows}) v(id, done_at, status) "
+        "WHERE outbox.image_id = v.id AND outbox.state = 'pending'",
+        [x for d in deliveries for x in (d.image_id, d.at, d.status)],
     )
-    image_key, batch_key, storage_key = cloud_ids
-    if image_key is None and batch_key is None and storage_key is None:
-        return
-    conn.execute(
-        "UPDATE images SET cloud_image_id = coalesce(?, cloud_image_id), "
-        "cloud_batch_id = coalesce(?, cloud_batch_id), cloud_storage_key = coalesce(?, cloud_storage_key) "
-        "WHERE image_id = ?",
-        [image_key, batch_key, storage_key, image_id],
-    )
+    with_ids = [d for d in deliveries if d.cloud_image_id or d.cloud_batch_id or d.cloud_storage_key]
+    if with_ids:
+        rows = ", ".join(["(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)"] * len(with_ids))
+        conn.execute(
+            "UPDATE images SET cloud_image_id = coalesce(v.image_key, images.cloud_image_id), "
+            "cloud_batch_id = coalesce(v.batch_key, images.cloud_batch_id), "
+            "cloud_storage_key = coalesce(v.storage_key, images.cloud_storage_key) "
+            f"FROM (VALUES {rows}) v(id, image_key, batch_key, storage_key) WHERE images.image_id = v.id",
+            [x for d in with_ids for x in (d.image_id, d.cloud_image_id, d.cloud_batch_id, d.cloud_storage_key)],
+        )
+    return [None] * len(deliveries)
 
 
 def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:

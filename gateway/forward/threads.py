@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from gateway.osthread import name_this_thread
+
 T = TypeVar("T")
 
 
@@ -39,11 +41,13 @@ class DaemonPool:
             return
         with self._lock:
             while len(self._threads) < self.size:
-                t = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                name = f"{self.name}-{len(self._threads)}"
+                t = threading.Thread(target=self._work, args=(name,), name=name, daemon=True)
                 t.start()
                 self._threads.append(t)
 
-    def _work(self) -> None:
+    def _work(self, name: str) -> None:
+        name_this_thread(name)
         while True:
             fn, args, loop, future = self._queue.get()
             if future.cancelled():

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minio import Minio
 
@@ -28,6 +28,7 @@ class Round:
     seconds: float
     latencies: list[float]
     errors: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU ms per request, by process (see cpu.py)
 
     @property
     def rps(self) -> float:

@@ -1,0 +1,66 @@
+"""CPU time per process (and per gateway thread) from /proc, to say which process is the limit.
+
+Linux only. Threads are grouped by their OS-level name: the gateway names its catalog writer and
+forwarder threads (`gateway.osthread`); its main thread runs the event loop; the rest (S3 PUT
+workers, DuckDB's own workers) are "other"."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _ticks(stat_path: Path) -> int:
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def process_seconds(pid: int) -> float:
+    """CPU seconds `pid` has used (its own threads, not its children)."""
+    return _ticks(Path(f"/proc/{pid}/stat")) / TICK
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the live threads of `pid`, by role."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        role = "event loop" if task.name == str(pid) else re.sub(r"-\d+$", "", name)
+        if role not in ("event loop", "catalog-writer", "forward"):
+            role = "other threads"
+        out[role] = out.get(role, 0.0) + _ticks(task / "stat") / TICK
+    return out
+
+
+class CpuMeter:
+    """CPU milliseconds per request of each process, over one measured round."""
+
+    def __init__(self, pids: dict[str, int | None], split: int | None = None) -> None:
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.split = split  # the pid whose threads are reported by role
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {k: process_seconds(p) for k, p in self.pids.items()}
+        self._threads = thread_seconds(self.split) if self.split else {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {k: process_seconds(p) - self._start[k] for k, p in self.pids.items()}
+        now = thread_seconds(self.split) if self.split else {}
+        # threads that ended during the round are missing from `now`: never report negative time
+        self.threads = {k: max(0.0, v - self._threads.get(k, 0.0)) for k, v in now.items()}
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        out = {k: round(v * 1000 / requests, 2) for k, v in self.used.items()}
+        for role, v in sorted(self.threads.items()):
+            out[f"gateway {role}"] = round(v * 1000 / requests, 2)
+        return out
