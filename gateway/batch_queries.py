@@ -21,7 +21,18 @@ ROW_FIELDS = (
     "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
     "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key",
 )
-_BATCH_SELECT = f"SELECT {', '.join(BATCH_FIELDS)} FROM batches"
+# A collecting batch's row gets its counts only when it is sealed (`batches.CollectingBatches`):
+# until then they are counted from its image rows, which are committed and exact.
+_COUNTED = {
+    "image_count": "CASE WHEN b.state = 'collecting' THEN coalesce(c.n, 0) ELSE b.image_count END",
+    "total_bytes": "CASE WHEN b.state = 'collecting' THEN coalesce(c.bytes, 0) ELSE b.total_bytes END",
+}
+_BATCH_SELECT = (
+    f"SELECT {', '.join(_COUNTED.get(f, f'b.{f}') for f in BATCH_FIELDS)} FROM batches b LEFT JOIN ("
+    "SELECT batch_id, count(*) AS n, sum(size) AS bytes FROM images "
+    "WHERE batch_id IN (SELECT batch_id FROM batches WHERE state = 'collecting') GROUP BY batch_id"
+    ") c ON c.batch_id = b.batch_id"
+)
 MAX_LIMIT = 1000
 
 
@@ -39,13 +50,14 @@ def list_batches(conn: Conn, state: str | None, limit: int, offset: int) -> tupl
     where, params = ("WHERE state = ?", [state]) if state else ("", [])
     total = conn.execute(f"SELECT count(*) FROM batches {where}", params).fetchone()
     rows = conn.execute(
-        f"{_BATCH_SELECT} {where} ORDER BY opened_at, batch_id LIMIT ? OFFSET ?", [*params, limit, offset]
+        f"{_BATCH_SELECT} {where.replace('state', 'b.state')} ORDER BY b.opened_at, b.batch_id LIMIT ? OFFSET ?",
+        [*params, limit, offset],
     ).fetchall()
     return [dict(zip(BATCH_FIELDS, r, strict=True)) for r in rows], int(total[0]) if total else 0
 
 
 def read_batch(conn: Conn, batch_id: str) -> dict[str, Any]:
-    row = conn.execute(f"{_BATCH_SELECT} WHERE batch_id = ?", [batch_id]).fetchone()
+    row = conn.execute(f"{_BATCH_SELECT} WHERE b.batch_id = ?", [batch_id]).fetchone()
     if row is None:
         raise NotFound("No such batch", batch_id)
     return dict(zip(BATCH_FIELDS, row, strict=True))
@@ -79,12 +91,13 @@ def read_image(conn: Conn, image_id: str) -> dict[str, Any]:
     return {"storage_key": row[0], "size": int(row[1]), "content_type": row[2], "xxh3_128": row[3]}
 
 
-def seal_by_hand(conn: Conn, batch_id: str, now: float) -> tuple[dict[str, Any], bool]:
+def seal_by_hand(conn: Conn, collecting: batches.CollectingBatches, batch_id: str,
+                 now: float) -> tuple[dict[str, Any], bool]:
     """`batches seal ID`: the batch afterwards, and whether this call sealed it.
 
     Sealing a batch that is already sealed (or later) changes nothing and is not an error."""
     before = read_batch(conn, batch_id)
-    batches.seal_batch(conn, batch_id, now)
+    collecting.seal(conn, batch_id, now)
     return read_batch(conn, batch_id), before["state"] == batches.COLLECTING
 
 

@@ -30,105 +30,94 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4()}"
 
 
-def join_collecting_batches(
-    conn: Conn, uploads: list[tuple[str, int]], now: float, max_images: int, hint: dict[str, str] | None = None
-) -> list[tuple[str, bool]]:
-    """Add each (device_id, size) upload to its device's collecting batch, opening one where none
-    is collecting; a group of uploads costs one statement per device in the common case.
+class _Open:
+    __slots__ = ("batch_id", "count", "opened_at", "size")
 
-    `hint` (device id -> batch id) remembers each device's collecting batch between calls; it is
-    only a hint, checked by the UPDATE itself (a batch sealed meanwhile, or one whose opening was
-    rolled back, matches nothing and the slow path looks again). With it the fast path is a plain
-    UPDATE by primary key: measured 1 ms cheaper than `UPDATE ... RETURNING` on every group.
-
-    Returns, per upload, its batch id and whether that upload filled (and so sealed) the batch."""
-    hint = {} if hint is None else hint
-    by_device: dict[str, list[int]] = {}
-    for i, (device_id, _) in enumerate(uploads):
-        by_device.setdefault(device_id, []).append(i)
-    placed: list[tuple[str, bool] | None] = [None] * len(uploads)
-    for device_id, idx in by_device.items():
-        added = sum(uploads[i][1] for i in idx)
-        known = hint.get(device_id)
-        if known is not None:
-            # Fast path: the collecting batch has room for all of them without filling up.
-            row = conn.execute(
-                "UPDATE batches SET image_count = image_count + ?, total_bytes = total_bytes + ? "
-                "WHERE batch_id = ? AND state = 'collecting' AND image_count + ? < ?",
-                [len(idx), added, known, len(idx), max_images],
-            ).fetchone()
-            if row is not None and row[0] == 1:
-                for i in idx:
-                    placed[i] = (known, False)
-                continue
-        results = _place_one_by_one(conn, device_id, [uploads[i][1] for i in idx], now, max_images)
-        for i, result in zip(idx, results, strict=True):
-            placed[i] = result
-        last_id, last_filled = results[-1]
-        if last_filled:
-            hint.pop(device_id, None)
-        else:
-            hint[device_id] = last_id
-    return [p for p in placed if p is not None]
+    def __init__(self, batch_id: str, opened_at: float, count: int = 0, size: int = 0) -> None:
+        self.batch_id, self.opened_at, self.count, self.size = batch_id, opened_at, count, size
 
 
-def _place_one_by_one(conn: Conn, device_id: str, sizes: list[int], now: float,
-                      max_images: int) -> list[tuple[str, bool]]:
-    """The slow path: a batch fills up (and is sealed) or none is collecting yet."""
-    row = conn.execute(
-        "SELECT batch_id, image_count FROM batches WHERE device_id = ? AND state = 'collecting' "
-        "ORDER BY opened_at DESC LIMIT 1",
-        [device_id],
-    ).fetchone()
-    batch_id, count, added = (str(row[0]), int(row[1]), 0) if row else (None, 0, 0)
-    out: list[tuple[str, bool]] = []
+class CollectingBatches:
+    """Each device's collecting batch with its exact image count and bytes, kept in memory by the
+    catalog writer: adding a group of uploads to batches costs no statement at all (an UPDATE of
+    the batch row cost about 0.7 ms per group, a quarter of the recording transaction). A batch
+    row gets its counts when it is sealed; until then readers count its image rows
+    (`batch_queries`), so what they see is always committed and exact.
 
-    def flush(full: bool) -> None:
-        conn.execute(
-            "UPDATE batches SET image_count = ?, total_bytes = total_bytes + ?, "
-            "state = CASE WHEN ? THEN 'sealed' ELSE state END, sealed_at = CASE WHEN ? THEN ? ELSE sealed_at END "
-            "WHERE batch_id = ?",
-            [count, added, full, full, now, batch_id],
-        )
+    Every method is a catalog write op (writer thread, inside its transaction). The state is
+    loaded from the catalog at first use, and again after any rolled-back transaction, which may
+    have left it ahead of the catalog. All sealing of collecting batches goes through here."""
 
-    for size in sizes:
-        if batch_id is None:
-            batch_id, count, added = new_batch_id(), 0, 0
-            conn.execute(
-                "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)",
-                [batch_id, device_id, now],
-            )
-        count += 1
-        added += size
-        full = count >= max_images
-        out.append((batch_id, full))
-        if full:
-            flush(True)
-            batch_id = None
-    if batch_id is not None:
-        flush(False)
-    return out
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self._open: dict[str, _Open] | None = None
+        self._loaded_at_rollbacks = -1
 
+    def _state(self, conn: Conn) -> dict[str, _Open]:
+        if self._open is not None and self._loaded_at_rollbacks == self._catalog.rollbacks:
+            return self._open
+        rows = conn.execute(
+            "SELECT b.device_id, b.batch_id, b.opened_at, count(i.image_id), coalesce(sum(i.size), 0) "
+            "FROM batches b LEFT JOIN images i ON i.batch_id = b.batch_id WHERE b.state = 'collecting' "
+            "GROUP BY b.device_id, b.batch_id, b.opened_at ORDER BY b.opened_at"
+        ).fetchall()
+        self._open = {str(d): _Open(str(b), float(t), int(n), int(size)) for d, b, t, n, size in rows}  # newest wins
+        self._loaded_at_rollbacks = self._catalog.rollbacks
+        return self._open
 
-def seal_due_batches(conn: Conn, now: float, timeout_s: float) -> list[str]:
-    """Seal every collecting batch opened at least `timeout_s` ago; returns their ids."""
-    rows = conn.execute(
-        "UPDATE batches SET state = 'sealed', sealed_at = ? "
-        "WHERE state = 'collecting' AND opened_at <= ? RETURNING batch_id",
-        [now, now - timeout_s],
-    ).fetchall()
-    return [r[0] for r in rows]
+    def load(self, conn: Conn) -> int:
+        """Read the collecting batches now (at start-up) rather than at the first upload; returns how many."""
+        return len(self._state(conn))
 
+    def place(self, conn: Conn, uploads: list[tuple[str, int]], now: float, max_images: int) -> list[tuple[str, bool]]:
+        """Add each (device_id, size) upload to its device's collecting batch, opening one where
+        none is collecting. Returns, per upload, its batch id and whether it filled (and so
+        sealed) the batch. Statements only for a batch that opens or fills."""
+        state = self._state(conn)
+        out: list[tuple[str, bool]] = []
+        for device_id, size in uploads:
+            batch = state.get(device_id)
+            if batch is None:
+                batch = state[device_id] = _Open(new_batch_id(), now)
+                conn.execute(
+                    "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)",
+                    [batch.batch_id, device_id, now],
+                )
+            batch.count += 1
+            batch.size += size
+            full = batch.count >= max_images
+            out.append((batch.batch_id, full))
+            if full:
+                self._seal(conn, state, device_id, now)
+        return out
 
-def seal_batch(conn: Conn, batch_id: str, now: float) -> str | None:
-    """Seal one batch by hand; returns its state afterwards, None when there is no such batch."""
-    row = conn.execute("SELECT state FROM batches WHERE batch_id = ?", [batch_id]).fetchone()
-    if row is None:
-        return None
-    if row[0] == COLLECTING:
-        conn.execute("UPDATE batches SET state = 'sealed', sealed_at = ? WHERE batch_id = ?", [now, batch_id])
-        return SEALED
-    return str(row[0])
+    def seal_due(self, conn: Conn, now: float, timeout_s: float) -> list[str]:
+        """Seal every collecting batch opened at least `timeout_s` ago; returns their ids."""
+        state = self._state(conn)
+        due = [d for d, b in state.items() if b.opened_at <= now - timeout_s]
+        return [self._seal(conn, state, device_id, now) for device_id in due]
+
+    def seal(self, conn: Conn, batch_id: str, now: float) -> str | None:
+        """Seal one batch by hand; returns its state afterwards, None when there is no such batch."""
+        row = conn.execute("SELECT state, device_id FROM batches WHERE batch_id = ?", [batch_id]).fetchone()
+        if row is None:
+            return None
+        state = self._state(conn)
+        if row[0] == COLLECTING and (open_batch := state.get(str(row[1]))) and open_batch.batch_id == batch_id:
+            self._seal(conn, state, str(row[1]), now)
+            return SEALED
+        return str(row[0])
+
+    def _seal(self, conn: Conn, state: dict[str, _Open], device_id: str, now: float) -> str:
+        batch = state.pop(device_id)
+        done = conn.execute(
+            "UPDATE batches SET state = 'sealed', sealed_at = ?, image_count = ?, total_bytes = ? "
+            "WHERE batch_id = ? AND state = 'collecting'",
+            [now, batch.count, batch.size, batch.batch_id],
+        ).fetchone()
+        if not done or done[0] != 1:  # out of step with the catalog: roll back, and reload
+            raise RuntimeError(f"collecting batch {batch.batch_id} is not collecting in the catalog")
+        return batch.batch_id
 
 
 def mark_forwarded_when_delivered(conn: Conn, now: float, forwarding_on: bool) -> list[str]:
@@ -175,6 +164,7 @@ class BatchSealer:
     def __init__(
         self,
         catalog: Catalog,
+        collecting: CollectingBatches,
         timeout_s: float,
         forwarding_on: bool,
         clock: Callable[[], float],
@@ -182,6 +172,7 @@ class BatchSealer:
         on_forwarded: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.catalog = catalog
+        self.collecting = collecting
         self.timeout_s = timeout_s
         self.forwarding_on = forwarding_on
         self.clock = clock
@@ -193,7 +184,7 @@ class BatchSealer:
 
     async def tick(self) -> list[str]:
         now = self.clock()
-        sealed = await self.catalog.write(lambda c: seal_due_batches(c, now, self.timeout_s))
+        sealed = await self.catalog.write(lambda c: self.collecting.seal_due(c, now, self.timeout_s))
         forwarded = await self.catalog.write(lambda c: mark_forwarded_when_delivered(c, now, self.forwarding_on))
         if forwarded and self.forwarding_on and self.on_forwarded is not None:
             self.on_forwarded(forwarded)  # every cloud id is known now: time for the final manifest

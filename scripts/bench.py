@@ -276,7 +276,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"{m['growth_on_refused_50mib_mib']} MiB (status {m['refused_status']})")
     if "dedup" in report:
         d = report["dedup"]
-        print(f"\n== 4. dedup with {d['rows']:,} images: new bytes: check p50/p99 {d['check_p50_ms']}/"
+        print(f"\n== 4. dedup with {d['rows']:,} images ({d['samples']} uploads timed after {d['warm_up']}): "
+              f"new bytes: check p50/p99 {d['check_p50_ms']}/"
               f"{d['check_p99_ms']} ms, insert p50/p99 {d['insert_p50_ms']}/{d['insert_p99_ms']} ms, check+insert "
               f"p50/p99 {d['check_plus_insert_p50_ms']}/{d['check_plus_insert_p99_ms']} ms; stored bytes: duplicate "
               f"look-up p50/p99 {d['duplicate_lookup_p50_ms']}/{d['duplicate_lookup_p99_ms']} ms; catalog "

@@ -46,8 +46,9 @@ class CatalogLocked(Exception):
 class Catalog:
     """The gateway's DuckDB catalog (devices, batches, images, outbox)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 1) -> None:
         self.path = path
+        self.threads = threads
         self._conn: Conn | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -56,13 +57,14 @@ class Catalog:
         self._cursors_lock = threading.Lock()
         self.commits = 0
         self.ops = 0
+        self.rollbacks = 0  # writer-thread state kept in memory is stale after one (see CollectingBatches)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = duckdb.connect(str(self.path))
+            self._conn = duckdb.connect(str(self.path), config={"threads": self.threads})
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise CatalogLocked(str(exc)) from exc
@@ -151,6 +153,7 @@ class Catalog:
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
+            self.rollbacks += 1
             if len(live) == 1:
                 live[0].future.set_exception(_as_domain_error(exc))
                 return
@@ -190,6 +193,7 @@ class Catalog:
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
+            self.rollbacks += 1
             work.future.set_exception(_as_domain_error(exc))
             return
         self.commits += 1

@@ -87,7 +87,7 @@ class Ingestor:
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         self._seq = 0
-        self._collecting: dict[str, str] = {}  # device id -> its collecting batch, a hint (writer thread only)
+        self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
         self.on_sealed: Callable[[str], None] | None = None
         self.on_recorded: Callable[[], None] | None = None  # a new outbox entry was committed (wakes the forwarder)
 
@@ -99,6 +99,7 @@ class Ingestor:
     async def start(self) -> None:
         row = await self.catalog.read(lambda c: c.execute("SELECT max(seq) FROM images").fetchone())
         self._seq = int(row[0]) if row and row[0] is not None else 0
+        await self.catalog.write(self.collecting.load)
 
     async def keep_seen_keys(self) -> None:
         """Background task: build the filter of stored dedup keys, and rebuild it when it fills up.
@@ -281,10 +282,8 @@ class Ingestor:
 
         No duplicate check here: `upload` holds the dedup key from its check until this commits, and
         this process is the catalog's only writer, so no other upload of those bytes can slip in."""
-        placed = batches.join_collecting_batches(
-            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images,
-            self._collecting,
-        )
+        placed = self.collecting.place(
+            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images)
         seqs = list(range(self._seq + 1, self._seq + 1 + len(items)))
         insert_rows(conn, "images", _IMAGE_COLUMNS, [
             (n.image_id, seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128, n.storage_key,
