@@ -2,7 +2,7 @@
 
 Linux only. Threads are grouped by their OS-level name: the gateway names its catalog writer and
 forwarder threads (`gateway.osthread`); its main thread runs the event loop; the rest (S3 PUT
-workers, DuckDB's own workers) are "other"."""
+workers, DuckDB's own workers) are "other threads"."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def process_seconds(pid: int) -> float:
     return _ticks(Path(f"/proc/{pid}/stat")) / TICK
 
 
-def thread_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of the live threads of `pid`, by role."""
+def named_thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the live, named threads of `pid` by role (the main thread is the event loop)."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -35,9 +35,8 @@ def thread_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue
         role = "event loop" if task.name == str(pid) else re.sub(r"-\d+$", "", name)
-        if role not in ("event loop", "catalog-writer", "forward"):
-            role = "other threads"
-        out[role] = out.get(role, 0.0) + _ticks(task / "stat") / TICK
+        if role in ("event loop", "catalog-writer", "forward"):
+            out[role] = out.get(role, 0.0) + _ticks(task / "stat") / TICK
     return out
 
 
@@ -50,14 +49,20 @@ class CpuMeter:
 
     def __enter__(self) -> CpuMeter:
         self._start = {k: process_seconds(p) for k, p in self.pids.items()}
-        self._threads = thread_seconds(self.split) if self.split else {}
+        self._threads = named_thread_seconds(self.split) if self.split else {}
+        self._split_start = process_seconds(self.split) if self.split else 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.used = {k: process_seconds(p) - self._start[k] for k, p in self.pids.items()}
-        now = thread_seconds(self.split) if self.split else {}
-        # threads that ended during the round are missing from `now`: never report negative time
-        self.threads = {k: max(0.0, v - self._threads.get(k, 0.0)) for k, v in now.items()}
+        self.threads: dict[str, float] = {}
+        if self.split:
+            # Named threads live as long as the process; the rest (short-lived workers, DuckDB's
+            # own threads) is the process's total less theirs, which counts threads that ended too.
+            now = named_thread_seconds(self.split)
+            self.threads = {k: max(0.0, v - self._threads.get(k, 0.0)) for k, v in now.items()}
+            total = process_seconds(self.split) - self._split_start
+            self.threads["other threads"] = max(0.0, total - sum(self.threads.values()))
 
     def per_request_ms(self, requests: int) -> dict[str, float]:
         out = {k: round(v * 1000 / requests, 2) for k, v in self.used.items()}
