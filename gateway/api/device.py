@@ -90,6 +90,7 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
         result = await gw.ingestor.upload(
             device, request.headers.get("content-type"), body.chunks(),
             held=device.origin == "quarantine",  # forwarded only once the cloud confirms the key
+            length=length,
         )
         gw.registry.touch(device, gw.clock())
         if not result.duplicate:

@@ -45,12 +45,14 @@ def could_still_match(head: bytes) -> bool:
 
 
 class SpooledImage(msgspec.Struct, kw_only=True):
-    path: Path
+    path: Path  # the intent file; it holds the bytes unless `data` does
     size: int
     xxh3_128: str
     content_type: str
     declared_type: str | None
     filename: str | None
+    data: bytearray | None = None  # the bytes, when they were kept in memory (see MemoryBudget)
+    held: int = 0  # of the memory budget: the caller gives it back once done with `data`
 
 
 class UploadForm(msgspec.Struct, kw_only=True):
@@ -58,16 +60,42 @@ class UploadForm(msgspec.Struct, kw_only=True):
     metadata: bytes | None
 
 
-class ImageSpool:
-    """Writes one image part to disk while hashing, sniffing and counting it."""
+class MemoryBudget:
+    """Image bytes that may be held in memory instead of written to the spool file, across all
+    uploads (event-loop only). With an object store the spool file is only a staging copy: writing
+    every image to the local disk and reading it back cost the event loop about 3 ms per MiB under
+    load (page cache and writeback), and doubles the gateway PC's disk writes. Small images stay in
+    memory up to these bounds; the rest spill to the file as before."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, total: int, per_upload: int) -> None:
+        self.total = total
+        self.per_upload = per_upload
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.total:
+            return False
+        self.used += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+
+
+class ImageSpool:
+    """Takes one image part while hashing, sniffing and counting it: in memory while `budget`
+    allows, else in the spool file (which always exists: it is the upload's intent record)."""
+
+    def __init__(self, path: Path, max_bytes: int, budget: MemoryBudget | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.size = 0
         self.head = b""
         self._hash = xxhash.xxh3_128()
         self._fd = -1
+        self._budget = budget
+        self.memory: bytearray | None = bytearray() if budget is not None else None
+        self.held = 0  # bytes of the budget this upload holds
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -82,13 +110,36 @@ class ImageSpool:
             if not could_still_match(self.head):
                 raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
         self._hash.update(chunk)
-        view = memoryview(chunk)
+        if self.memory is not None:
+            assert self._budget is not None
+            if self.size <= self._budget.per_upload and self._budget.take(len(chunk)):
+                self.memory += chunk
+                self.held += len(chunk)
+                return
+            self._spill()
+        self._write(chunk)
+
+    def _spill(self) -> None:
+        """Too big (or too many at once) for memory: what was kept goes to the file, and so will the rest."""
+        kept, self.memory = self.memory, None
+        if kept:
+            self._write(kept)
+        self.release()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:  # a full disk is the device's 507, not our 500
             raise _spool_error(exc) from exc
+
+    def release(self) -> None:
+        """Give the memory budget back (the bytes themselves go with the last reference)."""
+        if self._budget is not None and self.held:
+            self._budget.give_back(self.held)
+        self.held = 0
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -128,8 +179,11 @@ async def read_upload_form(
     *,
     max_image_bytes: int,
     max_metadata_bytes: int,
+    memory: MemoryBudget | None = None,
 ) -> UploadForm:
-    """Parse the body; the image lands in `spool_path`. The caller removes that file on error."""
+    """Parse the body; the image lands in `spool_path`, or in memory as far as `memory` allows
+    (then `release()` the returned image when done with its bytes). The caller removes the file
+    on error."""
     max_body = max_image_bytes + max_metadata_bytes + 256 * 1024
     received = 0
     spool: ImageSpool | None = None
@@ -155,7 +209,7 @@ async def read_upload_form(
                     if event.name == "image":
                         if spool is not None:
                             raise ValidationFailed("Invalid upload", "the image part is given twice")
-                        spool = ImageSpool(spool_path, max_image_bytes)
+                        spool = ImageSpool(spool_path, max_image_bytes, memory)
                         declared, filename = event.content_type, event.filename
                         target = "image"
                     elif event.name == "metadata":
@@ -181,16 +235,25 @@ async def read_upload_form(
         raise ValidationFailed("Malformed multipart body", str(exc)) from None
     except MultipartError as exc:
         raise ValidationFailed("Malformed multipart body", str(exc)) from None
+    except BaseException:
+        if spool is not None:
+            spool.release()
+        raise
     finally:
         if spool is not None:
             spool.close()
-    if spool is None or not image_done:
-        raise ValidationFailed("Missing image", "the form has no `image` file part")
-    if spool.size == 0:
-        raise ValidationFailed("Empty image", "the `image` part holds no bytes")
-    content_type = sniff(spool.head)
-    if content_type is None:
-        raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
+    try:
+        if spool is None or not image_done:
+            raise ValidationFailed("Missing image", "the form has no `image` file part")
+        if spool.size == 0:
+            raise ValidationFailed("Empty image", "the `image` part holds no bytes")
+        content_type = sniff(spool.head)
+        if content_type is None:
+            raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
+    except GatewayError:
+        if spool is not None:
+            spool.release()
+        raise
     image = SpooledImage(
         path=spool_path,
         size=spool.size,
@@ -198,5 +261,7 @@ async def read_upload_form(
         content_type=content_type,
         declared_type=declared,
         filename=filename,
+        data=spool.memory,
+        held=spool.held,
     )
     return UploadForm(image=image, metadata=bytes(metadata) if meta_seen else None)

@@ -28,7 +28,7 @@ from gateway.devices import Device
 from gateway.errors import DuplicateImage, GatewayError
 from gateway.forward import outbox
 from gateway.ingest.filenames import safe_filename
-from gateway.ingest.form import SpooledImage, boundary_of, read_upload_form
+from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.seen import SeenKeys
 from gateway.metrics import Metrics
@@ -36,6 +36,8 @@ from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
+MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
+MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
 _IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "content_type", "size", "xxh3_128",
                   "storage_key", "metadata", "received_at")
 
@@ -86,6 +88,8 @@ class Ingestor:
         self._seen_wanted: anyio.Event | None = None
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
+        # Object stores take small images from memory; folder storage hard-links the spool file.
+        self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
         self._seq = 0
         self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
         self.on_sealed: Callable[[str], None] | None = None
@@ -153,21 +157,27 @@ class Ingestor:
         body: AsyncIterator[bytes],
         *,
         held: bool = False,
+        length: int = 0,
     ) -> UploadResult:
+        """`length` is the request's declared Content-Length (0: not given); a body declared too
+        big for the memory budget's per-upload share goes straight to the spool file."""
         boundary = boundary_of(content_type)
         uid = uuid.uuid4()
         spool_path = self.spool_dir / f"{uid.hex}.part"
         limits = self.settings.limits
         intent_handed_over = False
+        in_memory = 0  # bytes of the memory budget this upload holds
         self._active.add(uid.hex)
         try:
             form = await read_upload_form(
                 body, boundary, spool_path,
                 max_image_bytes=limits.max_image_bytes, max_metadata_bytes=limits.max_metadata_bytes,
+                memory=self.memory if length <= MEMORY_PER_UPLOAD else None,
             )
+            image = form.image
+            in_memory = image.held
             if form.metadata is not None:
                 validate_metadata(form.metadata)
-            image = form.image
             key = self._dedup_key(device.device_id, image.xxh3_128)
             while (pending := self._inflight.get(key)) is not None:
                 await pending.wait()
@@ -191,6 +201,8 @@ class Ingestor:
             self._active.discard(uid.hex)
             if not intent_handed_over:
                 _unlink(spool_path)
+            if in_memory and self.memory is not None:
+                self.memory.give_back(in_memory)
 
     def _duplicate(self, existing: UploadResult) -> UploadResult:
         self.metrics.dedup_hits.inc()
@@ -266,7 +278,10 @@ class Ingestor:
         return result
 
     def _put(self, storage_key: str, image: SpooledImage) -> None:
-        self.store.put_file(storage_key, image.path, image.size, image.content_type)
+        if image.data is not None:
+            self.store.put_bytes(storage_key, image.data, image.content_type)
+        else:
+            self.store.put_file(storage_key, image.path, image.size, image.content_type)
 
     async def _discard_object(self, storage_key: str, spool_path: Path) -> None:
         try:
@@ -298,6 +313,11 @@ class Ingestor:
                          size=n.size)
             for n, (batch_id, sealed) in zip(items, placed, strict=True)
         ]
+
+
+def store_wants_files(store: ObjectStore | None) -> bool:
+    """Folder storage takes the spool file itself (a hard link); an object store takes bytes."""
+    return store is None or store.name == "folder"
 
 
 def _truncate(path: Path) -> None:
