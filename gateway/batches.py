@@ -61,8 +61,13 @@ class CollectingBatches:
             "FROM batches b LEFT JOIN images i ON i.batch_id = b.batch_id WHERE b.state = 'collecting' "
             "GROUP BY b.device_id, b.batch_id, b.opened_at ORDER BY b.opened_at"
         ).fetchall()
-        self._open = {str(d): _Open(str(b), float(t), int(n), int(size)) for d, b, t, n, size in rows}  # newest wins
+        self._open = {}
         self._loaded_at_rollbacks = self._catalog.rollbacks
+        for device_id, batch_id, opened_at, count, size in rows:  # oldest first
+            older = self._open.get(str(device_id))
+            self._open[str(device_id)] = _Open(str(batch_id), float(opened_at), int(count), int(size))
+            if older is not None:  # one collecting batch per device: an older one (never expected) is sealed
+                self._seal(conn, older, float(opened_at))
         return self._open
 
     def load(self, conn: Conn) -> int:
@@ -88,14 +93,14 @@ class CollectingBatches:
             full = batch.count >= max_images
             out.append((batch.batch_id, full))
             if full:
-                self._seal(conn, state, device_id, now)
+                self._seal(conn, state.pop(device_id), now)
         return out
 
     def seal_due(self, conn: Conn, now: float, timeout_s: float) -> list[str]:
         """Seal every collecting batch opened at least `timeout_s` ago; returns their ids."""
         state = self._state(conn)
         due = [d for d, b in state.items() if b.opened_at <= now - timeout_s]
-        return [self._seal(conn, state, device_id, now) for device_id in due]
+        return [self._seal(conn, state.pop(device_id), now) for device_id in due]
 
     def seal(self, conn: Conn, batch_id: str, now: float) -> str | None:
         """Seal one batch by hand; returns its state afterwards, None when there is no such batch."""
@@ -104,12 +109,11 @@ class CollectingBatches:
             return None
         state = self._state(conn)
         if row[0] == COLLECTING and (open_batch := state.get(str(row[1]))) and open_batch.batch_id == batch_id:
-            self._seal(conn, state, str(row[1]), now)
+            self._seal(conn, state.pop(str(row[1])), now)
             return SEALED
         return str(row[0])
 
-    def _seal(self, conn: Conn, state: dict[str, _Open], device_id: str, now: float) -> str:
-        batch = state.pop(device_id)
+    def _seal(self, conn: Conn, batch: _Open, now: float) -> str:
         done = conn.execute(
             "UPDATE batches SET state = 'sealed', sealed_at = ?, image_count = ?, total_bytes = ? "
             "WHERE batch_id = ? AND state = 'collecting'",

@@ -100,3 +100,22 @@ def test_sealing_by_time_and_by_hand_writes_the_counts(catalog: Catalog) -> None
     assert fresh != young  # a new batch opens after a seal by hand
     listed, total = catalog.read_sync(lambda c: batch_queries.list_batches(c, "collecting", 10, 0))
     assert total == 1 and [(b["batch_id"], b["image_count"]) for b in listed] == [(fresh, 1)]
+
+
+def test_an_older_second_collecting_batch_of_a_device_is_sealed_at_load(catalog: Catalog) -> None:
+    """One collecting batch per device: a catalog holding two (not made by this code) is mended."""
+    def seed(conn: Conn) -> None:
+        for batch_id, opened in (("batch_old", 10.0), ("batch_new", 20.0)):
+            conn.execute("INSERT INTO batches (batch_id, device_id, state, opened_at) "
+                         "VALUES (?, 'dev_a', 'collecting', ?)", [batch_id, opened])
+            n = next(_seq)
+            insert_rows(conn, "images", ("image_id", "seq", "batch_id", "device_id", "filename", "content_type",
+                                         "size", "xxh3_128", "storage_key", "received_at"),
+                        [(f"img_{n}", n, batch_id, "dev_a", "f.jpg", "image/jpeg", 4, f"{n:032x}", f"raw/{n}", 1.0)])
+
+    catalog.write_sync(seed)
+    collecting = CollectingBatches(catalog)
+    batch_id, _ = catalog.write_sync(_upload(collecting, "dev_a", 6, max_images=100))
+    assert batch_id == "batch_new"
+    assert _counts(catalog, "batch_old") == ("sealed", 1, 4)
+    assert _counts(catalog, "batch_new") == ("collecting", 2, 10)
