@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import anyio
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.types import Receive
@@ -42,7 +42,9 @@ class RequestBody:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                with anyio.fail_after(wait):
+                # asyncio.timeout rather than anyio.fail_after: this runs once per body chunk, and
+                # anyio's scope cost a tenth of the event loop's time in a 1 MiB upload (py-spy).
+                async with asyncio.timeout(wait):
                     message = await self.receive()
             except TimeoutError:
                 raise RequestTimeout(
