@@ -51,7 +51,7 @@ class SpooledImage(msgspec.Struct, kw_only=True):
     content_type: str
     declared_type: str | None
     filename: str | None
-    data: bytearray | None = None  # the bytes, when they were kept in memory (see MemoryBudget)
+    data: bytes | None = None  # the bytes, when they were kept in memory (see MemoryBudget)
     held: int = 0  # of the memory budget: the caller gives it back once done with `data`
 
 
@@ -94,7 +94,7 @@ class ImageSpool:
         self._hash = xxhash.xxh3_128()
         self._fd = -1
         self._budget = budget
-        self.memory: bytearray | None = bytearray() if budget is not None else None
+        self.memory: list[bytes] | None = [] if budget is not None else None  # joined once, at the end
         self.held = 0  # bytes of the budget this upload holds
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -113,7 +113,7 @@ class ImageSpool:
         if self.memory is not None:
             assert self._budget is not None
             if self.size <= self._budget.per_upload and self._budget.take(len(chunk)):
-                self.memory += chunk
+                self.memory.append(bytes(chunk))
                 self.held += len(chunk)
                 return
             self._spill()
@@ -122,8 +122,8 @@ class ImageSpool:
     def _spill(self) -> None:
         """Too big (or too many at once) for memory: what was kept goes to the file, and so will the rest."""
         kept, self.memory = self.memory, None
-        if kept:
-            self._write(kept)
+        for part in kept or ():
+            self._write(part)
         self.release()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
@@ -261,7 +261,7 @@ async def read_upload_form(
         content_type=content_type,
         declared_type=declared,
         filename=filename,
-        data=spool.memory,
+        data=b"".join(spool.memory) if spool.memory is not None else None,
         held=spool.held,
     )
     return UploadForm(image=image, metadata=bytes(metadata) if meta_seen else None)

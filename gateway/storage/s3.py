@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import urllib3
 from minio import Minio
@@ -82,10 +83,9 @@ class S3Store:
             raise _store_error(exc) from exc
 
     def put_bytes(self, key: str, data: bytes | bytearray, content_type: str) -> None:
-        import io
-
         try:
-            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+            body = cast(BinaryIO, _WholeReader(bytes(data)))
+            self.client.put_object(self.bucket, key, body, len(data), content_type=content_type,
                                    part_size=_PART, num_parallel_uploads=1)  # one PUT up to 8 MiB
         except (S3Error, Urllib3Error, OSError) as exc:
             raise _store_error(exc) from exc
@@ -134,6 +134,24 @@ class S3Store:
 
     def free_bytes(self) -> int | None:
         return None
+
+
+class _WholeReader:
+    """A file-like view of `data` whose first whole read hands back `data` itself: minio then
+    signs and sends the caller's bytes without copying them (io.BytesIO copies twice)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pos == 0 and (size < 0 or size >= len(self._data)):
+            self._pos = len(self._data)
+            return self._data
+        end = len(self._data) if size < 0 else self._pos + size
+        chunk = self._data[self._pos : end]
+        self._pos += len(chunk)
+        return chunk
 
 
 def _stream(resp: urllib3.BaseHTTPResponse, chunk_size: int) -> Iterator[bytes]:
