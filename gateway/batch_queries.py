@@ -21,18 +21,7 @@ ROW_FIELDS = (
     "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
     "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key",
 )
-# A collecting batch's row gets its counts only when it is sealed (`batches.CollectingBatches`):
-# until then they are counted from its image rows, which are committed and exact.
-_COUNTED = {
-    "image_count": "CASE WHEN b.state = 'collecting' THEN coalesce(c.n, 0) ELSE b.image_count END",
-    "total_bytes": "CASE WHEN b.state = 'collecting' THEN coalesce(c.bytes, 0) ELSE b.total_bytes END",
-}
-_BATCH_SELECT = (
-    f"SELECT {', '.join(_COUNTED.get(f, f'b.{f}') for f in BATCH_FIELDS)} FROM batches b LEFT JOIN ("
-    "SELECT batch_id, count(*) AS n, sum(size) AS bytes FROM images "
-    "WHERE batch_id IN (SELECT batch_id FROM batches WHERE state = 'collecting') GROUP BY batch_id"
-    ") c ON c.batch_id = b.batch_id"
-)
+_BATCH_SELECT = f"SELECT {', '.join(BATCH_FIELDS)} FROM batches"
 MAX_LIMIT = 1000
 
 
@@ -50,17 +39,35 @@ def list_batches(conn: Conn, state: str | None, limit: int, offset: int) -> tupl
     where, params = ("WHERE state = ?", [state]) if state else ("", [])
     total = conn.execute(f"SELECT count(*) FROM batches {where}", params).fetchone()
     rows = conn.execute(
-        f"{_BATCH_SELECT} {where.replace('state', 'b.state')} ORDER BY b.opened_at, b.batch_id LIMIT ? OFFSET ?",
-        [*params, limit, offset],
+        f"{_BATCH_SELECT} {where} ORDER BY opened_at, batch_id LIMIT ? OFFSET ?", [*params, limit, offset]
     ).fetchall()
-    return [dict(zip(BATCH_FIELDS, r, strict=True)) for r in rows], int(total[0]) if total else 0
+    page = _count_collecting(conn, [dict(zip(BATCH_FIELDS, r, strict=True)) for r in rows])
+    return page, int(total[0]) if total else 0
 
 
 def read_batch(conn: Conn, batch_id: str) -> dict[str, Any]:
-    row = conn.execute(f"{_BATCH_SELECT} WHERE b.batch_id = ?", [batch_id]).fetchone()
+    row = conn.execute(f"{_BATCH_SELECT} WHERE batch_id = ?", [batch_id]).fetchone()
     if row is None:
         raise NotFound("No such batch", batch_id)
-    return dict(zip(BATCH_FIELDS, row, strict=True))
+    return _count_collecting(conn, [dict(zip(BATCH_FIELDS, row, strict=True))])[0]
+
+
+def _count_collecting(conn: Conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A collecting batch's row gets its counts only when it is sealed (`batches.CollectingBatches`);
+    until then they are counted from its image rows, which are committed and exact. Only pages
+    that hold a collecting batch pay for that count."""
+    open_ids = [r["batch_id"] for r in rows if r["state"] == batches.COLLECTING]
+    if not open_ids:
+        return rows
+    counted = dict.fromkeys(open_ids, (0, 0)) | {
+        batch_id: (int(n), int(size)) for batch_id, n, size in conn.execute(
+            "SELECT batch_id, count(*), sum(size) FROM images WHERE batch_id IN (SELECT unnest(?::VARCHAR[])) "
+            "GROUP BY batch_id", [open_ids]).fetchall()
+    }
+    for r in rows:
+        if r["batch_id"] in counted:
+            r["image_count"], r["total_bytes"] = counted[r["batch_id"]]
+    return rows
 
 
 def manifest_rows(conn: Conn, batch_id: str) -> list[dict[str, Any]]:

@@ -15,6 +15,15 @@ import pytest
 from tests.support.gateway_proc import GatewayProcess, s3_env
 
 
+@pytest.fixture
+def cloud() -> Iterator[Any]:
+    """A fake AcuSight cloud on loopback that speaks the upload contract and fails on command."""
+    from tests.support.fakecloud import FakeCloud
+
+    with FakeCloud() as fake:
+        yield fake
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The S3 server `scripts/test` started, or one of our own when pytest runs alone."""

@@ -152,8 +152,7 @@ class Catalog:
             results = self._apply(conn, live)
             conn.execute("COMMIT")
         except Exception as exc:
-            _rollback(conn)
-            self.rollbacks += 1
+            self._rollback(conn)
             if len(live) == 1:
                 live[0].future.set_exception(_as_domain_error(exc))
                 return
@@ -192,13 +191,17 @@ class Catalog:
             (result,) = self._apply(conn, [work])
             conn.execute("COMMIT")
         except Exception as exc:
-            _rollback(conn)
-            self.rollbacks += 1
+            self._rollback(conn)
             work.future.set_exception(_as_domain_error(exc))
             return
         self.commits += 1
         self.ops += 1
         work.future.set_result(result)
+
+    def _rollback(self, conn: Conn) -> None:
+        with contextlib.suppress(duckdb.Error):
+            conn.execute("ROLLBACK")
+        self.rollbacks += 1
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -249,11 +252,6 @@ class _Work:
         self.item = item
         self.future = future
         self.batched = batched
-
-
-def _rollback(conn: Conn) -> None:
-    with contextlib.suppress(duckdb.Error):
-        conn.execute("ROLLBACK")
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:

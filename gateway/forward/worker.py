@@ -79,8 +79,6 @@ class Forwarder:
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
         self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
         self._threads = DaemonPool("forward", f.concurrency)
-        # Called with the batch ids of newly delivered images (manifests carry the cloud's ids).
-        self.on_delivered: Callable[[list[str]], None] | None = None
         self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
         # Called once per loop round; the key checker hangs its quarantine re-checks here.
         self.on_round: Callable[[TaskGroup], None] | None = None
@@ -295,15 +293,12 @@ class Forwarder:
             await self.catalog.write_item(outbox.mark_delivered, outbox.Delivery(
                 image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
                 cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
-            batch_id = entry.batch_id
             self.gate.on_success()
             self.metrics.forward_bytes.inc(entry.size)
             self.last_success_at = now
             if self.on_delivered_bytes is not None:
                 self.on_delivered_bytes(entry.size)
             self._settle(entry, None)
-            if batch_id and self.on_delivered is not None:
-                self.on_delivered([batch_id])
             return
         self.last_error, self.last_error_at = f"{entry.image_id}: {outcome.error}"[:500], now
         if outcome.kind == RETRY:

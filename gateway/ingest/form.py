@@ -231,18 +231,6 @@ async def read_upload_form(
                         raise PayloadTooLarge("Metadata is too large", f"limit is {max_metadata_bytes} bytes")
                     metadata += event
         parser.close()
-    except ParserLimitReached as exc:
-        raise ValidationFailed("Malformed multipart body", str(exc)) from None
-    except MultipartError as exc:
-        raise ValidationFailed("Malformed multipart body", str(exc)) from None
-    except BaseException:
-        if spool is not None:
-            spool.release()
-        raise
-    finally:
-        if spool is not None:
-            spool.close()
-    try:
         if spool is None or not image_done:
             raise ValidationFailed("Missing image", "the form has no `image` file part")
         if spool.size == 0:
@@ -250,10 +238,15 @@ async def read_upload_form(
         content_type = sniff(spool.head)
         if content_type is None:
             raise UnsupportedMediaType(details="bytes are neither JPEG (FF D8 FF) nor PNG")
-    except GatewayError:
+    except BaseException as exc:
         if spool is not None:
             spool.release()
+        if isinstance(exc, (ParserLimitReached, MultipartError)):
+            raise ValidationFailed("Malformed multipart body", str(exc)) from None
         raise
+    finally:
+        if spool is not None:
+            spool.close()
     image = SpooledImage(
         path=spool_path,
         size=spool.size,

@@ -31,7 +31,7 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path, size: int, content_type: str) -> None:
         """Store the file at `path` (already complete and closed) under `key`, durably."""
 
-    def put_bytes(self, key: str, data: bytes | bytearray, content_type: str) -> None: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes, streamed; raises `KeyError` when there is no such object."""

@@ -60,7 +60,7 @@ class FolderStore:
         except OSError as exc:
             raise _store_error(exc) from exc
 
-    def put_bytes(self, key: str, data: bytes | bytearray, content_type: str) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         dest = self._path(key)
         tmp = dest.with_name(dest.name + ".tmp")
         try:

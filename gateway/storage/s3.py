@@ -82,9 +82,9 @@ class S3Store:
         except (S3Error, Urllib3Error, OSError) as exc:
             raise _store_error(exc) from exc
 
-    def put_bytes(self, key: str, data: bytes | bytearray, content_type: str) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            body = cast(BinaryIO, _WholeReader(bytes(data)))
+            body = cast(BinaryIO, _WholeReader(data))
             self.client.put_object(self.bucket, key, body, len(data), content_type=content_type,
                                    part_size=_PART, num_parallel_uploads=1)  # one PUT up to 8 MiB
         except (S3Error, Urllib3Error, OSError) as exc:

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,12 +25,6 @@ ENV = {
     "GATEWAY_FORWARD_BACKOFF_MAX_S": "1.0",
     "GATEWAY_FORWARD_CONCURRENCY": "4",
 }
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeCloud]:
-    with FakeCloud() as fake:
-        yield fake
 
 
 def wait_delivered(gw: GatewayProcess, count: int, timeout: float = 60.0) -> dict[str, object]:

@@ -7,7 +7,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,12 +26,6 @@ FAST_RETRIES = {
     "GATEWAY_FORWARD_BACKOFF_MAX_S": "1.0",
     "GATEWAY_CLOUD_TIMEOUT_S": "10",
 }
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeCloud]:
-    with FakeCloud() as fake:
-        yield fake
 
 
 def forwarding_gateway(start_gateway: Callable[..., GatewayProcess], cloud: FakeCloud, **env: str) -> GatewayProcess:

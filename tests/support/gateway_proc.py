@@ -139,18 +139,17 @@ class GatewayProcess:
 
     def vm_hwm_kib(self) -> int:
         """Peak resident set size of the server process (VmHWM), in KiB."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmHWM")
+        return self._status_kib("VmHWM")
 
     def vm_rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
+
+    def _status_kib(self, field: str) -> int:
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {field}")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the `gateway` CLI against this server's settings."""
