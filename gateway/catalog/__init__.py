@@ -1,5 +1,5 @@
 """DuckDB catalog: schema, the single-writer owner, and the queries that belong to it."""
 
-from gateway.catalog.db import Catalog, CatalogLocked, Conn
+from gateway.catalog.db import Catalog, CatalogLocked, Conn, Expected
 
-__all__ = ["Catalog", "CatalogLocked", "Conn"]
+__all__ = ["Catalog", "CatalogLocked", "Conn", "Expected"]

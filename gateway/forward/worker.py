@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, Expected
 from gateway.config import Settings
 from gateway.devices import DeviceRegistry
 from gateway.errors import GatewayError
@@ -225,8 +225,10 @@ class Forwarder:
 
     async def _forward(self, entry: outbox.Entry) -> None:
         try:
-            outcome, cloud_answered = await self._attempt(entry)
-            await self._record(entry, outcome, cloud_answered)
+            # Announced, so that the catalog writer may wait for this delivery to join a group.
+            with self.catalog.expect() as record:
+                outcome, cloud_answered = await self._attempt(entry)
+                await self._record(entry, outcome, cloud_answered, record)
         except Exception:
             # Most likely the catalog refused the result: hold the entry back a while in memory
             # (it is still pending on disk) rather than resend it in a tight loop.
@@ -286,11 +288,11 @@ class Forwarder:
                     raise Stopped
                 yield bytes(piece)
 
-    async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool) -> None:
+    async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool, record: Expected) -> None:
         now = self.clock()
         self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
         if outcome.kind == DELIVERED:
-            await self.catalog.write_item(outbox.mark_delivered, outbox.Delivery(
+            await record.write_item(outbox.mark_delivered, outbox.Delivery(
                 image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
                 cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
             self.gate.on_success()
@@ -300,6 +302,7 @@ class Forwarder:
                 self.on_delivered_bytes(entry.size)
             self._settle(entry, None)
             return
+        record.cancel()  # not a delivery: the writes below are not batched
         self.last_error, self.last_error_at = f"{entry.image_id}: {outcome.error}"[:500], now
         if outcome.kind == RETRY:
             if cloud_answered:

@@ -253,18 +253,21 @@ class Ingestor:
             received_at=self.clock(),
             held=held,
         )
-        try:
-            if image.size > LARGE_PUT_BYTES:
-                async with self._large_puts:
+        # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
+        with self.catalog.expect() as record:
+            try:
+                if image.size > LARGE_PUT_BYTES:
+                    async with self._large_puts:
+                        await anyio.to_thread.run_sync(self._put, new.storage_key, image)
+                else:
                     await anyio.to_thread.run_sync(self._put, new.storage_key, image)
-            else:
-                await anyio.to_thread.run_sync(self._put, new.storage_key, image)
-        except Exception:
-            # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
-            _truncate(image.path)
-            raise
+            except Exception:
+                # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
+                _truncate(image.path)
+                raise
+            recorded = record.submit_item(self._record_many, new)
         try:
-            result: UploadResult = await self.catalog.write_item(self._record_many, new)
+            result: UploadResult = await asyncio.wrap_future(recorded)
         except Exception:
             # The transaction failed: nothing was committed, so the object must go.
             # (On cancellation we cannot know; the intent stays for reconciliation.)
