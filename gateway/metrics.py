@@ -6,7 +6,11 @@ oldest pending age, disk) are computed when `/metrics` is scraped, through `Gaug
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "acusight_gateway"
 # gateway.forward.worker's attempt outcomes and gateway.forward.backoff's states.
@@ -73,5 +77,23 @@ class Metrics:
             self.storage_refusals.labels(reason)
         self.uploads.labels("accepted")
 
+    def watch_catalog(self, figures: Callable[[], tuple[int, int]]) -> None:
+        """Export the catalog writer's committed transactions and writes, read at scrape time:
+        their ratio is the group-commit size (`figures` gives (transactions, writes))."""
+        self.registry.register(_CatalogCollector(figures))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CatalogCollector(Collector):
+    def __init__(self, figures: Callable[[], tuple[int, int]]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        transactions, writes = self.figures()
+        yield CounterMetricFamily(f"{PREFIX}_catalog_transactions", "Catalog transactions committed.",
+                                  value=transactions)
+        yield CounterMetricFamily(f"{PREFIX}_catalog_writes",
+                                  "Catalog writes committed (uploads, deliveries, admin changes); divided by "
+                                  "transactions, the group-commit size.", value=writes)

@@ -61,6 +61,7 @@ class Gateway:
         self.throughput = Throughput(clock)  # per-minute accepted/delivered, for the status page
         self.recent_errors = RecentErrors()  # last error responses (app.py's access middleware)
         self.catalog = Catalog(catalog_path(settings), settings.data.catalog_threads)
+        self.metrics.watch_catalog(lambda: (self.catalog.commits, self.catalog.ops))
         self.store: ObjectStore = open_store(settings)
         self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
         self.capacity = CapacityGuard(

@@ -150,6 +150,9 @@ def test_the_figures_that_matter_are_exported_and_move(live: dict[str, Any]) -> 
     assert value(m, p + "disk_free_bytes") > 0
     assert value(m, p + "ready") == 1
     assert value(m, p + "forwarding_enabled") == 0
+    # at least the accepted upload's transaction; writes / transactions is the group-commit size
+    assert value(m, p + "catalog_transactions_total") >= 1
+    assert value(m, p + "catalog_writes_total") >= value(m, p + "catalog_transactions_total")
 
 
 def test_log_lines_are_json_with_request_ids_and_never_a_device_key(live: dict[str, Any]) -> None:
