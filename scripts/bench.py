@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import secrets
@@ -57,6 +58,26 @@ def metered(pids: dict[str, int | None], split: int | None, run: Callable[..., R
     return r
 
 
+def catalog_writes(url: str) -> tuple[float, float]:
+    """The gateway's committed catalog (transactions, writes) from /metrics."""
+    tx = writes = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("acusight_gateway_catalog_transactions_total "):
+            tx = float(line.split()[1])
+        elif line.startswith("acusight_gateway_catalog_writes_total "):
+            writes = float(line.split()[1])
+    return tx, writes
+
+
+def grouped(url: str, run: Callable[[], Round]) -> Round:
+    """Run a gateway round and note its catalog group-commit size (writes per transaction)."""
+    tx0, w0 = catalog_writes(url)
+    r = run()
+    tx1, w1 = catalog_writes(url)
+    r.group = round((w1 - w0) / (tx1 - tx0), 2) if tx1 > tx0 else 0.0
+    return r
+
+
 def best(rounds: list[Round]) -> Round:
     return max(rounds, key=lambda r: r.rps)
 
@@ -87,9 +108,9 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
                 n = requests_for(size, conc, quick)
                 got: dict[str, list[Round]] = {"gateway": [], "s3": [], "discard": []}
                 for _ in range(repeats):  # alternate, so noise hits every kind alike
-                    got["gateway"].append(metered(
-                        {"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
-                        multipart_upload, gw.port, UPLOAD, key, size, conc, n))
+                    got["gateway"].append(grouped(gw.url, functools.partial(
+                        metered, {"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
+                        multipart_upload, gw.port, UPLOAD, key, size, conc, n)))
                     got["s3"].append(metered(
                         {"s3": s3.pid, "client": os.getpid()}, None,
                         s3_put, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
@@ -106,6 +127,7 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
                     "discard_rps": round(c.rps, 1),
                     "ratio_vs_s3": round(g.rps / d.rps, 3) if d.rps else None,
                     "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
+                    "catalog_group_size": g.group,
                     "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
                 }
                 rows.append(row)
@@ -166,11 +188,13 @@ def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
         per = count // devices
         with concurrent.futures.ThreadPoolExecutor(devices) as pool:
             list(pool.map(lambda k: multipart_upload(gw.port, UPLOAD, k, size, 1, per), keys))
+        tx0, w0 = catalog_writes(gw.url)
         with CpuMeter({"gateway": gw.pid, "s3": s3.pid, "fake cloud": os.getpid()}, gw.pid) as meter:
             cloud.accept_connections()
             deadline = time.monotonic() + 600
             while len(cloud.stored) < per * devices and time.monotonic() < deadline:
                 time.sleep(0.05)
+        tx1, w1 = catalog_writes(gw.url)
         arrivals = sorted(r.at for r in cloud.stored.values())
         gw.stop()
         delivered = len(arrivals)
@@ -189,6 +213,7 @@ def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
             "store_to_cloud_rate_per_s": round(from_store, 1),
             "ratio_vs_store_to_cloud": round(gw_rate / from_store, 3) if from_store else None,
             "cpu_ms_per_image": meter.per_request_ms(max(1, delivered)),
+            "catalog_group_size": round((w1 - w0) / (tx1 - tx0), 2) if tx1 > tx0 else 0.0,
         }
     finally:
         cloud.stop()
@@ -261,14 +286,15 @@ def print_table(report: dict[str, Any]) -> None:
     if report.get("ingest"):
         print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
         print(f"{'size':>8} {'conc':>4} | {'gateway':>7} {'loop':>6} {'writer':>6} {'other':>6} {'S3':>6} "
-              f"{'client':>6} | direct: {'S3':>6} {'client':>6} | discard: {'server':>6}")
+              f"{'client':>6} | direct: {'S3':>6} {'client':>6} | discard: {'server':>6} | {'group':>5}")
         for r in report["ingest"]:
             size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
             g, d, c = (r["cpu_ms_per_request"][k] for k in ("gateway_round", "s3_round", "discard_round"))
             print(f"{size:>8} {r['concurrency']:>4} | {g.get('gateway', 0):>7} {g.get('gateway event loop', 0):>6} "
                   f"{g.get('gateway catalog-writer', 0):>6} {g.get('gateway other threads', 0):>6} "
                   f"{g.get('s3', 0):>6} {g.get('client', 0):>6} | direct: {d.get('s3', 0):>6} "
-                  f"{d.get('client', 0):>6} | discard: {c.get('discard', 0):>6}")
+                  f"{d.get('client', 0):>6} | discard: {c.get('discard', 0):>6} | {r['catalog_group_size']:>5}")
+        print("   (group: uploads per catalog transaction in the gateway round)")
     if "memory" in report:
         m = report["memory"]
         print(f"\n== 3. memory: peak RSS with 8 x 45 MiB concurrent = {m['peak_rss_mib']} MiB "
@@ -289,7 +315,7 @@ def print_table(report: dict[str, Any]) -> None:
               f"vs plain client reading each from S3 {f['store_to_cloud_rate_per_s']}/s -> "
               f"{f['ratio_vs_store_to_cloud']}")
         cpu = ", ".join(f"{k} {v}" for k, v in f.get("cpu_ms_per_image", {}).items())
-        print(f"   CPU ms per forwarded image: {cpu}")
+        print(f"   CPU ms per forwarded image: {cpu}; catalog writes per transaction {f['catalog_group_size']}")
     if "startup" in report:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO, cast
 
 from minio import Minio
 
@@ -29,6 +30,7 @@ class Round:
     latencies: list[float]
     errors: int
     cpu: dict[str, float] = field(default_factory=dict)  # CPU ms per request, by process (see cpu.py)
+    group: float = 0.0  # catalog writes per transaction in a gateway round (bench.grouped)
 
     @property
     def rps(self) -> float:
@@ -143,7 +145,7 @@ def s3_put(endpoint: str, access_key: str, secret_key: str, bucket: str, size: i
     def one(n: int, _: object) -> None:
         prefix = JPEG + secrets.token_bytes(16)
         key = f"raw-data/{secrets.token_hex(16)}_f{n}.jpg"
-        client.put_object(bucket, key, _Body(prefix, tail), size, content_type="image/jpeg",
+        client.put_object(bucket, key, cast(BinaryIO, _Body(prefix, tail)), size, content_type="image/jpeg",
                           part_size=8 * 1024 * 1024, num_parallel_uploads=1)
 
     return _run("s3", size, concurrency, total, one, lambda: None)
