@@ -13,6 +13,12 @@ the writer makes groups bigger where it can wait for them: a caller that knows a
 way (an upload whose object is being stored) announces it with `expect()`, and while announced
 writes are outstanding the writer holds a group open for up to `linger` seconds (PostgreSQL's
 `commit_delay` with `commit_siblings`). With nothing announced, a write is committed at once.
+
+Journaled writes (`JournalWriter`, the uploads' rows) skip DuckDB on their way to the caller: the
+writer appends them to the journal (`journal.py`), fsyncs once per group and answers; the entries
+reach DuckDB in large batches (`APPLY_MAX` entries, or `APPLY_DELAY_S` after the first), always
+before any other write runs and before any read, so every reader still sees every acknowledged
+write. A crash leaves the journal to be replayed by the next `open`.
 Reads run in worker threads, each on its own cursor.
 """
 
@@ -27,11 +33,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import duckdb
 
+from gateway.catalog.journal import Entry, Journal, frame
 from gateway.catalog.schema import migrate
 from gateway.errors import ServiceUnavailable
 from gateway.osthread import name_this_thread
@@ -43,9 +50,21 @@ log = logging.getLogger("gateway.catalog")
 
 _MAX_GROUP = 256
 LINGER_S = 0.008  # how long a group may wait for announced writes (see the module's docstring)
+APPLY_MAX = 512  # journal entries are moved into DuckDB in one transaction once this many wait...
+APPLY_DELAY_S = 0.25  # ...and at the latest this long after the first of them was acknowledged
 _INSERT_CHUNK = 128  # rows per INSERT statement
 _STOP = object()
 _WAKE = object()  # an announced write was called off: a lingering group need not wait for it
+
+
+class JournalWriter(Protocol):
+    """Turns items into results and journal entries in memory (writer thread), without DuckDB."""
+
+    def prepare(self, conn: Conn, items: list[Any]) -> tuple[list[Any], list[Entry]]:
+        """Results and entries for `items`; `conn` only for state first loaded from the catalog."""
+
+    def undo(self) -> None:
+        """Forget the last `prepare`: its entries never reached the journal."""
 
 
 class CatalogLocked(Exception):
@@ -55,10 +74,13 @@ class CatalogLocked(Exception):
 class Catalog:
     """The gateway's DuckDB catalog (devices, batches, images, outbox)."""
 
-    def __init__(self, path: Path, threads: int = 1, linger: float = LINGER_S) -> None:
+    def __init__(self, path: Path, threads: int = 1, linger: float = LINGER_S, apply_max: int = APPLY_MAX,
+                 apply_delay: float = APPLY_DELAY_S) -> None:
         self.path = path
         self.threads = threads
         self.linger = linger
+        self.apply_max = apply_max
+        self.apply_delay = apply_delay
         self._expected = 0  # announced writes not yet queued (see `expect`)
         self._expected_lock = threading.Lock()
         self._conn: Conn | None = None
@@ -70,6 +92,13 @@ class Catalog:
         self.commits = 0
         self.ops = 0
         self.rollbacks = 0  # writer-thread state kept in memory is stale after one (see CollectingBatches)
+        self.journal = Journal(path.with_name(path.name + ".journal"))
+        self._pending: list[Entry] = []  # acknowledged, not yet in DuckDB (writer thread)
+        self.pending_entries = 0  # len(_pending), read by other threads
+        self._pending_since = 0.0
+        self._apply_failed: BaseException | None = None
+        self.replayed = 0  # entries found in the journal at open (a crash left them)
+        self.on_applied: Callable[[], None] | None = None  # journal entries reached DuckDB (writer thread)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -82,6 +111,15 @@ class Catalog:
                 raise CatalogLocked(str(exc)) from exc
             raise
         migrate(self._conn)
+        self._pending, self.pending_entries, self._apply_failed = [], 0, None
+        left = self.journal.open()
+        if left:  # a crash: these were acknowledged; put them where they belong before anything reads
+            self._conn.execute("BEGIN TRANSACTION")
+            apply_entries(self._conn, left, replay=True)
+            self._conn.execute("COMMIT")
+            self.replayed = len(left)
+            log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
+        self.journal.reset()
         self._writer = threading.Thread(target=self._write_loop, name="catalog-writer", daemon=True)
         self._writer.start()
 
@@ -96,6 +134,7 @@ class Catalog:
                 with contextlib.suppress(duckdb.Error):
                     cur.close()
             self._cursors.clear()
+        self.journal.close()  # anything still in it (DuckDB refused it) is replayed at the next open
         if self._conn is not None:
             try:
                 self._conn.execute("CHECKPOINT")
@@ -115,6 +154,10 @@ class Catalog:
 
     def submit_item(self, handler: BatchHandler, item: Any) -> Future[Any]:
         return self._enqueue(_Work(handler, item, Future(), batched=True))
+
+    def submit_journaled(self, writer: JournalWriter, item: Any) -> Future[Any]:
+        """Hand `item` to `writer` (batched with its neighbours); answered once journaled (fsynced)."""
+        return self._enqueue(_Work(None, item, Future(), journal=writer))
 
     def expect(self) -> Expected:
         """Announce a write that will follow shortly; submit it through the returned handle, or
@@ -156,7 +199,11 @@ class Catalog:
         conn = self._conn
         stopping = False
         while not stopping:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._apply_wait()) if self._pending else self._queue.get()
+            except queue.Empty:  # the oldest journal entry has waited long enough
+                self._apply_pending(conn)
+                continue
             if item is _STOP:
                 break
             if item is _WAKE:
@@ -175,6 +222,12 @@ class Catalog:
             if not stopping and self._expected > 0 and self.linger > 0:
                 stopping = self._linger(group)
             self._run_group(conn, group)
+            if len(self._pending) >= self.apply_max or (self._pending and self._apply_wait() <= 0):
+                self._apply_pending(conn)
+        self._apply_pending(conn)
+
+    def _apply_wait(self) -> float:
+        return max(0.0, self._pending_since + self.apply_delay - time.monotonic())
 
     def _linger(self, group: list[_Work]) -> bool:
         """Hold the group open while announced writes are outstanding, up to `linger` seconds.
@@ -195,7 +248,86 @@ class Catalog:
         return False
 
     def _run_group(self, conn: Conn, group: list[_Work]) -> None:
+        """Runs of journaled items go to the journal; other works run in a transaction, after every
+        journal entry before them has reached DuckDB."""
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
+        i = 0
+        while i < len(live):
+            writer = live[i].journal
+            j = i + 1
+            while j < len(live) and live[j].journal is writer:
+                j += 1
+            if writer is not None:
+                self._journal_run(conn, writer, live[i:j])
+            elif self._apply_pending(conn):
+                self._run_ops(conn, live[i:j])
+            else:
+                for work in live[i:j]:
+                    work.future.set_exception(self._refusal())
+            i = j
+
+    def _journal_run(self, conn: Conn, writer: JournalWriter, works: list[_Work]) -> None:
+        if self._apply_failed and not self._apply_pending(conn):
+            for work in works:  # DuckDB refuses what is pending: acknowledge nothing more on top
+                work.future.set_exception(self._refusal())
+            return
+        try:
+            results, entries = writer.prepare(conn, [w.item for w in works])
+            if len(results) != len(works):
+                raise RuntimeError("journal writer returned the wrong number of results")
+            self.journal.append([frame(e) for e in entries])
+        except Exception as exc:
+            writer.undo()
+            error: BaseException = (ServiceUnavailable("Catalog unavailable", f"journal: {exc}"[:200])
+                                    if isinstance(exc, OSError) else _as_domain_error(exc))
+            if isinstance(exc, OSError):
+                log.error("catalog journal write failed: %s", exc)
+            for work in works:
+                work.future.set_exception(error)
+            return
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.extend(entries)
+        self.pending_entries = len(self._pending)
+        self.ops += len(works)
+        for work, result in zip(works, results, strict=True):
+            work.future.set_result(result)
+
+    def _apply_pending(self, conn: Conn) -> bool:
+        """Move every acknowledged journal entry into DuckDB in one transaction; False if DuckDB
+        refused (the entries stay pending, and in the journal)."""
+        if not self._pending:
+            return True
+        try:
+            conn.execute("BEGIN TRANSACTION")
+            apply_entries(conn, self._pending, replay=False)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(duckdb.Error):
+                conn.execute("ROLLBACK")
+            if not self._apply_failed:
+                log.error("catalog: %d journaled write(s) could not be applied yet: %s", len(self._pending), exc)
+            self._apply_failed = exc
+            return False
+        self.commits += 1
+        self._pending.clear()
+        self.pending_entries = 0
+        self._apply_failed = None
+        try:
+            self.journal.reset()
+        except OSError as exc:  # the entries are replayed at the next open, harmlessly
+            log.warning("catalog journal could not be emptied: %s", exc)
+        if self.on_applied is not None:
+            try:
+                self.on_applied()
+            except Exception:  # a listener's trouble is not the writer's
+                log.exception("catalog: on_applied failed")
+        return True
+
+    def _refusal(self) -> ServiceUnavailable:
+        return ServiceUnavailable("Catalog unavailable", str(self._apply_failed)[:200])
+
+    def _run_ops(self, conn: Conn, live: list[_Work]) -> None:
         if not live:
             return
         try:
@@ -222,6 +354,7 @@ class Catalog:
         i = 0
         while i < len(works):
             work = works[i]
+            assert work.fn is not None  # journaled works never come here
             if not work.batched:
                 results.append(work.fn(conn))
                 i += 1
@@ -256,8 +389,15 @@ class Catalog:
 
     # -- reads -----------------------------------------------------------------------------
 
+    def flush_sync(self) -> None:
+        """Wait until every acknowledged journal entry is in DuckDB (503 if DuckDB refuses them)."""
+        if self.pending_entries and self._writer is not None and threading.current_thread() is not self._writer:
+            self.submit(_nothing).result()
+
     def cursor(self) -> Conn:
-        """This thread's own cursor on the catalog (DuckDB connections are not shared by threads)."""
+        """This thread's own cursor on the catalog (DuckDB connections are not shared by threads).
+        Readers see every acknowledged write: journal entries are flushed into DuckDB first."""
+        self.flush_sync()
         cur: Conn | None = getattr(self._local, "cursor", None)
         if cur is None:
             if self._conn is None:
@@ -285,11 +425,27 @@ class Catalog:
         return total
 
 
-def insert_rows(conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+def apply_entries(conn: Conn, entries: list[Entry], replay: bool) -> None:
+    """Journal entries into DuckDB: rows table by table (one INSERT per table and chunk), then the
+    statements in order. `replay` skips rows already there (an entry applied before a crash)."""
+    tables: dict[tuple[str, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+    for entry in entries:
+        for rows in entry.rows:
+            tables.setdefault((rows.table, rows.columns), []).extend(rows.values)
+    for (table, columns), values in tables.items():
+        insert_rows(conn, table, columns, values, or_ignore=replay)
+    for entry in entries:
+        for sql, params in entry.statements:
+            conn.execute(sql, params)
+
+
+def insert_rows(conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
+                or_ignore: bool = False) -> None:
     """INSERT many rows as `VALUES (?, ...), (?, ...)`: measured about 30 % cheaper in DuckDB than
-    `SELECT unnest(?), ...` over lists, and far cheaper than a statement per row."""
+    `SELECT unnest(?), ...` over lists, and far cheaper than a statement per row. `or_ignore`
+    skips rows whose key is already there (journal replay)."""
     one = "(" + ", ".join("?" * len(columns)) + ")"
-    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    head = f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO {table} ({', '.join(columns)}) VALUES "
     for start in range(0, len(rows), _INSERT_CHUNK):
         part = rows[start : start + _INSERT_CHUNK]
         conn.execute(head + ", ".join([one] * len(part)), [v for row in part for v in row])
@@ -304,11 +460,17 @@ class Expected:
         self._catalog = catalog
         self._open = True
 
+    def submit_journaled(self, writer: JournalWriter, item: Any) -> Future[Any]:
+        return self._submit(_Work(None, item, Future(), journal=writer))
+
     def submit_item(self, handler: BatchHandler, item: Any) -> Future[Any]:
+        return self._submit(_Work(handler, item, Future(), batched=True))
+
+    def _submit(self, work: _Work) -> Future[Any]:
         if not self._open:
             raise RuntimeError("this announced write was already submitted or called off")
         self._open = False
-        future = self._catalog._settle(_Work(handler, item, Future(), batched=True))
+        future = self._catalog._settle(work)
         assert future is not None
         return future
 
@@ -328,13 +490,19 @@ class Expected:
 
 
 class _Work:
-    __slots__ = ("batched", "fn", "future", "item")
+    __slots__ = ("batched", "fn", "future", "item", "journal")
 
-    def __init__(self, fn: Callable[..., Any], item: Any, future: Future[Any], batched: bool = False) -> None:
+    def __init__(self, fn: Callable[..., Any] | None, item: Any, future: Future[Any], batched: bool = False,
+                 journal: JournalWriter | None = None) -> None:
         self.fn = fn
         self.item = item
         self.future = future
         self.batched = batched
+        self.journal = journal
+
+
+def _nothing(conn: Conn) -> None:
+    """A write that only makes the writer flush the journal first."""
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:

@@ -1,0 +1,54 @@
+"""The catalog journal's file: whole frames survive, a torn or corrupt tail ends it, reset empties it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.catalog.journal import Entry, Journal, Rows, frame, parse
+
+
+def _entry(n: int) -> Entry:
+    return Entry(rows=[Rows(table="notes", columns=("v", "b"), values=[(f"note-{n}", b"\x00\xff" * n)])],
+                 statements=[("UPDATE notes SET v = v WHERE v = ?", [f"note-{n}"])])
+
+
+def test_frames_round_trip(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    assert j.open() == []
+    j.append([frame(_entry(1)), frame(_entry(2))])
+    j.append([frame(_entry(3))])
+    j.close()
+    again = Journal(tmp_path / "j")
+    assert again.open() == [_entry(1), _entry(2), _entry(3)]
+    assert again.size == (tmp_path / "j").stat().st_size
+
+
+def test_a_torn_tail_is_dropped_and_new_frames_follow_the_last_whole_one(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    whole = frame(_entry(1)) + frame(_entry(2))
+    path.write_bytes(whole + frame(_entry(3))[:-5])  # the write of entry 3 never returned
+    j = Journal(path)
+    assert j.open() == [_entry(1), _entry(2)]
+    assert path.stat().st_size == len(whole)
+    j.append([frame(_entry(4))])
+    j.close()
+    assert Journal(path).open() == [_entry(1), _entry(2), _entry(4)]
+
+
+def test_a_corrupt_frame_ends_the_journal() -> None:
+    one, two = frame(_entry(1)), bytearray(frame(_entry(2)))
+    two[-1] ^= 0xFF  # a flipped bit in the body: the CRC does not match
+    entries, good = parse(one + bytes(two) + frame(_entry(3)))
+    assert entries == [_entry(1)] and good == len(one)
+    assert parse(b"\x00\x00") == ([], 0)  # shorter than a header
+
+
+def test_reset_empties_the_file(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.open()
+    j.append([frame(_entry(1))])
+    j.reset()
+    assert (tmp_path / "j").stat().st_size == 0 and j.size == 0
+    j.append([frame(_entry(2))])
+    j.close()
+    assert Journal(tmp_path / "j").open() == [_entry(2)]
