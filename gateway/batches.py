@@ -26,6 +26,14 @@ COLLECTING, SEALED, FORWARDED, DRAINED = "collecting", "sealed", "forwarded", "d
 STATES = (COLLECTING, SEALED, FORWARDED, DRAINED)
 
 
+# A collecting batch opens, and fills. In the uploads' journal entries the opening is a row
+# (inserted OR IGNORE on replay) and the seal this statement, which a replay may run twice.
+OPEN_SQL = "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)"
+OPEN_COLUMNS = ("batch_id", "device_id", "state", "opened_at")
+SEAL_SQL = ("UPDATE batches SET state = 'sealed', sealed_at = ?, image_count = ?, total_bytes = ? "
+            "WHERE batch_id = ? AND state = 'collecting'")
+
+
 def new_batch_id() -> str:
     return f"batch_{uuid.uuid4()}"
 
@@ -78,23 +86,45 @@ class CollectingBatches:
         """Add each (device_id, size) upload to its device's collecting batch, opening one where
         none is collecting. Returns, per upload, its batch id and whether it filled (and so
         sealed) the batch. Statements only for a batch that opens or fills."""
+        plan = self.plan(conn, uploads, now, max_images)
+        for batch_id, device_id, opened_at in plan.opened:
+            conn.execute(OPEN_SQL, [batch_id, device_id, opened_at])
+        for params in plan.sealed:
+            self._seal_row(conn, params)
+        return plan.placed
+
+    def plan(self, conn: Conn, uploads: list[tuple[str, int]], now: float, max_images: int) -> Placement:
+        """`place` in memory only: the batches it opens and seals are for the caller to write
+        (the uploads' journal entries do). `conn` only to load the state at first use."""
         state = self._state(conn)
-        out: list[tuple[str, bool]] = []
+        plan = Placement()
         for device_id, size in uploads:
             batch = state.get(device_id)
             if batch is None:
                 batch = state[device_id] = _Open(new_batch_id(), now)
-                conn.execute(
-                    "INSERT INTO batches (batch_id, device_id, state, opened_at) VALUES (?, ?, 'collecting', ?)",
-                    [batch.batch_id, device_id, now],
-                )
+                plan.opened.append((batch.batch_id, device_id, now))
             batch.count += 1
             batch.size += size
             full = batch.count >= max_images
-            out.append((batch.batch_id, full))
+            plan.placed.append((batch.batch_id, full))
             if full:
-                self._seal(conn, state.pop(device_id), now)
-        return out
+                state.pop(device_id)
+                plan.sealed.append([now, batch.count, batch.size, batch.batch_id])
+        return plan
+
+    def snapshot(self) -> object:
+        """The in-memory state, for `restore` should the writes planned next never be made."""
+        if self._open is None:
+            return None
+        return ({d: _Open(b.batch_id, b.opened_at, b.count, b.size) for d, b in self._open.items()},
+                self._loaded_at_rollbacks)
+
+    def restore(self, snap: object) -> None:
+        if snap is None:
+            self._open = None
+            return
+        assert isinstance(snap, tuple)
+        self._open, self._loaded_at_rollbacks = snap
 
     def seal_due(self, conn: Conn, now: float, timeout_s: float) -> list[str]:
         """Seal every collecting batch opened at least `timeout_s` ago; returns their ids."""
@@ -114,14 +144,26 @@ class CollectingBatches:
         return str(row[0])
 
     def _seal(self, conn: Conn, batch: _Open, now: float) -> str:
-        done = conn.execute(
-            "UPDATE batches SET state = 'sealed', sealed_at = ?, image_count = ?, total_bytes = ? "
-            "WHERE batch_id = ? AND state = 'collecting'",
-            [now, batch.count, batch.size, batch.batch_id],
-        ).fetchone()
-        if not done or done[0] != 1:  # out of step with the catalog: roll back, and reload
-            raise RuntimeError(f"collecting batch {batch.batch_id} is not collecting in the catalog")
+        self._seal_row(conn, [now, batch.count, batch.size, batch.batch_id])
         return batch.batch_id
+
+    @staticmethod
+    def _seal_row(conn: Conn, params: list[object]) -> None:
+        done = conn.execute(SEAL_SQL, params).fetchone()
+        if not done or done[0] != 1:  # out of step with the catalog: roll back, and reload
+            raise RuntimeError(f"collecting batch {params[-1]} is not collecting in the catalog")
+
+
+class Placement:
+    """What `CollectingBatches.plan` decided: per upload (batch_id, filled it); batches opened as
+    (batch_id, device_id, opened_at); batches sealed as SEAL_SQL parameters."""
+
+    __slots__ = ("opened", "placed", "sealed")
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[str, bool]] = []
+        self.opened: list[tuple[str, str, float]] = []
+        self.sealed: list[list[object]] = []
 
 
 def mark_forwarded_when_delivered(conn: Conn, now: float, forwarding_on: bool) -> list[str]:

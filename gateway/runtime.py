@@ -130,7 +130,14 @@ class Gateway:
             fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
                                              self.clock)
             fwd.on_delivered_bytes = self.throughput.record_delivered
-            self.ingestor.on_recorded = fwd.notify
+            # New outbox entries are visible once the catalog has moved its journal into DuckDB.
+            loop = asyncio.get_running_loop()
+
+            def applied() -> None:  # in the catalog writer thread
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(fwd.notify)
+
+            self.catalog.on_applied = applied
             if s.forward.delete_after_days > 0:
                 self.retention = RetentionSweeper(self.catalog, self.store, self.metrics, s.forward.delete_after_days,
                                                   bool(s.sync.token), self.clock)

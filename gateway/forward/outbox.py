@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 
 from gateway.catalog import Conn
-from gateway.catalog.db import insert_rows
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 
@@ -33,10 +32,12 @@ def enqueue(conn: Conn, image_id: str, seq: int, device_id: str, size: int, now:
     )
 
 
-def enqueue_many(conn: Conn, rows: list[tuple[str, int, str, int, float, bool]]) -> None:
-    """One outbox entry per (image_id, seq, device_id, size, now, held), in one statement."""
-    insert_rows(conn, "outbox", ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at"),
-                [(r[0], r[1], r[2], r[3], HELD if r[5] else PENDING, r[4], r[4]) for r in rows])
+ENQUEUE_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
+
+
+def enqueue_row(image_id: str, seq: int, device_id: str, size: int, now: float, held: bool) -> tuple[object, ...]:
+    """A new outbox entry's values, in ENQUEUE_COLUMNS order."""
+    return (image_id, seq, device_id, size, HELD if held else PENDING, now, now)
 
 
 class Entry(msgspec.Struct, kw_only=True):

@@ -22,7 +22,8 @@ import msgspec
 
 from gateway import batches
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.db import insert_rows
+from gateway.catalog.db import apply_entries
+from gateway.catalog.journal import Entry, Rows
 from gateway.config import Settings
 from gateway.devices import Device
 from gateway.errors import DuplicateImage, GatewayError
@@ -92,8 +93,8 @@ class Ingestor:
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
         self._seq = 0
         self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
+        self._undo_state: tuple[int, object] = (0, None)
         self.on_sealed: Callable[[str], None] | None = None
-        self.on_recorded: Callable[[], None] | None = None  # a new outbox entry was committed (wakes the forwarder)
 
     @property
     def active_intents(self) -> set[str]:
@@ -116,7 +117,9 @@ class Ingestor:
     async def load_seen_keys(self) -> None:
         """(Re)build the filter of stored dedup keys from the catalog."""
         self._seen_wanted = anyio.Event()
-        self._seen_claimed = []  # keys claimed while the catalog is being read
+        # Keys claimed while the catalog is being read, and those of uploads in progress now,
+        # whose rows may reach the catalog only after the read.
+        self._seen_claimed = list(self._inflight)
         seen = await anyio.to_thread.run_sync(self._read_seen)
         for key in self._seen_claimed:
             seen.add(key)
@@ -265,7 +268,7 @@ class Ingestor:
                 # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
                 _truncate(image.path)
                 raise
-            recorded = record.submit_item(self._record_many, new)
+            recorded = record.submit_journaled(self, new)
         try:
             result: UploadResult = await asyncio.wrap_future(recorded)
         except Exception:
@@ -274,8 +277,6 @@ class Ingestor:
             await self._discard_object(new.storage_key, image.path)
             raise
         _unlink(image.path)
-        if self.on_recorded is not None:
-            self.on_recorded()
         if result.batch_sealed and self.on_sealed is not None:
             self.on_sealed(result.batch_id)
         return result
@@ -294,28 +295,47 @@ class Ingestor:
             return
         _unlink(spool_path)
 
-    def _record_many(self, conn: Conn, items: list[_NewImage]) -> list[UploadResult]:
-        """Catalog batch op: image rows, batch membership and outbox entries for a group of uploads,
-        a few statements per group rather than per upload (DuckDB is fast per statement, slow per row).
+    def prepare(self, conn: Conn, items: list[_NewImage]) -> tuple[list[UploadResult], list[Entry]]:
+        """Catalog journal writer: the journal entries that record a group of uploads (image row,
+        batch membership, outbox entry), planned in memory; the catalog acknowledges them once
+        fsynced, and moves them into DuckDB in large batches (`catalog.journal`).
 
-        No duplicate check here: `upload` holds the dedup key from its check until this commits, and
-        this process is the catalog's only writer, so no other upload of those bytes can slip in."""
-        placed = self.collecting.place(
+        No duplicate check here: `upload` holds the dedup key from its check until this is
+        journaled, and this process is the catalog's only writer, so no other upload of those
+        bytes can slip in."""
+        self._undo_state = (self._seq, self.collecting.snapshot())
+        plan = self.collecting.plan(
             conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images)
-        seqs = list(range(self._seq + 1, self._seq + 1 + len(items)))
-        insert_rows(conn, "images", _IMAGE_COLUMNS, [
-            (n.image_id, seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128, n.storage_key,
-             n.metadata, n.received_at)
-            for n, seq, (batch_id, _) in zip(items, seqs, placed, strict=True)
-        ])
-        outbox.enqueue_many(conn, [(n.image_id, seq, n.device_id, n.size, n.received_at, n.held)
-                                   for n, seq in zip(items, seqs, strict=True)])
-        self._seq = seqs[-1]  # only after every statement succeeded (a failed group is re-run)
-        return [
-            UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key, batch_sealed=sealed,
-                         size=n.size)
-            for n, (batch_id, sealed) in zip(items, placed, strict=True)
-        ]
+        opened = {batch_id: (batch_id, device_id, "collecting", at) for batch_id, device_id, at in plan.opened}
+        sealed = {params[-1]: params for params in plan.sealed}
+        entries, results = [], []
+        for n, (batch_id, full) in zip(items, plan.placed, strict=True):
+            self._seq += 1
+            rows = []
+            if (batch := opened.pop(batch_id, None)) is not None:
+                rows.append(Rows(table="batches", columns=batches.OPEN_COLUMNS, values=[batch]))
+            rows.append(Rows(table="images", columns=_IMAGE_COLUMNS, values=[(
+                n.image_id, self._seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128,
+                n.storage_key, n.metadata, n.received_at)]))
+            rows.append(Rows(table="outbox", columns=outbox.ENQUEUE_COLUMNS,
+                             values=[outbox.enqueue_row(n.image_id, self._seq, n.device_id, n.size, n.received_at,
+                                                        n.held)]))
+            seal = [(batches.SEAL_SQL, sealed.pop(batch_id))] if full else []
+            entries.append(Entry(rows=rows, statements=seal))
+            results.append(UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key,
+                                        batch_sealed=full, size=n.size))
+        return results, entries
+
+    def undo(self) -> None:
+        """The entries of the last `prepare` never reached the journal: forget what it planned."""
+        self._seq, snap = self._undo_state
+        self.collecting.restore(snap)
+
+    def _record_many(self, conn: Conn, items: list[_NewImage]) -> list[UploadResult]:
+        """Record uploads straight into DuckDB, in the caller's transaction (no journal)."""
+        results, entries = self.prepare(conn, items)
+        apply_entries(conn, entries, replay=False)
+        return results
 
 
 def store_wants_files(store: ObjectStore | None) -> bool:
