@@ -419,7 +419,7 @@ class Catalog:
 
     def file_bytes(self) -> int:
         total = 0
-        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+        for p in (self.path, self.path.with_name(self.path.name + ".wal"), self.journal.path):
             with contextlib.suppress(OSError):
                 total += p.stat().st_size
         return total
