@@ -52,6 +52,7 @@ _MAX_GROUP = 256
 LINGER_S = 0.008  # how long a group may wait for announced writes (see the module's docstring)
 APPLY_MAX = 512  # journal entries are moved into DuckDB in one transaction once this many wait...
 APPLY_DELAY_S = 0.25  # ...and at the latest this long after the first of them was acknowledged
+APPLY_RETRY_S = 1.0  # while DuckDB refuses them, the writer retries on its own this often
 _INSERT_CHUNK = 128  # rows per INSERT statement
 _STOP = object()
 _WAKE = object()  # an announced write was called off: a lingering group need not wait for it
@@ -97,6 +98,7 @@ class Catalog:
         self.pending_entries = 0  # len(_pending), read by other threads
         self._pending_since = 0.0
         self._apply_failed: BaseException | None = None
+        self._retry_at = 0.0
         self.replayed = 0  # entries found in the journal at open (a crash left them)
         self.on_applied: Callable[[], None] | None = None  # journal entries reached DuckDB (writer thread)
 
@@ -112,14 +114,21 @@ class Catalog:
             raise
         migrate(self._conn)
         self._pending, self.pending_entries, self._apply_failed = [], 0, None
-        left = self.journal.open()
-        if left:  # a crash: these were acknowledged; put them where they belong before anything reads
-            self._conn.execute("BEGIN TRANSACTION")
-            apply_entries(self._conn, left, replay=True)
-            self._conn.execute("COMMIT")
-            self.replayed = len(left)
-            log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
-        self.journal.reset()
+        try:
+            left = self.journal.open()
+            if left:  # a crash: these were acknowledged; put them where they belong before anything reads
+                self._conn.execute("BEGIN TRANSACTION")
+                apply_entries(self._conn, left, replay=True)
+                self._conn.execute("COMMIT")
+                self.replayed = len(left)
+                log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
+            self.journal.reset()
+        except (OSError, duckdb.Error) as exc:
+            self.journal.close()
+            self._conn.close()
+            self._conn = None
+            raise ServiceUnavailable("Catalog journal could not be replayed",
+                                     f"{self.journal.path} is kept as it is: {exc}"[:300]) from exc
         self._writer = threading.Thread(target=self._write_loop, name="catalog-writer", daemon=True)
         self._writer.start()
 
@@ -227,7 +236,8 @@ class Catalog:
         self._apply_pending(conn)
 
     def _apply_wait(self) -> float:
-        return max(0.0, self._pending_since + self.apply_delay - time.monotonic())
+        due = self._retry_at if self._apply_failed else self._pending_since + self.apply_delay
+        return max(0.0, due - time.monotonic())
 
     def _linger(self, group: list[_Work]) -> bool:
         """Hold the group open while announced writes are outstanding, up to `linger` seconds.
@@ -308,6 +318,7 @@ class Catalog:
             if not self._apply_failed:
                 log.error("catalog: %d journaled write(s) could not be applied yet: %s", len(self._pending), exc)
             self._apply_failed = exc
+            self._retry_at = time.monotonic() + APPLY_RETRY_S  # meanwhile only a new write or read retries
             return False
         self.commits += 1
         self._pending.clear()

@@ -62,7 +62,14 @@ class Journal:
 
     def open(self) -> list[Entry]:
         """Open the file, returning the entries it holds (left by a crash), intact ones only."""
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if created:  # the file's own name must survive a power cut too
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         with open(self.path, "rb") as fh:
             data = fh.read()
         entries, good = parse(data)

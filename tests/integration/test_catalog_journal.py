@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.journal import Entry, Rows
+from gateway.catalog.journal import Entry, Rows, frame
 from gateway.errors import ServiceUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +197,51 @@ def test_a_replay_of_entries_already_applied_doubles_nothing(tmp_path: Path) -> 
         assert cat.replayed == 3 and _notes(cat) == ["d0", "d1", "d2"]
     finally:
         cat.close()
+
+
+class Later(Notes):
+    """Rows for a table that does not exist yet: DuckDB refuses them until it is created."""
+
+    def prepare(self, conn: Conn, items: list[str]) -> tuple[list[Any], list[Entry]]:
+        results, _ = super().prepare(conn, items)
+        return results, [Entry(rows=[Rows(table="later", columns=("v",), values=[(i,)])]) for i in items]
+
+
+def test_while_duckdb_refuses_the_journal_nothing_more_is_acknowledged_and_nothing_is_lost(tmp_path: Path) -> None:
+    cat = _open(tmp_path / "c.duckdb", apply_delay=0.05)
+    assert cat._conn is not None
+    side = cat._conn.cursor()  # to create the table behind the writer's back, below
+    try:
+        assert cat.submit_journaled(Later(), "early").result(timeout=10) == "ok:early"  # journaled: answered
+        time.sleep(0.3)  # its apply failed: no table
+        assert cat.pending_entries == 1
+        with pytest.raises(ServiceUnavailable):
+            cat.submit_journaled(Notes(), "refused").result(timeout=10)
+        with pytest.raises(ServiceUnavailable):
+            cat.flush_sync()  # readers get 503 rather than a state without the answered write
+        side.execute("CREATE TABLE later (v VARCHAR PRIMARY KEY)")
+        deadline = time.monotonic() + 10
+        while cat.pending_entries and time.monotonic() < deadline:
+            time.sleep(0.05)  # retried on the writer's own schedule
+        assert cat.pending_entries == 0
+        assert cat.read_sync(lambda c: c.execute("SELECT v FROM later").fetchall()) == [("early",)]
+        assert cat.submit_journaled(Notes(), "after").result(timeout=10) == "ok:after"
+    finally:
+        side.close()
+        cat.close()
+
+
+def test_a_journal_that_cannot_be_replayed_stops_the_open_and_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "c.duckdb"
+    cat = _open(path, apply_delay=SLOW)
+    cat.close()
+    journal = tmp_path / "c.duckdb.journal"
+    journal.write_bytes(frame(Entry(rows=[Rows(table="nowhere", columns=("v",), values=[("x",)])])))
+    saved = journal.read_bytes()
+    with pytest.raises(ServiceUnavailable) as caught:
+        Catalog(path).open()
+    assert str(journal) in str(caught.value.details)
+    assert journal.read_bytes() == saved
+    journal.write_bytes(b"")
+    cat = _open(path)  # the file is free again: the failed open let go of DuckDB's lock
+    cat.close()
