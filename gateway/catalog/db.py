@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import duckdb
 
-from gateway.catalog.journal import Entry, Journal, frame
+from gateway.catalog.journal import Entry, Journal, Update, frame
 from gateway.catalog.schema import migrate
 from gateway.errors import ServiceUnavailable
 from gateway.osthread import name_this_thread
@@ -445,9 +445,21 @@ def apply_entries(conn: Conn, entries: list[Entry], replay: bool) -> None:
             tables.setdefault((rows.table, rows.columns), []).extend(rows.values)
     for (table, columns), values in tables.items():
         insert_rows(conn, table, columns, values, or_ignore=replay)
+    run_updates(conn, [u for entry in entries for u in entry.updates])
     for entry in entries:
         for sql, params in entry.statements:
             conn.execute(sql, params)
+
+
+def run_updates(conn: Conn, updates: list[Update]) -> None:
+    """Batched updates: one statement per kind (and chunk of rows), `{rows}` filled with theirs."""
+    kinds: dict[tuple[str, str], list[Update]] = {}
+    for u in updates:
+        kinds.setdefault((u.sql, u.row), []).append(u)
+    for (sql, row), same in kinds.items():
+        for start in range(0, len(same), _INSERT_CHUNK):
+            part = same[start : start + _INSERT_CHUNK]
+            conn.execute(sql.format(rows=", ".join([row] * len(part))), [v for u in part for v in u.params])
 
 
 def insert_rows(conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
@@ -487,6 +499,9 @@ class Expected:
 
     async def write_item(self, handler: BatchHandler, item: Any) -> Any:
         return await asyncio.wrap_future(self.submit_item(handler, item))
+
+    async def write_journaled(self, writer: JournalWriter, item: Any) -> Any:
+        return await asyncio.wrap_future(self.submit_journaled(writer, item))
 
     def cancel(self) -> None:
         if self._open:

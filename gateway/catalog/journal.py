@@ -36,11 +36,22 @@ class Rows(msgspec.Struct, array_like=True, frozen=True):
     values: list[tuple[Any, ...]]
 
 
+class Update(msgspec.Struct, array_like=True, frozen=True):
+    """One row's share of a batched statement: `sql` holds `{rows}`, which becomes `row` repeated
+    once per update sharing the statement, and `params` are this row's (see `apply_entries`)."""
+
+    sql: str
+    row: str
+    params: list[Any]
+
+
 class Entry(msgspec.Struct, array_like=True, frozen=True):
-    """One acknowledged write: rows to insert, then idempotent statements (sql, params) to run."""
+    """One acknowledged write: rows to insert, then batched updates, then statements (sql, params).
+    Updates and statements must be idempotent: a replay may run them twice."""
 
     rows: list[Rows]
     statements: list[tuple[str, list[Any]]] = []
+    updates: list[Update] = []
 
 
 _encode = msgspec.msgpack.Encoder().encode

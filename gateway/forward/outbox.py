@@ -19,7 +19,9 @@ from typing import Any
 
 import msgspec
 
-from gateway.catalog import Conn
+from gateway.catalog import Conn, journal
+from gateway.catalog.db import run_updates
+from gateway.catalog.journal import Update
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 
@@ -88,27 +90,43 @@ class Delivery(msgspec.Struct, frozen=True):
     cloud_storage_key: str | None = None
 
 
+# pending -> delivered, and the cloud's ids on the image: batched updates (index look-ups by image
+# id), so that a group of deliveries costs two statements, not two per delivery.
+_DELIVERED = ("UPDATE outbox SET state = 'delivered', delivered_at = v.done_at, last_status = v.status, "
+              "attempts = outbox.attempts + 1 FROM (VALUES {rows}) v(id, done_at, status) "
+              "WHERE outbox.image_id = v.id AND outbox.state = 'pending'")
+_CLOUD_IDS = ("UPDATE images SET cloud_image_id = coalesce(v.image_key, images.cloud_image_id), "
+              "cloud_batch_id = coalesce(v.batch_key, images.cloud_batch_id), "
+              "cloud_storage_key = coalesce(v.storage_key, images.cloud_storage_key) "
+              "FROM (VALUES {rows}) v(id, image_key, batch_key, storage_key) WHERE images.image_id = v.id")
+
+
+def delivery_updates(d: Delivery) -> list[Update]:
+    """The updates that record one delivery; idempotent (a replay finds the entry delivered)."""
+    out = [Update(sql=_DELIVERED, row="(?, ?::DOUBLE, ?::INTEGER)", params=[d.image_id, d.at, d.status])]
+    if d.cloud_image_id or d.cloud_batch_id or d.cloud_storage_key:
+        out.append(Update(sql=_CLOUD_IDS, row="(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)",
+                          params=[d.image_id, d.cloud_image_id, d.cloud_batch_id, d.cloud_storage_key]))
+    return out
+
+
 def mark_delivered(conn: Conn, deliveries: list[Delivery]) -> list[None]:
-    """pending -> delivered, with the cloud's ids on the image. A catalog batch handler: a group
-    of deliveries costs two statements (index look-ups by image id), not two per delivery."""
-    rows = ", ".join(["(?, ?::DOUBLE, ?::INTEGER)"] * len(deliveries))
-    conn.execute(
-        "UPDATE outbox SET state = 'delivered', delivered_at = v.done_at, last_status = v.status, "
-        f"attempts = outbox.attempts + 1 FROM (VALUES {rows}) v(id, done_at, status) "
-        "WHERE outbox.image_id = v.id AND outbox.state = 'pending'",
-        [x for d in deliveries for x in (d.image_id, d.at, d.status)],
-    )
-    with_ids = [d for d in deliveries if d.cloud_image_id or d.cloud_batch_id or d.cloud_storage_key]
-    if with_ids:
-        rows = ", ".join(["(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)"] * len(with_ids))
-        conn.execute(
-            "UPDATE images SET cloud_image_id = coalesce(v.image_key, images.cloud_image_id), "
-            "cloud_batch_id = coalesce(v.batch_key, images.cloud_batch_id), "
-            "cloud_storage_key = coalesce(v.storage_key, images.cloud_storage_key) "
-            f"FROM (VALUES {rows}) v(id, image_key, batch_key, storage_key) WHERE images.image_id = v.id",
-            [x for d in with_ids for x in (d.image_id, d.cloud_image_id, d.cloud_batch_id, d.cloud_storage_key)],
-        )
+    """Record deliveries straight into DuckDB (a catalog batch handler)."""
+    run_updates(conn, [u for d in deliveries for u in delivery_updates(d)])
     return [None] * len(deliveries)
+
+
+class DeliveryJournal:
+    """Catalog journal writer for deliveries: answered once journaled, applied with the next batch."""
+
+    def prepare(self, conn: Conn, items: list[Delivery]) -> tuple[list[None], list[journal.Entry]]:
+        return [None] * len(items), [journal.Entry(rows=[], updates=delivery_updates(d)) for d in items]
+
+    def undo(self) -> None:
+        """Nothing is kept in memory."""
+
+
+DELIVERIES = DeliveryJournal()
 
 
 def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:

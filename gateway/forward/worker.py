@@ -292,7 +292,7 @@ class Forwarder:
         now = self.clock()
         self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
         if outcome.kind == DELIVERED:
-            await record.write_item(outbox.mark_delivered, outbox.Delivery(
+            await record.write_journaled(outbox.DELIVERIES, outbox.Delivery(
                 image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
                 cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
             self.gate.on_success()

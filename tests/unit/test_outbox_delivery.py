@@ -42,3 +42,19 @@ def test_a_group_of_deliveries_marks_each_with_its_own_answer(tmp_path: Path) ->
                        ).fetchall()
     assert ids == [("img_1", "c1", "cb", "ck1"), ("img_2", None, None, None), ("img_3", "kept", "cb", None),
                    ("img_4", None, None, None)]
+
+
+def test_journaled_deliveries_applied_twice_count_once(tmp_path: Path) -> None:
+    """A replay after a crash between DuckDB's commit and the journal's reset runs them again."""
+    from gateway.catalog.db import apply_entries
+
+    conn = _catalog(tmp_path / "catalog.duckdb")
+    _, entries = outbox.DELIVERIES.prepare(conn, [
+        outbox.Delivery(image_id="img_1", at=100.0, status=201, cloud_image_id="c1"),
+        outbox.Delivery(image_id="img_2", at=101.0, status=409),
+    ])
+    for _ in range(2):
+        apply_entries(conn, entries, replay=True)
+    rows = conn.execute("SELECT image_id, state, attempts, delivered_at FROM outbox ORDER BY seq").fetchall()
+    assert rows[:2] == [("img_1", "delivered", 1, 100.0), ("img_2", "delivered", 1, 101.0)]
+    assert conn.execute("SELECT cloud_image_id FROM images WHERE image_id = 'img_1'").fetchone() == ("c1",)
