@@ -167,9 +167,10 @@ def serve(settings: Settings) -> int:
     import hypercorn.asyncio
     from hypercorn.config import Config as HypercornConfig
 
-    from gateway import logs
+    from gateway import logs, malloc
     from gateway.app import create_app
 
+    malloc.tune_for_images()
     logs.configure(settings.log.level, settings.log.format)
     app = create_app(settings)
     config = HypercornConfig()
