@@ -8,17 +8,19 @@ bad op never fails its neighbours. Hot paths may instead submit *items* to a bat
 `handler(conn, items) -> results`: consecutive items for one handler are handed over together, so
 a group of uploads costs a handful of statements rather than a handful per upload.
 
-A transaction costs about the same in DuckDB for one row as for dozens (0.6-1 ms a statement), so
-the writer makes groups bigger where it can wait for them: a caller that knows a write is on its
-way (an upload whose object is being stored) announces it with `expect()`, and while announced
+A transaction costs about the same in DuckDB for one row as for dozens, so the writer makes groups
+bigger where it can wait for them: a caller that knows a write is on its way (an upload whose
+object is being stored, a delivery being sent) announces it with `expect()`, and while announced
 writes are outstanding the writer holds a group open for up to `linger` seconds (PostgreSQL's
-`commit_delay` with `commit_siblings`). With nothing announced, a write is committed at once.
+`commit_delay` with `commit_siblings`). With nothing announced, a write is made at once.
 
-Journaled writes (`JournalWriter`, the uploads' rows) skip DuckDB on their way to the caller: the
-writer appends them to the journal (`journal.py`), fsyncs once per group and answers; the entries
-reach DuckDB in large batches (`APPLY_MAX` entries, or `APPLY_DELAY_S` after the first), always
-before any other write runs and before any read, so every reader still sees every acknowledged
-write. A crash leaves the journal to be replayed by the next `open`.
+Journaled writes (a `JournalWriter`: the uploads' records and the forwarder's deliveries) skip
+DuckDB on their way to the caller: the writer appends them to the journal (`journal.py`), fsyncs
+once per group and answers; the entries reach DuckDB in large batches (`apply_max` entries, or
+`apply_delay` after the first), always before any other write runs and before any read, so every
+reader still sees every acknowledged write. A crash leaves the journal to be replayed by the next
+`open`. (Under load a DuckDB statement costs several times its standalone CPU: the Python binding
+hands the GIL back and forth within each statement; see journal.py.)
 Reads run in worker threads, each on its own cursor.
 """
 

@@ -2,15 +2,15 @@
 
 Under load a DuckDB statement costs the writer thread about 3 ms of CPU instead of 0.6: the Python
 binding gives up and takes back the GIL several times per statement, and each hand-over against a
-busy event loop is expensive (measured in the closing note of issue 5). An upload's rows therefore
-go first to this append-only file, fsynced once per group, and the upload is acknowledged then;
+busy event loop is expensive (README, "How it works"). An upload's rows, and a delivery's marks,
+therefore go first to this append-only file, fsynced once per group, and are acknowledged then;
 the catalog writer moves the journal's entries into DuckDB in large batches (a few statements per
 batch instead of per group) and empties the file once DuckDB has committed them.
 
 File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | msgpack(Entry)`. A frame cut
 short or failing its CRC ends the journal: it is the tail of a write that never returned, so its
 upload was never acknowledged. Replaying an entry twice is harmless (rows are inserted with
-`INSERT OR IGNORE`, statements are idempotent), so a crash between DuckDB's commit and the
+`INSERT OR IGNORE`, updates and statements are idempotent), so a crash between DuckDB's commit and the
 journal's reset loses nothing and doubles nothing.
 """
 
