@@ -4,9 +4,7 @@ DuckDB allows one read-write process per file and prefers few, larger transactio
 a function `op(conn) -> result` queued to the writer thread, which runs all queued ops in one
 transaction and commits once (group commit). Ops must have no side effects outside the database:
 if one op fails, the group is rolled back and each op is re-run in a transaction of its own, so one
-bad op never fails its neighbours. Hot paths may instead submit *items* to a batch handler
-`handler(conn, items) -> results`: consecutive items for one handler are handed over together, so
-a group of uploads costs a handful of statements rather than a handful per upload.
+bad op never fails its neighbours.
 
 A transaction costs about the same in DuckDB for one row as for dozens, so the writer makes groups
 bigger where it can wait for them: a caller that knows a write is on its way (an upload whose
@@ -47,7 +45,6 @@ from gateway.osthread import name_this_thread
 
 T = TypeVar("T")
 Conn = duckdb.DuckDBPyConnection
-BatchHandler = Callable[[Conn, list[Any]], list[Any]]
 log = logging.getLogger("gateway.catalog")
 
 _MAX_GROUP = 256
@@ -163,9 +160,6 @@ class Catalog:
     def submit(self, op: Callable[[Conn], T]) -> Future[T]:
         return self._enqueue(_Work(op, None, Future()))
 
-    def submit_item(self, handler: BatchHandler, item: Any) -> Future[Any]:
-        return self._enqueue(_Work(handler, item, Future(), batched=True))
-
     def submit_journaled(self, writer: JournalWriter, item: Any) -> Future[Any]:
         """Hand `item` to `writer` (batched with its neighbours); answered once journaled (fsynced)."""
         return self._enqueue(_Work(None, item, Future(), journal=writer))
@@ -193,10 +187,6 @@ class Catalog:
             self._queue.put(work)
         return work.future
 
-    async def write_item(self, handler: BatchHandler, item: Any) -> Any:
-        """Hand `item` to `handler` in the writer thread, batched with its neighbours; returns its result."""
-        return await asyncio.wrap_future(self.submit_item(handler, item))
-
     async def write(self, op: Callable[[Conn], T]) -> T:
         """Run `op` in the writer thread inside a committed transaction; returns its result."""
         return await asyncio.wrap_future(self.submit(op))
@@ -220,18 +210,9 @@ class Catalog:
             if item is _WAKE:
                 continue
             group: list[_Work] = [item]
-            while len(group) < _MAX_GROUP:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                if nxt is not _WAKE:
-                    group.append(nxt)
-            if not stopping and self._expected > 0 and self.linger > 0:
-                stopping = self._linger(group)
+            stopping = self._gather(group, None)
+            if not stopping and self.linger > 0:
+                stopping = self._gather(group, time.monotonic() + self.linger)
             self._run_group(conn, group)
             if len(self._pending) >= self.apply_max or (self._pending and self._apply_wait() <= 0):
                 self._apply_pending(conn)
@@ -241,16 +222,17 @@ class Catalog:
         due = self._retry_at if self._apply_failed else self._pending_since + self.apply_delay
         return max(0.0, due - time.monotonic())
 
-    def _linger(self, group: list[_Work]) -> bool:
-        """Hold the group open while announced writes are outstanding, up to `linger` seconds.
-        True if a stop arrived meanwhile."""
-        deadline = time.monotonic() + self.linger
-        while self._expected > 0 and len(group) < _MAX_GROUP:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+    def _gather(self, group: list[_Work], linger_until: float | None) -> bool:
+        """Add queued works to `group`: those queued now or, with `linger_until`, those arriving
+        until then while announced writes are outstanding. True if a stop arrived."""
+        while len(group) < _MAX_GROUP:
             try:
-                nxt = self._queue.get(timeout=left)
+                if linger_until is None:
+                    nxt = self._queue.get_nowait()
+                elif self._expected > 0 and (left := linger_until - time.monotonic()) > 0:
+                    nxt = self._queue.get(timeout=left)
+                else:
+                    break
             except queue.Empty:
                 break
             if nxt is _STOP:
@@ -362,24 +344,11 @@ class Catalog:
 
     @staticmethod
     def _apply(conn: Conn, works: list[_Work]) -> list[Any]:
-        """Run the works in order; consecutive items of one batch handler go in one call."""
-        results: list[Any] = []
-        i = 0
-        while i < len(works):
-            work = works[i]
+        """Run the ops in order."""
+        results = []
+        for work in works:
             assert work.fn is not None  # journaled works never come here
-            if not work.batched:
-                results.append(work.fn(conn))
-                i += 1
-                continue
-            j = i
-            while j < len(works) and works[j].batched and works[j].fn is work.fn:
-                j += 1
-            out = work.fn(conn, [w.item for w in works[i:j]])
-            if len(out) != j - i:
-                raise RuntimeError("batch handler returned the wrong number of results")
-            results.extend(out)
-            i = j
+            results.append(work.fn(conn))
         return results
 
     def _run_alone(self, conn: Conn, work: _Work) -> None:
@@ -488,8 +457,8 @@ class Expected:
     def submit_journaled(self, writer: JournalWriter, item: Any) -> Future[Any]:
         return self._submit(_Work(None, item, Future(), journal=writer))
 
-    def submit_item(self, handler: BatchHandler, item: Any) -> Future[Any]:
-        return self._submit(_Work(handler, item, Future(), batched=True))
+    def submit(self, op: Callable[[Conn], T]) -> Future[T]:
+        return self._submit(_Work(op, None, Future()))
 
     def _submit(self, work: _Work) -> Future[Any]:
         if not self._open:
@@ -498,9 +467,6 @@ class Expected:
         future = self._catalog._settle(work)
         assert future is not None
         return future
-
-    async def write_item(self, handler: BatchHandler, item: Any) -> Any:
-        return await asyncio.wrap_future(self.submit_item(handler, item))
 
     async def write_journaled(self, writer: JournalWriter, item: Any) -> Any:
         return await asyncio.wrap_future(self.submit_journaled(writer, item))
@@ -518,14 +484,15 @@ class Expected:
 
 
 class _Work:
-    __slots__ = ("batched", "fn", "future", "item", "journal")
+    """An op `fn(conn)`, or an item for a journal writer."""
 
-    def __init__(self, fn: Callable[..., Any] | None, item: Any, future: Future[Any], batched: bool = False,
+    __slots__ = ("fn", "future", "item", "journal")
+
+    def __init__(self, fn: Callable[[Conn], Any] | None, item: Any, future: Future[Any],
                  journal: JournalWriter | None = None) -> None:
         self.fn = fn
         self.item = item
         self.future = future
-        self.batched = batched
         self.journal = journal
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 
 from gateway.catalog import Conn, journal
-from gateway.catalog.db import run_updates
 from gateway.catalog.journal import Update
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
@@ -108,12 +107,6 @@ def delivery_updates(d: Delivery) -> list[Update]:
         out.append(Update(sql=_CLOUD_IDS, row="(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)",
                           params=[d.image_id, d.cloud_image_id, d.cloud_batch_id, d.cloud_storage_key]))
     return out
-
-
-def mark_delivered(conn: Conn, deliveries: list[Delivery]) -> list[None]:
-    """Record deliveries straight into DuckDB (a catalog batch handler)."""
-    run_updates(conn, [u for d in deliveries for u in delivery_updates(d)])
-    return [None] * len(deliveries)
 
 
 class DeliveryJournal:

@@ -22,7 +22,6 @@ import msgspec
 
 from gateway import batches
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.db import apply_entries
 from gateway.catalog.journal import Entry, Rows
 from gateway.config import Settings
 from gateway.devices import Device
@@ -330,12 +329,6 @@ class Ingestor:
         """The entries of the last `prepare` never reached the journal: forget what it planned."""
         self._seq, snap = self._undo_state
         self.collecting.restore(snap)
-
-    def _record_many(self, conn: Conn, items: list[_NewImage]) -> list[UploadResult]:
-        """Record uploads straight into DuckDB, in the caller's transaction (no journal)."""
-        results, entries = self.prepare(conn, items)
-        apply_entries(conn, entries, replay=False)
-        return results
 
 
 def store_wants_files(store: ObjectStore | None) -> bool:

@@ -52,6 +52,13 @@ def _notes(cat: Catalog) -> list[str]:
     return sorted(r[0] for r in cat.read_sync(lambda c: c.execute("SELECT v FROM notes").fetchall()))
 
 
+def _wait_applied(cat: Catalog) -> None:
+    """Until the writer has moved every journal entry into DuckDB on its own (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while cat.pending_entries and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _in_duckdb(cat: Catalog) -> int:
     """Rows DuckDB holds, read on the writer's own connection (no flush)."""
     return cat.submit(lambda c: c.execute("SELECT count(*) FROM notes").fetchone()[0]).result()  # type: ignore[index]
@@ -78,9 +85,7 @@ def test_entries_are_applied_after_the_delay_and_once_enough_wait(tmp_path: Path
     try:
         writer = Notes()
         cat.submit_journaled(writer, "a").result(timeout=10)
-        deadline = time.monotonic() + 10
-        while cat.pending_entries and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_applied(cat)
         assert _in_duckdb(cat) == 1
     finally:
         cat.close()
@@ -88,9 +93,7 @@ def test_entries_are_applied_after_the_delay_and_once_enough_wait(tmp_path: Path
     try:
         futures = [cat.submit_journaled(Notes(), f"m{i}") for i in range(5)]
         [f.result(timeout=10) for f in futures]
-        deadline = time.monotonic() + 10
-        while cat.pending_entries and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_applied(cat)
         assert _in_duckdb(cat) == 5
     finally:
         cat.close()
@@ -220,9 +223,7 @@ def test_while_duckdb_refuses_the_journal_nothing_more_is_acknowledged_and_nothi
         with pytest.raises(ServiceUnavailable):
             cat.flush_sync()  # readers get 503 rather than a state without the answered write
         side.execute("CREATE TABLE later (v VARCHAR PRIMARY KEY)")
-        deadline = time.monotonic() + 10
-        while cat.pending_entries and time.monotonic() < deadline:
-            time.sleep(0.05)  # retried on the writer's own schedule
+        _wait_applied(cat)  # retried on the writer's own schedule
         assert cat.pending_entries == 0
         assert cat.read_sync(lambda c: c.execute("SELECT v FROM later").fetchall()) == [("early",)]
         assert cat.submit_journaled(Notes(), "after").result(timeout=10) == "ok:after"

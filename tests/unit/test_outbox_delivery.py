@@ -1,4 +1,4 @@
-"""Delivery marks as the forwarder batches them: a group of deliveries in two statements."""
+"""Delivery marks as the forwarder journals them: a group of deliveries in two statements."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import duckdb
 
+from gateway.catalog.db import apply_entries
 from gateway.catalog.schema import migrate
 from gateway.forward import outbox
 
@@ -26,13 +27,14 @@ def _catalog(path: Path) -> duckdb.DuckDBPyConnection:
 
 def test_a_group_of_deliveries_marks_each_with_its_own_answer(tmp_path: Path) -> None:
     conn = _catalog(tmp_path / "catalog.duckdb")
-    out = outbox.mark_delivered(conn, [
+    out, entries = outbox.DELIVERIES.prepare(conn, [
         outbox.Delivery(image_id="img_1", at=100.0, status=201, cloud_image_id="c1", cloud_batch_id="cb",
                         cloud_storage_key="ck1"),
         outbox.Delivery(image_id="img_2", at=101.0, status=409),  # no ids in the answer
         outbox.Delivery(image_id="img_3", at=102.0, status=201, cloud_batch_id="cb"),
         outbox.Delivery(image_id="img_4", at=103.0, status=201),  # dead meanwhile: stays dead
     ])
+    apply_entries(conn, entries, replay=False)
     assert out == [None] * 4
     rows = conn.execute(
         "SELECT image_id, state, attempts, last_status, delivered_at FROM outbox ORDER BY seq").fetchall()
@@ -46,8 +48,6 @@ def test_a_group_of_deliveries_marks_each_with_its_own_answer(tmp_path: Path) ->
 
 def test_journaled_deliveries_applied_twice_count_once(tmp_path: Path) -> None:
     """A replay after a crash between DuckDB's commit and the journal's reset runs them again."""
-    from gateway.catalog.db import apply_entries
-
     conn = _catalog(tmp_path / "catalog.duckdb")
     _, entries = outbox.DELIVERIES.prepare(conn, [
         outbox.Delivery(image_id="img_1", at=100.0, status=201, cloud_image_id="c1"),
