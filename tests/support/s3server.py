@@ -206,8 +206,9 @@ class S3Server:
     ) -> None:
         """`memory_limit` is the Go heap target (GOMEMLIMIT): small for tests, where many servers
         may run; `scripts/bench` raises it, since near that ceiling SeaweedFS spends most of its
-        CPU collecting garbage (measured: 7 ms instead of 2.4 ms per 100 KiB PUT). `volume_mb` is the size at which a volume
-        is full; opening the next one stalls writes for about a second, so the bench uses bigger ones."""
+        CPU collecting garbage (measured: 7 ms instead of 2.4 ms per 100 KiB PUT). `volume_mb` is the
+        size at which a volume is full; opening the next one stalls writes for about a second, so the
+        bench uses bigger ones."""
         self.workdir = Path(workdir).resolve()
         self.data_dir = self.workdir / "data"
         self.tmp_dir = self.workdir / "tmp"
@@ -315,9 +316,13 @@ class S3Server:
         self._remove_grpc_sockets()
 
     def suspend(self) -> None:
-        """SIGSTOP weed: connections are accepted by the kernel but nothing answers."""
+        """SIGSTOP weed: connections are accepted by the kernel but nothing answers. Returns once
+        every weed thread is stopped: kill() returns before a thread running on another core has
+        taken the signal, and meanwhile it could still answer a request."""
         self._signal_group(signal.SIGSTOP)
         self._suspended = True
+        if self._proc is not None:
+            _wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """SIGCONT weed after ``suspend()``."""
@@ -510,3 +515,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of `pid` is in state T (stopped), or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                      for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:  # a thread came or went while we looked: look again
+            continue
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.005)
