@@ -2,10 +2,11 @@
 
 Two limits: `limits.max_pending_bytes` (bytes not yet delivered to the cloud) and
 `limits.min_free_disk_bytes` (free space kept on the data folder's disk, which holds the spool,
-the catalog and, with folder storage, the objects). The backlog figure comes from the catalog at
+the catalog, the forward cache and, with folder storage, the objects). The backlog figure comes from the catalog at
 most once a second, plus what was accepted since.
 
-Below the disk floor, and when the objects live on that disk (folder storage), the local bytes of
+Below the disk floor the forward cache is emptied first (copies only: the store keeps those bytes).
+Then, when the objects live on that disk (folder storage), the local bytes of
 images already delivered to the cloud are evicted first, oldest delivery first (images of drained
 batches before the others while the sync API is on), never an undelivered one; only when nothing
 delivered is left does the upload get its 507. Each eviction marks `bytes_removed_at` before the
@@ -25,6 +26,7 @@ import anyio
 
 from gateway.catalog import Catalog, Conn
 from gateway.errors import InsufficientStorage
+from gateway.forward.cache import ForwardCache
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -60,6 +62,7 @@ class CapacityGuard:
         # Evicting frees this disk only when the objects live on it (folder storage).
         self.store = store if store is not None and store.name == "folder" else None
         self.prefer_drained = prefer_drained
+        self.forward_cache: ForwardCache | None = None  # emptied before any upload is refused
         self._pending = 0
         self._refreshed = 0.0
         self._evicting = anyio.Lock()
@@ -74,6 +77,11 @@ class CapacityGuard:
         """Raise `InsufficientStorage` if an upload of about `incoming` bytes would break a limit."""
         if self.min_free_disk_bytes:
             free = self._free()
+            cache = self.forward_cache
+            if free is not None and free - incoming < self.min_free_disk_bytes and cache is not None and cache.size:
+                freed = await anyio.to_thread.run_sync(cache.clear)
+                log.warning("disk nearly full: dropped %d bytes of the forward cache", freed)
+                free = self._free()
             if free is not None and free - incoming < self.min_free_disk_bytes and self.store is not None:
                 free = await self.make_room(incoming)
             if free is not None and free - incoming < self.min_free_disk_bytes:

@@ -20,6 +20,7 @@ import msgspec
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 ENV_PREFIX = "GATEWAY_"
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 def _help(text: str, **constraints: Any) -> msgspec.Meta:
@@ -124,6 +125,11 @@ class ForwardSettings(_Section):
     delete_after_days: Annotated[
         float, _help("Remove local bytes of delivered images after this many days; 0 = keep.", ge=0)
     ] = 0.0
+    cache_bytes: Annotated[
+        int,
+        _help("Local disk kept for copies of images waiting for the cloud (object stores only), so the "
+              "forwarder need not read them back from the store; 0 = off.", ge=0),
+    ] = 4 * GiB
 
 
 class LimitSettings(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "acusight_gateway"
@@ -82,6 +82,11 @@ class Metrics:
         their ratio is the group-commit size (`figures` gives (transactions, writes))."""
         self.registry.register(_CatalogCollector(figures))
 
+    def watch_forward_cache(self, figures: Callable[[], tuple[int, int, int, int]]) -> None:
+        """Export the forward cache's size and use, read at scrape time (`figures` gives
+        (bytes, images, hits, misses))."""
+        self.registry.register(_ForwardCacheCollector(figures))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -97,3 +102,19 @@ class _CatalogCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_catalog_writes",
                                   "Catalog writes committed (uploads, deliveries, admin changes); divided by "
                                   "transactions, the group-commit size.", value=writes)
+
+
+class _ForwardCacheCollector(Collector):
+    def __init__(self, figures: Callable[[], tuple[int, int, int, int]]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        size, images, hits, misses = self.figures()
+        yield GaugeMetricFamily(f"{PREFIX}_forward_cache_bytes", "Bytes of pending images kept in the forward cache.",
+                                value=size)
+        yield GaugeMetricFamily(f"{PREFIX}_forward_cache_images", "Pending images kept in the forward cache.",
+                                value=images)
+        yield CounterMetricFamily(f"{PREFIX}_forward_cache_hits",
+                                  "Forward attempts that sent a cached copy, not read from the store.", value=hits)
+        yield CounterMetricFamily(f"{PREFIX}_forward_cache_misses",
+                                  "Forward attempts that read the image from the store.", value=misses)

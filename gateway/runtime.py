@@ -26,6 +26,7 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.devices import DeviceRegistry
 from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.forward.cache import ForwardCache
 from gateway.forward.client import CloudClient
 from gateway.forward.keycheck import RECHECK_EVERY_S, KeyChecker
 from gateway.forward.retention import RetentionSweeper
@@ -75,6 +76,7 @@ class Gateway:
         self.keycheck: KeyChecker
         self.cloud: CloudClient | None = None  # set while forwarding is on (cloud.url)
         self.forwarder: Forwarder | None = None
+        self.forward_cache: ForwardCache | None = None  # object stores with forwarding on (forward.cache_bytes)
         self.retention: RetentionSweeper | None = None
         self.shutting_down = False
         self.started_at = clock()
@@ -100,6 +102,12 @@ class Gateway:
         s = self.settings
         await self.open_catalog()
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
+        if self.forwarding_on and s.forward.cache_bytes and self.store.name != "folder":
+            self.forward_cache = ForwardCache(s.data_dir / "forward-cache", s.forward.cache_bytes,
+                                              disk_floor=2 * s.limits.min_free_disk_bytes)
+            await anyio.to_thread.run_sync(self.forward_cache.open)
+            self.ingestor.forward_cache = self.capacity.forward_cache = cache = self.forward_cache
+            self.metrics.watch_forward_cache(lambda: (cache.size, cache.count, cache.hits, cache.misses))
         await self.ingestor.start()
         self.sealer = BatchSealer(self.catalog, self.ingestor.collecting, s.batches.timeout_s, self.forwarding_on,
                                   self.clock,
@@ -128,7 +136,7 @@ class Gateway:
         if self.forwarding_on:
             self.cloud = CloudClient(s.cloud.url, s.cloud.timeout_s, s.forward.concurrency)
             fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
-                                             self.clock)
+                                             self.clock, cache=self.forward_cache)
             fwd.on_delivered_bytes = self.throughput.record_delivered
             # New outbox entries are visible once the catalog has moved its journal into DuckDB.
             loop = asyncio.get_running_loop()
@@ -195,6 +203,8 @@ class Gateway:
         self.shutting_down = True
         if self.cloud is not None:
             await self.cloud.aclose()
+        if self.forward_cache is not None:
+            await anyio.to_thread.run_sync(self.forward_cache.close)
         await anyio.to_thread.run_sync(self.catalog.close)
 
     # -- health ----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Entry(msgspec.Struct, kw_only=True):
     content_type: str
     storage_key: str
     metadata: bytes | None
+    xxh3_128: str
 
 
 def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
@@ -62,7 +63,7 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
     rows = conn.execute(
         """
         SELECT o.image_id, o.seq, o.device_id, o.size, o.attempts, o.next_attempt_at,
-               i.batch_id, i.filename, i.content_type, i.storage_key, i.metadata
+               i.batch_id, i.filename, i.content_type, i.storage_key, i.metadata, i.xxh3_128
         FROM (SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY seq) AS rn
               FROM outbox WHERE state = 'pending') o
         JOIN images i ON i.image_id = o.image_id
@@ -73,7 +74,7 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
     return [
         Entry(image_id=r[0], seq=r[1], device_id=r[2], size=r[3], attempts=r[4], next_attempt_at=r[5] or 0.0,
               batch_id=r[6], filename=r[7], content_type=r[8], storage_key=r[9],
-              metadata=None if r[10] is None else bytes(r[10]))
+              metadata=None if r[10] is None else bytes(r[10]), xxh3_128=r[11])
         for r in rows
     ]
 

@@ -26,6 +26,7 @@ from gateway.devices import DeviceRegistry
 from gateway.errors import GatewayError
 from gateway.forward import outbox
 from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
+from gateway.forward.cache import ForwardCache
 from gateway.forward.client import (
     DELIVERED,
     REJECT,
@@ -65,6 +66,7 @@ class Forwarder:
         client: CloudClient,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        cache: ForwardCache | None = None,
     ) -> None:
         f = settings.forward
         self.settings = settings
@@ -73,6 +75,7 @@ class Forwarder:
         self.registry = registry
         self.metrics = metrics
         self.client = client
+        self.cache = cache  # local copies of pending images, read before the store
         self.clock = clock
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
@@ -256,15 +259,19 @@ class Forwarder:
         key = self.registry.key_of(entry.device_id)
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
+        cached = self.cache.read(entry.image_id, entry.size, entry.xxh3_128) if self.cache is not None else None
         try:
-            chunks = self.store.iter_chunks(entry.storage_key)
+            chunks = iter((cached,)) if cached is not None else self.store.iter_chunks(entry.storage_key)
         except KeyError:
             return Outcome(kind=REJECT, error="local bytes missing from the object store"), False
         except GatewayError as exc:
             return Outcome(kind=RETRY, error=f"object store: {exc}"), False
         form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
         try:
-            return self.client.upload_blocking(key, form, self._paced(chunks, stop), stop), True
+            outcome = self.client.upload_blocking(key, form, self._paced(chunks, stop), stop)
+            if outcome.kind != RETRY and self.cache is not None:  # done with this copy either way
+                self.cache.drop(entry.image_id)
+            return outcome, True
         except LocalBytesChanged as exc:
             return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
         except GatewayError as exc:
@@ -313,6 +320,7 @@ class Forwarder:
                 reason = f"gave up after {attempts} attempts; last: {outcome.error}"
                 await self.catalog.write(lambda c: outbox.mark_dead(c, [entry.image_id], now, outcome.status, reason,
                                                                     True))
+                await self._drop_cached([entry.image_id])
                 self._settle(entry, None)
                 return
             f = self.settings.forward
@@ -336,10 +344,20 @@ class Forwarder:
         reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
         await self.catalog.write(
             lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
+        await self._drop_cached(doomed)
         log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
                     entry.device_id, outcome.error[:200])
         for image_id in doomed:
             self._settle_id(entry.device_id, image_id)
+
+    async def _drop_cached(self, image_ids: list[str]) -> None:
+        cache = self.cache
+        if cache is not None:
+            def drop_all() -> None:
+                for image_id in image_ids:
+                    cache.drop(image_id)
+
+            await anyio.to_thread.run_sync(drop_all)
 
     def _settle(self, entry: outbox.Entry, newer: outbox.Entry | None) -> None:
         self._settled[entry.image_id] = newer

@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.devices import Device
 from gateway.errors import DuplicateImage, GatewayError
 from gateway.forward import outbox
+from gateway.forward.cache import ForwardCache
 from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
@@ -94,6 +95,7 @@ class Ingestor:
         self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
         self._undo_state: tuple[int, object] = (0, None)
         self.on_sealed: Callable[[str], None] | None = None
+        self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
 
     @property
     def active_intents(self) -> set[str]:
@@ -275,10 +277,20 @@ class Ingestor:
             # (On cancellation we cannot know; the intent stays for reconciliation.)
             await self._discard_object(new.storage_key, image.path)
             raise
-        _unlink(image.path)
+        self._keep_for_forwarding(new.image_id, image)
         if result.batch_sealed and self.on_sealed is not None:
             self.on_sealed(result.batch_id)
         return result
+
+    def _keep_for_forwarding(self, image_id: str, image: SpooledImage) -> None:
+        """The upload is recorded: its intent file goes, and its bytes to the forward cache if any."""
+        cache = self.forward_cache
+        if cache is not None:
+            if image.data is not None:
+                cache.offer(image_id, image.data)
+            elif cache.adopt(image_id, image.path, image.size):
+                return
+        _unlink(image.path)
 
     def _put(self, storage_key: str, image: SpooledImage) -> None:
         if image.data is not None:
