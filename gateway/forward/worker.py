@@ -44,7 +44,8 @@ from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.forward")
 
-LOOKAHEAD = 8  # entries per device read ahead, so a busy device does not cost a query per upload
+LOOKAHEAD = 32  # entries per device read ahead, so a busy device does not cost a query per upload
+LOW_WATER = 8  # a device whose read-ahead falls to this many entries gets its next ones read at once
 REFILL_EVERY_S = 15.0
 MIN_REFILL_GAP_S = 1.0
 MAX_IDLE_S = 5.0
@@ -92,8 +93,11 @@ class Forwarder:
         self._queues: dict[str, list[outbox.Entry]] = {}
         self._truncated: set[str] = set()
         self._in_flight: dict[str, str] = {}  # image id -> device id
+        self._recording: set[str] = set()  # delivered, the record not yet written
         self._settled: dict[str, outbox.Entry | None] = {}  # results since the last refill began
         self._dirty = True
+        self._running_low = False  # a device with more pending than read ahead is nearly out of entries
+        self._refilling = False
         self._refilled_at = 0.0
         self._rr_next = 0
         self._probing = False
@@ -138,9 +142,24 @@ class Forwarder:
         since = self.monotonic() - self._refilled_at
         # New uploads mark the queues dirty; while there is work in hand, re-read at most every
         # MIN_REFILL_GAP_S so that a busy ingest does not cost a backlog query per upload.
-        if since > REFILL_EVERY_S or (self._dirty and (since > MIN_REFILL_GAP_S or not self._has_due())):
-            await self._refill()
+        # A device running out of read-ahead is read for at once, so that its uploads never stall.
+        # The read runs beside the sending: uploads go on from the queues in hand meanwhile.
+        if not self._refilling and (since > REFILL_EVERY_S or self._running_low
+                                    or (self._dirty and (since > MIN_REFILL_GAP_S or not self._has_due()))):
+            self._refilling = True
+            tg.start_soon(self._refill_in_background)
         self._dispatch(tg)
+
+    async def _refill_in_background(self) -> None:
+        try:
+            await self._refill()
+        except Exception:  # a passing catalog error: read again a little later
+            log.exception("forwarder could not read the outbox")
+            self._dirty = True
+            await anyio.sleep(1.0)
+        finally:
+            self._refilling = False
+            self._wake.set()
 
     def _idle_s(self) -> float:
         """How long the loop may sleep before something becomes due (completions wake it sooner)."""
@@ -172,12 +191,14 @@ class Forwarder:
         return busy
 
     async def _refill(self) -> None:
-        self._dirty = False
+        self._dirty = self._running_low = False
         self._settled = {}
         fetch = self.per_device + LOOKAHEAD
         entries = await self.catalog.read(lambda c: outbox.pending_heads(c, fetch))
         queues: dict[str, list[outbox.Entry]] = {}
         for entry in entries:
+            if entry.image_id in self._recording:  # delivered; its record is on its way
+                continue
             if entry.image_id in self._settled:  # finished while the query ran
                 newer = self._settled[entry.image_id]
                 if newer is None:
@@ -299,15 +320,27 @@ class Forwarder:
         now = self.clock()
         self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
         if outcome.kind == DELIVERED:
-            await record.write_journaled(outbox.DELIVERIES, outbox.Delivery(
-                image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
-                cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
+            # The cloud holds it: the device's next image may go while this delivery is recorded
+            # (a crash before the record means one resend, which the cloud answers 409).
+            self._recording.add(entry.image_id)
+            self._settle(entry, None)
+            self._in_flight.pop(entry.image_id, None)
+            self._wake.set()
+            try:
+                await record.write_journaled(outbox.DELIVERIES, outbox.Delivery(
+                    image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
+                    cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
+            except BaseException:
+                self._dirty = True  # still pending in the catalog: the next refill takes it again
+                raise
+            finally:
+                self._recording.discard(entry.image_id)
+            self._settled[entry.image_id] = None  # a refill whose read began before the record skips it
             self.gate.on_success()
             self.metrics.forward_bytes.inc(entry.size)
             self.last_success_at = now
             if self.on_delivered_bytes is not None:
                 self.on_delivered_bytes(entry.size)
-            self._settle(entry, None)
             return
         record.cancel()  # not a delivery: the writes below are not batched
         self.last_error, self.last_error_at = f"{entry.image_id}: {outcome.error}"[:500], now
@@ -375,8 +408,8 @@ class Forwarder:
         if queue is None:
             return
         queue[:] = [e for e in queue if e.image_id != image_id]
-        if device_id in self._truncated and len(queue) < self.per_device + 1:
-            self._dirty = True
+        if device_id in self._truncated and len(queue) <= self.per_device + LOW_WATER:
+            self._running_low = True
         if not queue:
             self._queues.pop(device_id, None)
 

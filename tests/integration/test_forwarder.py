@@ -365,3 +365,24 @@ def test_stored_manifest_gets_the_cloud_ids_once_the_batch_is_forwarded(
 
     expected = {rec.image_id for rec in cloud.stored.values()}
     wait_for("the manifest to list the cloud ids", lambda: stored.exists() and cloud_ids() == expected)
+
+
+def test_a_deep_backlog_drains_in_order_once_each_with_no_resend(
+    start_gateway: Callable[..., GatewayProcess], cloud: FakeCloud
+) -> None:
+    """More pending per device than the forwarder reads ahead (32): its reads of the next entries
+    run beside the sending, and a device's next image goes while the last one's delivery is being
+    recorded; neither may send an image twice."""
+    cloud.refuse_connections()
+    gw = forwarding_gateway(start_gateway, cloud, GATEWAY_FORWARD_CONCURRENCY="4")
+    devices = add_devices(gw, cloud, 2)
+    order, _ = send_images(gw, devices, 200, size=2000)
+    wait_for("offline", lambda: admin_status(gw)["connectivity"] == "offline")
+    cloud.accept_connections()
+    assert cloud.wait_until(lambda c: len(c.stored) == 200, timeout=90), cloud.stats()
+    wait_for("recorded", lambda: admin_status(gw)["delivered_count"] == 200)
+    assert Counter(a.status for a in cloud.attempts) == {201: 200}  # no resend (it would be answered 409)
+    arrivals = cloud.stats()["devices"]
+    for device_id, _ in devices:
+        assert arrivals[device_id] == order[device_id]
+    assert admin_status(gw)["backlog_count"] == 0
