@@ -89,6 +89,12 @@ class MultipartUpload:
     def length(self) -> int:
         return len(self.head) + self.size + len(self.tail)
 
+    def whole(self, image: bytes) -> bytes:
+        """The body in one piece, for an image held whole (one send instead of one per part)."""
+        if len(image) != self.size:
+            raise LocalBytesChanged(f"stored object has {len(image)} bytes, {self.size} recorded")
+        return b"".join((self.head, image, self.tail))
+
     def body(self, image: Iterable[bytes]) -> Iterator[bytes]:
         yield self.head
         sent = 0
@@ -169,21 +175,29 @@ class CloudClient:
         self.pool.clear()
 
     def upload_blocking(
-        self, key: str, form: MultipartUpload, image: Iterable[bytes], stop: threading.Event
+        self, key: str, form: MultipartUpload, image: Iterable[bytes] | bytes, stop: threading.Event
     ) -> Outcome:
         """POST one image as the device (blocking: run it in a worker thread); never raises for
-        cloud-side failures (they are outcomes). Raises `Stopped` once `stop` is set, and whatever
-        `image` raises (the store's errors, `LocalBytesChanged`)."""
+        cloud-side failures (they are outcomes). `image` is the bytes whole, or pieces to stream.
+        Raises `Stopped` once `stop` is set, and whatever `image` raises (the store's errors,
+        `LocalBytesChanged`)."""
         headers = {"X-Device-Key": key, "Content-Type": form.content_type, "Content-Length": str(form.length)}
 
         def body() -> Iterator[bytes]:
+            assert not isinstance(image, bytes)
             for chunk in form.body(image):
                 if stop.is_set():
                     raise Stopped
                 yield chunk
 
+        if isinstance(image, bytes):
+            if stop.is_set():
+                raise Stopped
+            payload: bytes | Iterator[bytes] = form.whole(image)
+        else:
+            payload = body()
         try:
-            resp = self.pool.request("POST", f"{self.base_url}/device/images/upload", body=body(), headers=headers,
+            resp = self.pool.request("POST", f"{self.base_url}/device/images/upload", body=payload, headers=headers,
                                      redirect=False, preload_content=False)
         except (NewConnectionError, ConnectTimeoutError) as exc:
             return Outcome(kind=RETRY, error=f"cannot connect: {_reason(exc)}", connection_failed=True)

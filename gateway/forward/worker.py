@@ -98,6 +98,7 @@ class Forwarder:
         self._dirty = True
         self._running_low = False  # a device with more pending than read ahead is nearly out of entries
         self._refilling = False
+        self._tg: TaskGroup | None = None  # the uploads' task group, while `run` runs
         self._refilled_at = 0.0
         self._rr_next = 0
         self._probing = False
@@ -121,6 +122,7 @@ class Forwarder:
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             while True:
                 self._wake = anyio.Event()
                 try:
@@ -288,8 +290,10 @@ class Forwarder:
         except GatewayError as exc:
             return Outcome(kind=RETRY, error=f"object store: {exc}"), False
         form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
+        # Held whole and not paced: one piece, sent in one go.
+        body = cached if cached is not None and self.bucket.rate <= 0 else self._paced(chunks, stop)
         try:
-            outcome = self.client.upload_blocking(key, form, self._paced(chunks, stop), stop)
+            outcome = self.client.upload_blocking(key, form, body, stop)
             if outcome.kind != RETRY and self.cache is not None:  # done with this copy either way
                 self.cache.drop(entry.image_id)
             return outcome, True
@@ -325,6 +329,8 @@ class Forwarder:
             self._recording.add(entry.image_id)
             self._settle(entry, None)
             self._in_flight.pop(entry.image_id, None)
+            if self._tg is not None:
+                self._dispatch(self._tg)  # the device's next image now, not after the main loop's next turn
             self._wake.set()
             try:
                 await record.write_journaled(outbox.DELIVERIES, outbox.Delivery(

@@ -42,6 +42,7 @@ def test_body_has_the_exact_length_and_parts_as_stored(metadata: bytes | None) -
     form = MultipartUpload('we"ird\r\nname.jpg', "image/jpeg", len(image), metadata)
     body = _collect(form, image)
     assert len(body) == form.length
+    assert form.whole(image) == body  # a cached image goes in one piece, the same bytes
     parts = _parts(body, form.content_type)
     assert parts["image"][0] == image
     assert parts["image"][2] == "image/jpeg"
@@ -58,6 +59,9 @@ def test_body_refuses_bytes_other_than_recorded() -> None:
         _collect(form, b"\xff" * 9)
     with pytest.raises(LocalBytesChanged):
         _collect(form, b"\xff" * 11)
+    for wrong in (9, 11):
+        with pytest.raises(LocalBytesChanged):
+            form.whole(b"\xff" * wrong)
 
 
 def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Outcome:
