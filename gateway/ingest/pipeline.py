@@ -277,15 +277,17 @@ class Ingestor:
             # (On cancellation we cannot know; the intent stays for reconciliation.)
             await self._discard_object(new.storage_key, image.path)
             raise
-        self._keep_for_forwarding(new.image_id, image)
+        self._keep_for_forwarding(new.image_id, image, held)
         if result.batch_sealed and self.on_sealed is not None:
             self.on_sealed(result.batch_id)
         return result
 
-    def _keep_for_forwarding(self, image_id: str, image: SpooledImage) -> None:
-        """The upload is recorded: its intent file goes, and its bytes to the forward cache if any."""
+    def _keep_for_forwarding(self, image_id: str, image: SpooledImage, held: bool) -> None:
+        """The upload is recorded: its intent file goes, and its bytes to the forward cache if any.
+        Not a held (quarantined) upload's: it waits on the cloud's word about its key, and the key
+        check may dead-letter it without the forwarder, which is what removes copies."""
         cache = self.forward_cache
-        if cache is not None:
+        if cache is not None and not held:
             if image.data is not None:
                 cache.offer(image_id, image.data)
             elif cache.adopt(image_id, image.path, image.size):

@@ -167,3 +167,21 @@ def test_a_nearly_full_disk_empties_the_cache_before_an_upload_is_refused(
             assert set(cloud.stored) == set(sent)
         finally:
             gw.stop()
+
+
+def test_quarantined_uploads_keep_no_copy_and_go_from_the_store_once_released(
+    start_gateway: Callable[..., GatewayProcess], cloud: FakeCloud, s3: Any
+) -> None:
+    key = "adk_" + "7" * 32  # unknown to the gateway; the cloud approves it once it answers
+    cloud.add_device(key, device_id="cloud-cam")
+    cloud.refuse_connections()
+    gw = start_gateway(env(s3, cloud, GATEWAY_CLOUD_ACCEPT_UNKNOWN_KEYS_OFFLINE="true"))
+    images = [jpeg_bytes(7000 + i) for i in range(3)]
+    for image in images:
+        assert upload(gw, key, image).status_code == 201
+    assert admin_status(gw)["held_count"] == 3
+    time.sleep(0.5)  # the cache's thread would have written by now
+    assert metrics(gw)["images"] == 0 and list(cache_dir(gw).iterdir()) == []
+    cloud.accept_connections()
+    assert cloud.wait_until(lambda c: len(c.stored) == 3, timeout=60), cloud.stats()
+    assert set(cloud.stored) == {digest(i) for i in images}
