@@ -80,41 +80,41 @@ class Metrics:
     def watch_catalog(self, figures: Callable[[], tuple[int, int]]) -> None:
         """Export the catalog writer's committed transactions and writes, read at scrape time:
         their ratio is the group-commit size (`figures` gives (transactions, writes))."""
-        self.registry.register(_CatalogCollector(figures))
+        def collect() -> Iterator[Metric]:
+            transactions, writes = figures()
+            yield CounterMetricFamily(f"{PREFIX}_catalog_transactions", "Catalog transactions committed.",
+                                      value=transactions)
+            yield CounterMetricFamily(f"{PREFIX}_catalog_writes",
+                                      "Catalog writes committed (uploads, deliveries, admin changes); divided by "
+                                      "transactions, the group-commit size.", value=writes)
+
+        self.registry.register(_Scraped(collect))
 
     def watch_forward_cache(self, figures: Callable[[], tuple[int, int, int, int]]) -> None:
         """Export the forward cache's size and use, read at scrape time (`figures` gives
         (bytes, images, hits, misses))."""
-        self.registry.register(_ForwardCacheCollector(figures))
+        def collect() -> Iterator[Metric]:
+            size, images, hits, misses = figures()
+            yield GaugeMetricFamily(f"{PREFIX}_forward_cache_bytes",
+                                    "Bytes of pending images kept in the forward cache.", value=size)
+            yield GaugeMetricFamily(f"{PREFIX}_forward_cache_images", "Pending images kept in the forward cache.",
+                                    value=images)
+            yield CounterMetricFamily(f"{PREFIX}_forward_cache_hits",
+                                      "Forward attempts that sent a cached copy, not read from the store.", value=hits)
+            yield CounterMetricFamily(f"{PREFIX}_forward_cache_misses",
+                                      "Forward attempts that read the image from the store.", value=misses)
+
+        self.registry.register(_Scraped(collect))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _CatalogCollector(Collector):
-    def __init__(self, figures: Callable[[], tuple[int, int]]) -> None:
-        self.figures = figures
+class _Scraped(Collector):
+    """Metrics computed when /metrics is scraped, by `collect`."""
+
+    def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        self._collect = collect
 
     def collect(self) -> Iterator[Metric]:
-        transactions, writes = self.figures()
-        yield CounterMetricFamily(f"{PREFIX}_catalog_transactions", "Catalog transactions committed.",
-                                  value=transactions)
-        yield CounterMetricFamily(f"{PREFIX}_catalog_writes",
-                                  "Catalog writes committed (uploads, deliveries, admin changes); divided by "
-                                  "transactions, the group-commit size.", value=writes)
-
-
-class _ForwardCacheCollector(Collector):
-    def __init__(self, figures: Callable[[], tuple[int, int, int, int]]) -> None:
-        self.figures = figures
-
-    def collect(self) -> Iterator[Metric]:
-        size, images, hits, misses = self.figures()
-        yield GaugeMetricFamily(f"{PREFIX}_forward_cache_bytes", "Bytes of pending images kept in the forward cache.",
-                                value=size)
-        yield GaugeMetricFamily(f"{PREFIX}_forward_cache_images", "Pending images kept in the forward cache.",
-                                value=images)
-        yield CounterMetricFamily(f"{PREFIX}_forward_cache_hits",
-                                  "Forward attempts that sent a cached copy, not read from the store.", value=hits)
-        yield CounterMetricFamily(f"{PREFIX}_forward_cache_misses",
-                                  "Forward attempts that read the image from the store.", value=misses)
+        return self._collect()

@@ -177,9 +177,9 @@ class ForwardCache:
         """The cached bytes, if whole and as recorded; otherwise None (and a bad copy is dropped)."""
         with self._lock:
             known = self._index.get(name)
-        if known is None:
-            self.misses += 1
-            return None
+            if known is None:
+                self.misses += 1  # counted under the lock: the forwarder's threads all read
+                return None
         data = b""
         try:  # three system calls: each gives the GIL back and must take it again
             fd = os.open(self.folder / name, os.O_RDONLY)
@@ -192,9 +192,11 @@ class ForwardCache:
         if known != size or len(data) != size or xxhash.xxh3_128_hexdigest(data) != xxh3_128:
             log.warning("forward cache: copy of %s is not as recorded; reading the store", name)
             self.drop(name)
-            self.misses += 1
+            with self._lock:
+                self.misses += 1
             return None
-        self.hits += 1
+        with self._lock:
+            self.hits += 1
         return data
 
     def drop(self, name: str) -> None:

@@ -293,10 +293,7 @@ class Forwarder:
         # Held whole and not paced: one piece, sent in one go.
         body = cached if cached is not None and self.bucket.rate <= 0 else self._paced(chunks, stop)
         try:
-            outcome = self.client.upload_blocking(key, form, body, stop)
-            if outcome.kind != RETRY and self.cache is not None:  # done with this copy either way
-                self.cache.drop(entry.image_id)
-            return outcome, True
+            return self.client.upload_blocking(key, form, body, stop), True
         except LocalBytesChanged as exc:
             return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
         except GatewayError as exc:
@@ -359,7 +356,6 @@ class Forwarder:
                 reason = f"gave up after {attempts} attempts; last: {outcome.error}"
                 await self.catalog.write(lambda c: outbox.mark_dead(c, [entry.image_id], now, outcome.status, reason,
                                                                     True))
-                await self._drop_cached([entry.image_id])
                 self._settle(entry, None)
                 return
             f = self.settings.forward
@@ -383,20 +379,10 @@ class Forwarder:
         reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
         await self.catalog.write(
             lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
-        await self._drop_cached(doomed)
         log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
                     entry.device_id, outcome.error[:200])
         for image_id in doomed:
             self._settle_id(entry.device_id, image_id)
-
-    async def _drop_cached(self, image_ids: list[str]) -> None:
-        cache = self.cache
-        if cache is not None:
-            def drop_all() -> None:
-                for image_id in image_ids:
-                    cache.drop(image_id)
-
-            await anyio.to_thread.run_sync(drop_all)
 
     def _settle(self, entry: outbox.Entry, newer: outbox.Entry | None) -> None:
         self._settled[entry.image_id] = newer
@@ -409,7 +395,10 @@ class Forwarder:
                 queue[i] = newer
 
     def _settle_id(self, device_id: str, image_id: str) -> None:
+        """The entry is done with (delivered or dead-lettered): out of the queues, its copy gone."""
         self._settled[image_id] = None
+        if self.cache is not None:
+            self.cache.drop(image_id)
         queue = self._queues.get(device_id)
         if queue is None:
             return

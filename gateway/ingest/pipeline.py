@@ -319,7 +319,7 @@ class Ingestor:
         self._undo_state = (self._seq, self.collecting.snapshot())
         plan = self.collecting.plan(
             conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images)
-        opened = {batch_id: (batch_id, device_id, "collecting", at) for batch_id, device_id, at in plan.opened}
+        opened = {batch_id: (batch_id, device_id, batches.COLLECTING, at) for batch_id, device_id, at in plan.opened}
         sealed = {params[-1]: params for params in plan.sealed}
         entries, results = [], []
         for n, (batch_id, full) in zip(items, plan.placed, strict=True):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,7 @@ def _in_duckdb(cat: Catalog) -> int:
 
 
 def test_acknowledged_from_the_journal_then_applied_in_one_transaction(tmp_path: Path) -> None:
-    cat = _open(tmp_path / "c.duckdb", apply_delay=SLOW)
-    try:
+    with closing(_open(tmp_path / "c.duckdb", apply_delay=SLOW)) as cat:
         writer = Notes()
         commits = cat.commits
         futures = [cat.submit_journaled(writer, f"n{i}") for i in range(20)]
@@ -76,42 +76,30 @@ def test_acknowledged_from_the_journal_then_applied_in_one_transaction(tmp_path:
         assert _notes(cat) == sorted(f"n{i}" for i in range(20))  # a read moves them in first
         assert cat.pending_entries == 0 and cat.journal.size == 0
         assert cat.commits == commits + 2  # one transaction for all 20 (and the read's flush op)
-    finally:
-        cat.close()
 
 
 def test_entries_are_applied_after_the_delay_and_once_enough_wait(tmp_path: Path) -> None:
-    cat = _open(tmp_path / "c.duckdb", apply_delay=0.2, apply_max=1000)
-    try:
+    with closing(_open(tmp_path / "c.duckdb", apply_delay=0.2, apply_max=1000)) as cat:
         writer = Notes()
         cat.submit_journaled(writer, "a").result(timeout=10)
         _wait_applied(cat)
         assert _in_duckdb(cat) == 1
-    finally:
-        cat.close()
-    cat = _open(tmp_path / "c2.duckdb", apply_delay=SLOW, apply_max=5)
-    try:
+    with closing(_open(tmp_path / "c2.duckdb", apply_delay=SLOW, apply_max=5)) as cat:
         futures = [cat.submit_journaled(Notes(), f"m{i}") for i in range(5)]
         [f.result(timeout=10) for f in futures]
         _wait_applied(cat)
         assert _in_duckdb(cat) == 5
-    finally:
-        cat.close()
 
 
 def test_other_writes_run_after_the_entries_before_them(tmp_path: Path) -> None:
-    cat = _open(tmp_path / "c.duckdb", apply_delay=SLOW)
-    try:
+    with closing(_open(tmp_path / "c.duckdb", apply_delay=SLOW)) as cat:
         cat.submit_journaled(Notes(), "first").result(timeout=10)
         seen = cat.write_sync(lambda c: c.execute("SELECT count(*) FROM notes WHERE v = 'first'").fetchone())
         assert seen == (1,)
-    finally:
-        cat.close()
 
 
 def test_a_failed_prepare_or_journal_write_acknowledges_nothing_and_is_undone(tmp_path: Path) -> None:
-    cat = _open(tmp_path / "c.duckdb", apply_delay=SLOW)
-    try:
+    with closing(_open(tmp_path / "c.duckdb", apply_delay=SLOW)) as cat:
         writer = Notes()
         cat.submit_journaled(writer, "kept").result(timeout=10)
         writer.fail_prepare = True
@@ -125,8 +113,6 @@ def test_a_failed_prepare_or_journal_write_acknowledges_nothing_and_is_undone(tm
             cat.submit_journaled(writer, "lost-disk").result(timeout=10)
         assert writer.count == 1 and cat.pending_entries == 1
         assert _notes(cat) == ["kept"]
-    finally:
-        cat.close()
 
 
 def test_close_applies_everything_and_leaves_an_empty_journal(tmp_path: Path) -> None:
@@ -136,11 +122,8 @@ def test_close_applies_everything_and_leaves_an_empty_journal(tmp_path: Path) ->
         cat.submit_journaled(Notes(), f"c{i}").result(timeout=10)
     cat.close()
     assert (tmp_path / "c.duckdb.journal").stat().st_size == 0
-    cat = _open(path)
-    try:
+    with closing(_open(path)) as cat:
         assert cat.replayed == 0 and len(_notes(cat)) == 7
-    finally:
-        cat.close()
 
 
 CHILD = """
@@ -172,18 +155,12 @@ def test_kill_9_before_the_entries_reach_duckdb_loses_no_acknowledged_write(tmp_
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert (tmp_path / "c.duckdb.journal").stat().st_size > 0  # nothing was applied: all in the journal
-    cat = _open(path)
-    try:
+    with closing(_open(path)) as cat:
         assert cat.replayed == 50
         assert _notes(cat) == sorted(acked)
         assert cat.journal.size == 0
-    finally:
-        cat.close()
-    cat = _open(path)  # a second start replays nothing and doubles nothing
-    try:
+    with closing(_open(path)) as cat:  # a second start replays nothing and doubles nothing
         assert cat.replayed == 0 and _notes(cat) == sorted(acked)
-    finally:
-        cat.close()
 
 
 def test_a_replay_of_entries_already_applied_doubles_nothing(tmp_path: Path) -> None:
@@ -195,11 +172,8 @@ def test_a_replay_of_entries_already_applied_doubles_nothing(tmp_path: Path) -> 
     saved = (tmp_path / "c.duckdb.journal").read_bytes()
     cat.close()
     (tmp_path / "c.duckdb.journal").write_bytes(saved)  # as if the reset had not happened
-    cat = _open(path)
-    try:
+    with closing(_open(path)) as cat:
         assert cat.replayed == 3 and _notes(cat) == ["d0", "d1", "d2"]
-    finally:
-        cat.close()
 
 
 class Later(Notes):
