@@ -78,6 +78,9 @@ class MinioSettings(_Section):
     bucket: Annotated[str, _help("Bucket for images and manifests; created when missing.")] = "acusight"
     secure: Annotated[bool, _help("Use HTTPS to reach the S3 server.")] = False
     region: Annotated[str, _help("S3 region, if the server wants one.")] = ""
+    sign_payload: Annotated[
+        bool, _help("Over plain HTTP, sign each image's SHA-256 too (costs CPU); off: UNSIGNED-PAYLOAD, as over HTTPS.")
+    ] = False
 
 
 class DedupSettings(_Section):

@@ -8,11 +8,13 @@ of a request that hangs through minio's default retry schedule.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import urllib3
 from minio import Minio
+from minio.credentials.credentials import Credentials
 from minio.error import S3Error
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -47,13 +49,14 @@ class S3Store:
 
     @staticmethod
     def _client(settings: MinioSettings, http: urllib3.PoolManager) -> Minio:
-        return Minio(
+        return _Minio(
             settings.endpoint,
             access_key=settings.access_key or None,
             secret_key=settings.secret_key or None,
             secure=settings.secure,
             region=settings.region or None,
             http_client=http,
+            sign_payload=settings.sign_payload,
         )
 
     def ensure_ready(self) -> None:
@@ -134,6 +137,32 @@ class S3Store:
 
     def free_bytes(self) -> int | None:
         return None
+
+
+class _Minio(Minio):
+    """The minio client, optionally without the body's SHA-256 in the signature over plain HTTP.
+
+    Over HTTPS minio sends `UNSIGNED-PAYLOAD` and leaves the body's integrity to TLS. Over plain
+    HTTP it hashes every body with SHA-256 first: 0.58 ms of gateway CPU per MiB on these
+    machines, about an eighth of what a 1 MiB upload costs the gateway. With `sign_payload` off,
+    the request is still signed (key, headers, date), the body is sent as `UNSIGNED-PAYLOAD`, as
+    over HTTPS, and the image's own XXH3-128 (checked by `gateway verify`) stands for its bytes.
+    """
+
+    def __init__(self, endpoint: str, *, secure: bool, sign_payload: bool, **kwargs: Any) -> None:
+        super().__init__(endpoint, secure=secure, **kwargs)
+        self._hash_bodies = sign_payload or secure
+
+    def _build_headers(
+        self, host: str, headers: dict[str, Any] | None = None, body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[dict[str, Any], datetime]:
+        if self._hash_bodies or not body or creds is None:
+            return super()._build_headers(host, headers, body, creds)
+        headers, date = super()._build_headers(host, headers, None, creds)
+        headers["Content-Length"] = str(len(body))
+        headers["x-amz-content-sha256"] = "UNSIGNED-PAYLOAD"
+        return headers, date
 
 
 class _WholeReader:
