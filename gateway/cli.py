@@ -167,7 +167,7 @@ def serve(settings: Settings) -> int:
     import hypercorn.asyncio
     from hypercorn.config import Config as HypercornConfig
 
-    from gateway import logs, malloc
+    from gateway import eventloop, logs, malloc
     from gateway.app import create_app
 
     malloc.tune_for_images()
@@ -198,7 +198,7 @@ def serve(settings: Settings) -> int:
         await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     try:
-        asyncio.run(main())
+        eventloop.run(main)
     except Exception as exc:  # start-up failures: one clear line, non-zero exit
         print(f"gateway: cannot serve: {exc}", file=sys.stderr)
         return 1

@@ -1,12 +1,12 @@
 """The HTTP ceiling: a Litestar/hypercorn endpoint that parses multipart bodies and drops them.
 
 Run as `python -m scripts.benchlib.discard PORT`; it reads `request.receive` and feeds the same
-push parser the gateway uses, so the only difference from the gateway is the work after parsing.
+push parser the gateway uses, on the gateway's event loop, so the only difference from the gateway
+is the work after parsing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
@@ -14,6 +14,8 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from litestar import Litestar, Request, Response, post
 from multipart import PushMultipartParser, parse_options_header
+
+from gateway import eventloop
 
 
 @post("/api/device/images/upload", status_code=201)
@@ -36,7 +38,7 @@ def main() -> None:
     config.bind = [f"127.0.0.1:{int(sys.argv[1])}"]
     config.accesslog = None
     app = Litestar([discard], request_max_body_size=None, logging_config=None, openapi_config=None)
-    asyncio.run(serve(app, config))  # type: ignore[arg-type]
+    eventloop.run(lambda: serve(app, config))  # type: ignore[arg-type]  # the gateway's own loop
 
 
 if __name__ == "__main__":
