@@ -25,7 +25,7 @@ import xxhash
 
 from tests.conftest import jpeg_bytes
 from tests.support import figures
-from tests.support.client import admin_status, spool_files, stored_objects
+from tests.support.client import admin_status, metrics, spool_files, stored_objects
 from tests.support.fakecloud import FakeCloud
 from tests.support.gateway_proc import GatewayProcess, s3_env
 from tests.support.s3server import S3Server
@@ -362,11 +362,10 @@ def test_disk_pressure_evicts_delivered_oldest_first_then_507(tmp_path: Path) ->
             assert evicted, "nothing was evicted"
             assert evicted == delivered[: len(evicted)], "eviction must take the oldest delivery first"
             assert answers[-1] == 507 and len(evicted) == len(delivered), answers
-            metrics = httpx.get(f"{gw.url}/metrics").text
-            evicted_bytes = _metric(metrics, "acusight_gateway_evicted_bytes_total")
-            assert evicted_bytes == len(evicted) * size
-            assert _metric(metrics, "acusight_gateway_disk_pressure_evictions_total") == len(evicted)
-            assert _metric(metrics, 'acusight_gateway_storage_refusals_total{reason="disk_floor"}') >= 1
+            samples = metrics(gw)
+            assert samples["acusight_gateway_evicted_bytes_total"] == len(evicted) * size
+            assert samples["acusight_gateway_disk_pressure_evictions_total"] == len(evicted)
+            assert samples['acusight_gateway_storage_refusals_total{reason="disk_floor"}'] >= 1
             report = _verify(gw)
             assert report["summary"]["unrepaired"] == 0, report["findings"]
             cloud.set_mode("normal")
@@ -380,9 +379,3 @@ def test_disk_pressure_evicts_delivered_oldest_first_then_507(tmp_path: Path) ->
     ))
 
 
-def _metric(text: str, series: str) -> float:
-    """The value of one series (`name` or `name{labels}`) in Prometheus text."""
-    for line in text.splitlines():
-        if line.rsplit(" ", 1)[0] == series:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0

@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tests.conftest import jpeg_bytes
 from tests.integration.test_faults import MiB, fill, tmpfs
 from tests.integration.test_forwarder import FAST_RETRIES, add_devices, digest, send_images
 from tests.support.client import admin_status, stored_objects, upload, wait_for
+from tests.support.client import metrics as all_metrics
 from tests.support.fakecloud import FakeCloud
 from tests.support.gateway_proc import GatewayProcess, s3_env
 
@@ -23,12 +22,9 @@ CACHE = "acusight_gateway_forward_cache"
 
 
 def metrics(gw: GatewayProcess) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{gw.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(CACHE):
-            name, value = line.rsplit(" ", 1)
-            out[name.removeprefix(CACHE + "_")] = float(value)
-    return out
+    """The cache's own samples, by the rest of their names (`bytes`, `images`, `hits_total`...)."""
+    return {series.removeprefix(CACHE + "_"): value for series, value in all_metrics(gw).items()
+            if series.startswith(CACHE + "_")}
 
 
 def cache_dir(gw: GatewayProcess) -> Path:

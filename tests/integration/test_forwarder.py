@@ -16,7 +16,7 @@ import pytest
 import xxhash
 
 from tests.conftest import jpeg_bytes
-from tests.support.client import admin_status, upload, wait_for
+from tests.support.client import admin_status, metrics, upload, wait_for
 from tests.support.fakecloud import SELF_PATH, UPLOAD_PATH, FakeCloud
 from tests.support.gateway_proc import GatewayProcess
 
@@ -46,12 +46,10 @@ def outbox_rows(gw: GatewayProcess, *args: str) -> list[dict[str, Any]]:
     return json.loads(gw.cli("outbox", "list", "--json", "--limit", "1000", *args).stdout)  # type: ignore[no-any-return]
 
 
-def metric(gw: GatewayProcess, line_start: str) -> float:
-    text = httpx.get(f"{gw.url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric {line_start}")
+def metric(gw: GatewayProcess, series: str) -> float:
+    samples = metrics(gw)
+    assert series in samples, f"no metric {series}"
+    return samples[series]
 
 
 def digest(data: bytes) -> str:

@@ -15,6 +15,17 @@ from minio import Minio
 from tests.support.gateway_proc import GatewayProcess
 
 
+def metrics(gw: GatewayProcess) -> dict[str, float]:
+    """Every sample on the gateway's /metrics, keyed by its series as printed: `name` or
+    `name{label="value"}`."""
+    samples = {}
+    for line in httpx.get(f"{gw.url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
 def upload(
     gw: GatewayProcess,
     key: str | None,
