@@ -7,6 +7,9 @@ same admin API in-process (ASGI, no socket), so both paths run one implementatio
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,18 +51,54 @@ class Control:
             await self.gateway.stop()
 
 
+def admin_tls(settings: Settings) -> ssl.SSLContext | bool:
+    """How the CLI checks the server's certificate over HTTPS.
+
+    On loopback it does not: the server's certificate is rarely issued for 127.0.0.1, and only
+    this host can answer there. Elsewhere (`[admin] url` naming another host) the admin token must
+    not go to whoever answers, so the certificate is checked, hostname included, against the
+    system's CAs and, when this host has it, the server's own certificate file (which covers a
+    self-signed one)."""
+    url = httpx.URL(settings.admin_url)
+    if url.scheme != "https":
+        return True  # no TLS, nothing to check
+    if _is_loopback(url.host):
+        return False
+    ctx = ssl.create_default_context()
+    certfile = settings.server.certfile
+    if certfile and Path(certfile).is_file():
+        ctx.load_verify_locations(cafile=certfile)
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the server's own certificate is trusted as it is
+    return ctx
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def connect(settings: Settings) -> Control:
     """The running server's admin API if one answers, else the files directly."""
     token = settings.admin.token
     if token:
         client = httpx.AsyncClient(
-            base_url=settings.admin_url, headers={"Authorization": f"Bearer {token}"}, timeout=120.0, verify=False
+            base_url=settings.admin_url, headers={"Authorization": f"Bearer {token}"}, timeout=120.0,
+            verify=admin_tls(settings),
         )
         try:
             await client.get("/api/health", timeout=2.0)
             return Control(client, settings.admin_url)
-        except httpx.TransportError:
+        except httpx.TransportError as exc:
             await client.aclose()
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise ControlError(
+                    f"the server at {settings.admin_url} did not show a certificate this host trusts ({exc}); "
+                    "install its CA in the system's trust store, or run the CLI on the gateway's own host"
+                ) from None
     from gateway.app import create_app
 
     gw = Gateway(settings)

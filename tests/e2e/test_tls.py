@@ -12,6 +12,7 @@ import json
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.config import load_settings
+from gateway.control import admin_tls
 from tests.conftest import jpeg_bytes
 from tests.support.gateway_proc import ADMIN_TOKEN, GatewayProcess
 
@@ -106,5 +109,48 @@ def test_upload_over_https_with_the_site_ca(tmp_path: Path) -> None:
         # The CLI reaches the running server over HTTPS too (admin URL derived from the settings).
         status = gw.cli("status", "--json")
         assert json.loads(status.stdout)["images"] == 1
+    finally:
+        gw.stop()
+
+
+def _settings(tmp_path: Path, **env: str) -> Any:
+    (tmp_path / "cli.toml").write_text("")
+    return load_settings(tmp_path / "cli.toml", env={f"GATEWAY_{k.upper()}": v for k, v in env.items()})
+
+
+def test_the_cli_trusts_loopback_and_checks_any_other_host(tmp_path: Path) -> None:
+    for url in ("https://127.0.0.1:8443", "https://localhost:8443", "https://[::1]:8443"):
+        assert admin_tls(_settings(tmp_path, admin_url=url)) is False, url
+    assert admin_tls(_settings(tmp_path, admin_url="http://192.0.2.7:8080")) is True  # no TLS at all
+    remote = admin_tls(_settings(tmp_path, admin_url="https://gateway.plant.example:8443"))
+    assert isinstance(remote, ssl.SSLContext)
+    assert remote.verify_mode == ssl.CERT_REQUIRED and remote.check_hostname
+
+
+def test_a_remote_admin_url_is_checked_against_the_servers_own_certificate(tmp_path: Path) -> None:
+    """The context the CLI uses for a non-loopback admin URL, tried on a real TLS server (reached
+    on 127.0.0.1, which its certificate names): with the server's certificate file on this host it
+    connects; with only the system's CAs it refuses the unknown site CA."""
+    _ca, cert, key = make_certificates(tmp_path)
+    gw = GatewayProcess(tmp_path / "gw", {
+        "GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_SERVER_CERTFILE": str(cert), "GATEWAY_SERVER_KEYFILE": str(key),
+    }).start(wait_ready=False)
+    base = f"https://127.0.0.1:{gw.port}"
+    try:
+        with_cert = admin_tls(_settings(tmp_path, admin_url="https://gateway.plant.example:8443",
+                                        server_certfile=str(cert), server_keyfile=str(key)))
+        without = admin_tls(_settings(tmp_path, admin_url="https://gateway.plant.example:8443"))
+        assert isinstance(with_cert, ssl.SSLContext) and isinstance(without, ssl.SSLContext)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/api/health", verify=with_cert, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, gw.log_tail()
+            time.sleep(0.1)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{base}/api/health", verify=without, timeout=5)
     finally:
         gw.stop()
