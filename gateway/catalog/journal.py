@@ -81,8 +81,10 @@ class Journal:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        with open(self.path, "rb") as fh:
-            data = fh.read()
+        chunks = []
+        while chunk := os.read(self._fd, 1024 * 1024):
+            chunks.append(chunk)
+        data = b"".join(chunks)
         entries, good = parse(data)
         if good != len(data):  # drop a torn tail, so that new frames follow the last whole one
             os.ftruncate(self._fd, good)

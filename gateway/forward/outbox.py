@@ -25,14 +25,6 @@ from gateway.catalog.journal import Update
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 
 
-def enqueue(conn: Conn, image_id: str, seq: int, device_id: str, size: int, now: float, held: bool) -> None:
-    conn.execute(
-        "INSERT INTO outbox (image_id, seq, device_id, size, state, created_at, next_attempt_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [image_id, seq, device_id, size, HELD if held else PENDING, now, now],
-    )
-
-
 ENQUEUE_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
 
 
