@@ -206,6 +206,7 @@ class Gateway:
         if self.forward_cache is not None:
             await anyio.to_thread.run_sync(self.forward_cache.close)
         await anyio.to_thread.run_sync(self.catalog.close)
+        self.store.close()
 
     # -- health ----------------------------------------------------------------------------
 

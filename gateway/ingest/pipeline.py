@@ -260,11 +260,13 @@ class Ingestor:
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:
             try:
-                if image.size > LARGE_PUT_BYTES:
+                if image.data is not None:  # from memory: the S3 store sends it from the event loop
+                    await self.store.put_bytes_async(new.storage_key, image.data, image.content_type)
+                elif image.size > LARGE_PUT_BYTES:
                     async with self._large_puts:
-                        await anyio.to_thread.run_sync(self._put, new.storage_key, image)
+                        await anyio.to_thread.run_sync(self._put_file, new.storage_key, image)
                 else:
-                    await anyio.to_thread.run_sync(self._put, new.storage_key, image)
+                    await anyio.to_thread.run_sync(self._put_file, new.storage_key, image)
             except Exception:
                 # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
                 _truncate(image.path)
@@ -294,11 +296,8 @@ class Ingestor:
                 return
         _unlink(image.path)
 
-    def _put(self, storage_key: str, image: SpooledImage) -> None:
-        if image.data is not None:
-            self.store.put_bytes(storage_key, image.data, image.content_type)
-        else:
-            self.store.put_file(storage_key, image.path, image.size, image.content_type)
+    def _put_file(self, storage_key: str, image: SpooledImage) -> None:
+        self.store.put_file(storage_key, image.path, image.size, image.content_type)
 
     async def _discard_object(self, storage_key: str, spool_path: Path) -> None:
         try:

@@ -1,7 +1,7 @@
 """The `ObjectStore` interface shared by the folder and S3 backends.
 
-Every method is blocking (file system or the `minio` client): callers on the event loop go
-through `anyio.to_thread`. Backends raise `InsufficientStorage` for a full disk or quota and
+Every method but `put_bytes_async` blocks (file system or the `minio` client): callers on the
+event loop go through `anyio.to_thread`. Backends raise `InsufficientStorage` for a full disk or quota and
 `ServiceUnavailable` when the store cannot be reached.
 """
 
@@ -32,6 +32,12 @@ class ObjectStore(Protocol):
         """Store the file at `path` (already complete and closed) under `key`, durably."""
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    async def put_bytes_async(self, key: str, data: bytes, content_type: str) -> None:
+        """`put_bytes`, called from the event loop (the S3 store sends it from there)."""
+
+    def close(self) -> None:
+        """Let go of connections and handles; the store is not used afterwards."""
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes, streamed; raises `KeyError` when there is no such object."""

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+
 from gateway.errors import InsufficientStorage, ServiceUnavailable
 from gateway.storage.base import CHUNK, ObjectInfo
 
@@ -59,6 +61,12 @@ class FolderStore:
             fsync_dir(dest.parent)
         except OSError as exc:
             raise _store_error(exc) from exc
+
+    async def put_bytes_async(self, key: str, data: bytes, content_type: str) -> None:
+        await anyio.to_thread.run_sync(self.put_bytes, key, data, content_type)
+
+    def close(self) -> None:
+        pass
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         dest = self._path(key)

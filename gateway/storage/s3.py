@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+import anyio
 import urllib3
 from minio import Minio
 from minio.credentials.credentials import Credentials
@@ -21,8 +22,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from gateway.config import MinioSettings
 from gateway.errors import InsufficientStorage, ServiceUnavailable
 from gateway.storage.base import CHUNK, ObjectInfo
+from gateway.storage.s3put import FULL_CODES, AsyncPut, RegionUnknown
 
-_FULL_CODES = {"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded", "StorageFull"}
+_CONNECT_S, _READ_S = 3.0, 60.0
 _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 _PART = 8 * 1024 * 1024
 
@@ -35,7 +37,7 @@ class S3Store:
         http = urllib3.PoolManager(
             num_pools=4,
             maxsize=pool_size,
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            timeout=urllib3.Timeout(connect=_CONNECT_S, read=_READ_S),
             # A read timeout is not retried: a store that accepts connections but does not answer
             # would otherwise hold an upload for 3 x 60 s before its 503.
             retries=urllib3.Retry(total=2, read=0, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
@@ -46,6 +48,8 @@ class S3Store:
         self._probe = self._client(settings, urllib3.PoolManager(
             num_pools=1, maxsize=4, timeout=urllib3.Timeout(connect=2.0, read=3.0), retries=False))
         self._bucket_ok = False
+        self._async_put = AsyncPut(self.client, self.bucket, connect_timeout=_CONNECT_S, read_timeout=_READ_S,
+                                   max_idle=pool_size)
 
     @staticmethod
     def _client(settings: MinioSettings, http: urllib3.PoolManager) -> Minio:
@@ -68,6 +72,7 @@ class S3Store:
                     except S3Error as exc:
                         if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                             raise
+                self.client._get_region(self.bucket)  # cached: the event loop's PUTs sign without asking
                 self._bucket_ok = True
             else:
                 self._probe.bucket_exists(self.bucket)
@@ -92,6 +97,18 @@ class S3Store:
                                    part_size=_PART, num_parallel_uploads=1)  # one PUT up to 8 MiB
         except (S3Error, Urllib3Error, OSError) as exc:
             raise _store_error(exc) from exc
+
+    async def put_bytes_async(self, key: str, data: bytes, content_type: str) -> None:
+        """`put_bytes` from the event loop without a worker thread (`s3put`): the same signed
+        request and the same errors."""
+        try:
+            await self._async_put.put(key, data, content_type)
+        except RegionUnknown:  # ensure_ready has not run yet: minio asks for the region first
+            await anyio.to_thread.run_sync(self.put_bytes, key, data, content_type)
+
+    def close(self) -> None:
+        """Drop the event loop's idle connections (the gateway is stopping)."""
+        self._async_put.close()
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         try:
@@ -195,7 +212,7 @@ def _stream(resp: urllib3.BaseHTTPResponse, chunk_size: int) -> Iterator[bytes]:
 
 def _store_error(exc: BaseException) -> Exception:
     if isinstance(exc, S3Error):
-        if exc.code in _FULL_CODES:
+        if exc.code in FULL_CODES:
             return InsufficientStorage("Object store is full", exc.code or "")
         return ServiceUnavailable("Object store refused the request", f"{exc.code}: {exc.message}")
     return ServiceUnavailable("Object store unreachable", str(exc)[:200])
