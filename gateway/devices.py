@@ -88,6 +88,10 @@ class DeviceRegistry:
             raise DeviceNotApproved(details=f"device status is {device.status}")
         return device
 
+    def cached_key_of(self, device_id: str) -> str | None:
+        """The device's key if `key_of` already has it in memory (no catalog read: for the event loop)."""
+        return self._keys.get(device_id)
+
     def key_of(self, device_id: str) -> str | None:
         """The device's key in clear, for the forwarder to act as the device (None if not stored)."""
         cached = self._keys.get(device_id)

@@ -34,6 +34,7 @@ from gateway.osthread import name_this_thread
 log = logging.getLogger("gateway.forward")
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024  # larger images are rare; they are read from the store
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # preadv2's "only what is in memory" (Linux)
 QUEUED_BYTES = 32 * 1024 * 1024  # bytes waiting for the writer thread; past it an image is not cached
 
 
@@ -189,15 +190,44 @@ class ForwardCache:
                 os.close(fd)
         except OSError:
             pass
+        return data if self._checked(name, known, size, xxh3_128, data) else None
+
+    def read_from_memory(self, name: str, size: int, xxh3_128: str) -> bytes | bytearray | None:
+        """`read`, for the event loop: the copy only if the kernel holds all of it in memory (the
+        page cache), so that reading it cannot wait on the disk. None, with nothing counted or
+        dropped, when there is no copy, a part of it would have to come from the disk, or it is
+        not as recorded: `read` then decides, in a thread."""
+        if _NOWAIT is None or self._index.get(name) != size:
+            return None
+        buf = bytearray(size + 1)
+        try:
+            fd = os.open(self.folder / name, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                got = os.preadv(fd, [buf], 0, _NOWAIT)
+            finally:
+                os.close(fd)
+        except OSError:  # EAGAIN: not all in memory; or no such file (a thread's read will tell)
+            return None
+        if got != size:  # a short read: the rest is on the disk (or the copy is not as recorded)
+            return None
+        del buf[size:]
+        if xxhash.xxh3_128_hexdigest(buf) != xxh3_128:
+            return None  # a bad copy: `read` finds it again, drops it and counts the miss
+        with self._lock:
+            self.hits += 1
+        return buf
+
+    def _checked(self, name: str, known: int, size: int, xxh3_128: str, data: bytes | bytearray) -> bool:
+        """Whether `data` is the copy as recorded (counted as a hit); a bad copy is dropped."""
         if known != size or len(data) != size or xxhash.xxh3_128_hexdigest(data) != xxh3_128:
             log.warning("forward cache: copy of %s is not as recorded; reading the store", name)
             self.drop(name)
             with self._lock:
                 self.misses += 1
-            return None
+            return False
         with self._lock:
             self.hits += 1
-        return data
+        return True
 
     def drop(self, name: str) -> None:
         """Forget a copy (delivered, or given up on). The file goes in the cache's thread: removing
