@@ -3,6 +3,7 @@ cap and the disk floor, and go when dropped, cleared or left by an earlier run."
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -126,4 +127,35 @@ def test_open_empties_what_an_earlier_run_left_and_clear_frees_everything(tmp_pa
     settle(cache, 4)
     assert cache.clear() == 4 * len(data)
     assert cache.count == 0 and cache.size == 0 and list(folder.iterdir()) == []
+    cache.close()
+
+
+def test_read_from_memory_gives_only_a_whole_good_copy_the_kernel_holds(tmp_path: Path) -> None:
+    """The event loop's read: a copy in the page cache comes back (a hit); a copy that is not as
+    recorded, missing, or out of memory gives None with nothing counted or dropped, for `read`."""
+    cache = opened(tmp_path / "c")
+    data = b"\xff\xd8\xff" + os.urandom(300_000)
+    for name in ("warm", "cold", "flipped"):
+        cache.offer(name, data)
+    settle(cache, 3)
+    assert bytes(cache.read_from_memory("warm", len(data), h(data)) or b"") == data
+    assert (cache.hits, cache.misses) == (1, 0)
+    flipped = bytearray(data)
+    flipped[1000] ^= 1
+    (tmp_path / "c" / "flipped").write_bytes(bytes(flipped))
+    assert cache.read_from_memory("flipped", len(data), h(data)) is None
+    assert cache.read_from_memory("nothing", len(data), h(data)) is None
+    assert cache.read_from_memory("warm", len(data) + 1, h(data)) is None  # not the recorded size
+    assert (cache.hits, cache.misses, cache.count) == (1, 0, 3)
+    # Out of memory: written back to the disk and dropped from the page cache.
+    fd = os.open(tmp_path / "c" / "cold", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert cache.read_from_memory("cold", len(data), h(data)) is None
+    assert cache.read("cold", len(data), h(data)) == data  # the thread's read takes it from the disk
+    assert cache.read("flipped", len(data), h(data)) is None  # and drops the bad copy, counting it
+    assert (cache.hits, cache.misses, cache.count) == (2, 1, 2)
     cache.close()
