@@ -3,7 +3,8 @@
 Against the real S3 server: signed and UNSIGNED-PAYLOAD bodies land intact over kept-alive
 connections, and a wrong secret is refused. Against a scripted HTTP server on loopback: the
 request's headers and bytes, and what the blocking client's settings promise for the failures
-(a connection the server closed while idle, 503s, a full store, no answer, nobody listening).
+(a connection the server closed while idle, 503s, a full store, no answer, nobody listening), and
+TLS with the certificate checked.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import hashlib
 import re
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,6 +28,7 @@ from gateway import httpio
 from gateway.config import MinioSettings
 from gateway.errors import InsufficientStorage, ServiceUnavailable
 from gateway.storage.s3 import S3Store
+from tests.e2e.test_tls import make_certificates
 
 # -- against SeaweedFS -----------------------------------------------------------------------------
 
@@ -128,8 +132,9 @@ def error(status: int, code: str, close: bool = False) -> bytes:
 class Scripted:
     """An HTTP/1.1 server on loopback that answers each PUT as `answer` says."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.requests: list[Request] = []
         self.connections = 0
         self.close_after: set[int] = set()  # request numbers after which the connection is closed
@@ -137,7 +142,7 @@ class Scripted:
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Scripted:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -335,5 +340,31 @@ def test_a_cancelled_put_does_not_leave_its_connection_in_the_pool() -> None:
             assert not st._async_put.pool._idle.get(("127.0.0.1", server.port))
             await st.put_bytes_async("raw-data/c.jpg", b"c", "image/jpeg")
             assert server.connections == 2
+
+    run(main)
+
+
+def test_over_tls_the_store_certificate_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """secure = true: the PUT goes over TLS, and only to a store whose certificate the system trusts."""
+    ca_file, cert_file, key_file = make_certificates(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_file, key_file)
+    data = secrets.token_bytes(70_000)
+
+    async def answer(req: Request, n: int) -> bytes:
+        return ok()
+
+    async def main() -> None:
+        async with Scripted(answer, tls) as server:
+            settings = MinioSettings(endpoint=f"127.0.0.1:{server.port}", access_key="ak", secret_key="sk",
+                                     bucket="b", region="us-east-1", secure=True)
+            with pytest.raises(ServiceUnavailable, match="unreachable") as caught:
+                await S3Store(settings).put_bytes_async("raw-data/t.jpg", data, "image/jpeg")
+            assert "CERTIFICATE_VERIFY_FAILED" in (caught.value.details or ""), caught.value.details
+            assert server.requests == []
+            monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the site's CA, as the system's
+            await S3Store(settings).put_bytes_async("raw-data/t.jpg", data, "image/jpeg")
+            (req,) = server.requests
+            assert req.body == data and req.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
 
     run(main)
