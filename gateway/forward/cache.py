@@ -201,7 +201,7 @@ class ForwardCache:
             return None
         buf = bytearray(size + 1)
         try:
-            fd = os.open(self.folder / name, os.O_RDONLY | os.O_NONBLOCK)
+            fd = os.open(self.folder / name, os.O_RDONLY)
             try:
                 got = os.preadv(fd, [buf], 0, _NOWAIT)
             finally:

@@ -95,11 +95,16 @@ class MultipartUpload:
     def length(self) -> int:
         return len(self.head) + self.size + len(self.tail)
 
-    def whole(self, image: bytes) -> bytes:
-        """The body in one piece, for an image held whole (one send instead of one per part)."""
+    def parts(self, image: bytes | bytearray) -> tuple[bytes, bytes | bytearray, bytes]:
+        """The body's three pieces around an image held whole; raises `LocalBytesChanged` when
+        `image` is not the size recorded."""
         if len(image) != self.size:
             raise LocalBytesChanged(f"stored object has {len(image)} bytes, {self.size} recorded")
-        return b"".join((self.head, image, self.tail))
+        return self.head, image, self.tail
+
+    def whole(self, image: bytes) -> bytes:
+        """The body in one piece, for an image held whole (one send instead of one per part)."""
+        return b"".join(self.parts(image))
 
     def body(self, image: Iterable[bytes]) -> Iterator[bytes]:
         yield self.head
@@ -178,10 +183,10 @@ class CloudClient:
         # Images held whole in memory go from the event loop (no worker thread): same timeouts,
         # no retries, and a kept-alive connection found closed is an attempt that failed.
         url = urlsplit(self.base_url)
-        self._https = url.scheme == "https"
-        self._host, self._port = url.hostname or "", url.port or (443 if self._https else 80)
+        https = url.scheme == "https"
+        self._host, self._port = url.hostname or "", url.port or (443 if https else 80)
         self._netloc, self._upload_path = url.netloc, url.path + "/device/images/upload"
-        self.fast = Pool(ssl_context=ssl.create_default_context(cafile=certifi.where()) if self._https else None,
+        self.fast = Pool(ssl_context=ssl.create_default_context(cafile=certifi.where()) if https else None,
                          connect_timeout=timeout_s, read_timeout=timeout_s, max_idle=max_connections + 4,
                          resend_stale=False)
 
@@ -194,13 +199,12 @@ class CloudClient:
         """`upload_blocking` from the event loop, for an image held whole in memory: the same
         request, and the same outcomes. Raises `LocalBytesChanged` when `image` is not the size
         recorded."""
-        if len(image) != form.size:
-            raise LocalBytesChanged(f"stored object has {len(image)} bytes, {form.size} recorded")
+        body = form.parts(image)
         headers = [("Host", self._netloc), ("User-Agent", USER_AGENT), ("X-Device-Key", key),
                    ("Content-Type", form.content_type), ("Content-Length", str(form.length))]
         try:
             answer = await self.fast.request(self._host, self._port, "POST", self._upload_path, headers,
-                                             (form.head, image, form.tail), ANSWER_READ)
+                                             body, ANSWER_READ)
         except ConnectFailed as exc:
             return Outcome(kind=RETRY, error=f"cannot connect: {exc}"[:300], connection_failed=True)
         except NoProgress as exc:

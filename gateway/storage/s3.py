@@ -20,9 +20,9 @@ from minio.error import S3Error
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from gateway.config import MinioSettings
-from gateway.errors import InsufficientStorage, ServiceUnavailable
+from gateway.errors import ServiceUnavailable
 from gateway.storage.base import CHUNK, ObjectInfo
-from gateway.storage.s3put import FULL_CODES, AsyncPut, RegionUnknown
+from gateway.storage.s3put import AsyncPut, RegionUnknown, refusal
 
 _CONNECT_S, _READ_S = 3.0, 60.0
 _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
@@ -212,7 +212,5 @@ def _stream(resp: urllib3.BaseHTTPResponse, chunk_size: int) -> Iterator[bytes]:
 
 def _store_error(exc: BaseException) -> Exception:
     if isinstance(exc, S3Error):
-        if exc.code in FULL_CODES:
-            return InsufficientStorage("Object store is full", exc.code or "")
-        return ServiceUnavailable("Object store refused the request", f"{exc.code}: {exc.message}")
+        return refusal(exc.code or "", f"{exc.code}: {exc.message}")
     return ServiceUnavailable("Object store unreachable", str(exc)[:200])

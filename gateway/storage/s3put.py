@@ -67,7 +67,7 @@ class AsyncPut:
                 return
             except _Refused as exc:
                 if exc.status not in _RETRY_STATUS or attempt == _RETRIES:
-                    raise _store_error(exc) from None
+                    raise refusal(exc.code, str(exc)[:200]) from None
             except NoProgress:
                 raise ServiceUnavailable("Object store unreachable",
                                          f"no progress within {self.pool.read_timeout:g} s") from None
@@ -109,7 +109,8 @@ def _s3_error(body: bytes) -> tuple[str, str]:
     return root.findtext("Code") or "", root.findtext("Message") or ""
 
 
-def _store_error(exc: _Refused) -> Exception:
-    if exc.code in FULL_CODES:
-        return InsufficientStorage("Object store is full", exc.code)
-    return ServiceUnavailable("Object store refused the request", str(exc)[:200])
+def refusal(code: str, details: str) -> Exception:
+    """The error for a store that answered no (here or through minio): 507 material when full."""
+    if code in FULL_CODES:
+        return InsufficientStorage("Object store is full", code)
+    return ServiceUnavailable("Object store refused the request", details)
