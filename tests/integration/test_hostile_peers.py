@@ -93,6 +93,7 @@ def test_cloud_early_answer_is_judged_by_its_status(caplog: pytest.LogCaptureFix
 def test_cloud_dripping_peer_is_cut_off_at_the_deadline_and_retried() -> None:
     (out,), server, took = run("drip", "cloud", lambda http, s: _one(cloud_post(http, s.port, 20_000)))
     assert isinstance(out, Outcome) and out.kind == RETRY and "timed out" in out.error, out
+    assert server.stored == 0
     assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 1.0
 
 
@@ -107,7 +108,7 @@ def test_cloud_chunked_answer_is_read_and_the_connection_reused() -> None:
 def test_cloud_broken_answers_are_retried_never_delivered(case: str) -> None:
     (out,), server, took = run(case, "cloud", lambda http, s: _one(cloud_post(http, s.port, 20_000)))
     assert isinstance(out, Outcome) and out.kind == RETRY, out
-    assert took < DEADLINE_S + 1.0
+    assert server.stored == 0 and took < DEADLINE_S + 1.0
 
 
 def test_cloud_100_continue_then_the_answer() -> None:
@@ -137,6 +138,7 @@ def test_s3_early_refusal_is_judged_by_its_status(caplog: pytest.LogCaptureFixtu
 def test_s3_dripping_peer_is_cut_off_at_the_deadline() -> None:
     (err,), server, took = run("drip", "s3", lambda http, s: _one(s3_put(http, s.port, 20_000)))
     assert isinstance(err, ServiceUnavailable) and "unreachable" in err.message, err
+    assert server.stored == 0
     assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 1.0
 
 
