@@ -173,10 +173,10 @@ def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
     }
 
 
-def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
+def forward_section(s3: S3Server, work: Path, quick: bool, images: int = 0) -> dict[str, Any]:
     from tests.support.fakecloud import FakeCloud
 
-    count = 200 if quick else 2000
+    count = images or (200 if quick else 2000)
     concurrency = 8
     size = MiB
     cloud = FakeCloud().start()
@@ -352,6 +352,7 @@ def main() -> int:
     parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
                         help="comma-separated sections to run")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
+    parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count()}
@@ -372,7 +373,7 @@ def main() -> int:
                 report["dedup"] = dedup_latency(work / "dedup", 100_000 if args.quick else 1_000_000,
                                                 200 if args.quick else 1000)
             if "forward" in only:
-                report["forward"] = forward_section(s3, work, args.quick)
+                report["forward"] = forward_section(s3, work, args.quick, args.forward_images)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
         finally:
