@@ -124,3 +124,35 @@ def test_a_connection_the_cloud_closed_while_idle_fails_that_attempt_only(cloud:
     # the attempt is a transport error the forwarder retries): never a hang, never a crash.
     assert second.kind == DELIVERED or (second.kind == RETRY and second.error.startswith("transport error"))
     assert third.kind == DELIVERED
+
+
+@pytest.mark.parametrize("fault", ["short", "long", "store fails"])
+def test_a_body_that_fails_mid_stream_is_never_delivered(cloud: Any, key: str, fault: str) -> None:
+    """The store's bytes end early, run long, or the store fails mid-read: the request is dropped
+    and the caller gets the body's error at once, nothing delivered."""
+    from gateway.errors import ServiceUnavailable
+    from gateway.forward.client import LocalBytesChanged
+
+    image = jpeg_bytes(600_000)
+    http = Outbound()
+    client = CloudClient(http, cloud.url, 10.0)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield image[:300_000]
+        if fault == "store fails":
+            raise ServiceUnavailable("Object store unreachable", "reset")
+        yield image[300_000 : 500_000 if fault == "short" else None]
+        if fault == "long":
+            yield b"extra"
+
+    async def main() -> None:
+        try:
+            await client.upload(key, MultipartUpload("f.jpg", "image/jpeg", len(image), None), pieces())
+        finally:
+            await http.aclose()
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable if fault == "store fails" else LocalBytesChanged):
+        asyncio.run(main())
+    assert time.monotonic() - started < 5.0
+    assert cloud.stored == {}
