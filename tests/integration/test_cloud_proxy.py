@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,43 @@ def test_the_runtime_gives_its_cloud_client_the_settings_proxy(tmp_path: Path, c
             await gw.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.e2e
+def test_a_running_gateway_sends_every_cloud_request_through_the_proxy(proxy: TinyProxy, cloud: Any, s3: Any,
+                                                                       tmp_path: Path) -> None:
+    """A gateway process with HTTP_PROXY set: the key check of an unknown key, the forwarded
+    upload and the check-in relay all appear in tinyproxy's log; its S3 store's requests do not."""
+    import httpx
+
+    from tests.support.gateway_proc import GatewayProcess, s3_env
+
+    env = s3_env(s3) | {"GATEWAY_CLOUD_URL": cloud.url, "HTTP_PROXY": proxy.url, "http_proxy": proxy.url}
+    gw = GatewayProcess(tmp_path / "gw", env)
+    for name in PROXY_VARS:  # only HTTP_PROXY: no NO_PROXY from the machine exempts loopback
+        if name.lower() != "http_proxy":
+            gw.env.pop(name, None)
+    key = "adk_" + secrets.token_hex(16)
+    cloud.add_device(key)  # known to the cloud only: the gateway asks about it
+    before = len(proxy.requests())
+    gw.start()
+    try:
+        image = jpeg_bytes(30_000)
+        resp = httpx.post(f"{gw.url}/api/device/images/upload", headers={"X-Device-Key": key},
+                          files={"image": ("px.jpg", image, "image/jpeg")}, timeout=30)
+        assert resp.status_code == 201, resp.text
+        resp = httpx.post(f"{gw.url}/api/device/checkin", headers={"X-Device-Key": key},
+                          json={"status": "ok"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        deadline = time.monotonic() + 30
+        while not any(r.device_key == key for r in cloud.stored.values()):
+            assert time.monotonic() < deadline, gw.log_tail()
+            time.sleep(0.1)
+    finally:
+        gw.stop()
+    lines = proxy.requests()[before:]
+    base = f"http://127.0.0.1:{cloud.port}/api"
+    assert f"GET {base}/device/self HTTP/1.1" in lines, lines
+    assert f"POST {base}/device/images/upload HTTP/1.1" in lines, lines
+    assert f"POST {base}/device/checkin HTTP/1.1" in lines, lines
+    assert not [line for line in lines if s3.endpoint in line], "the S3 store is reached directly"
