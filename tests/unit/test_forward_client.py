@@ -85,3 +85,18 @@ def test_answers_sorted_into_delivered_retry_reject() -> None:
         out = _answer(status, b"x" * 5000)
         assert out.kind == REJECT and out.status == status
         assert len(out.error) < 2100  # a bounded slice of the body
+
+
+def test_failures_and_statuses_map_in_one_place() -> None:
+    """A status is judged by itself even when the connection broke after it; a 2xx only counts
+    whole; no status at all is a transport failure to retry."""
+    import aiohttp
+
+    reset = aiohttp.ServerDisconnectedError()
+    assert (classify(413, failure=reset).kind, classify(413, failure=reset).status) == (REJECT, 413)
+    assert classify(503, failure=reset).kind == RETRY
+    cut = classify(201, failure=aiohttp.ClientPayloadError("cut"))
+    assert (cut.kind, cut.status) == (RETRY, 201) and "answer cut off" in cut.error
+    assert classify(None, failure=TimeoutError()).error == "timed out: TimeoutError"
+    assert classify(None, failure=reset).error.startswith("transport error")
+    # (a refused connection: tests/integration/test_cloud_upload.py)
