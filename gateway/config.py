@@ -77,9 +77,12 @@ class MinioSettings(_Section):
     secret_key: Annotated[str, _help("S3 secret key.")] = ""
     bucket: Annotated[str, _help("Bucket for images and manifests; created when missing.")] = "acusight"
     secure: Annotated[bool, _help("Use HTTPS to reach the S3 server.")] = False
-    region: Annotated[str, _help("S3 region, if the server wants one.")] = ""
+    region: Annotated[
+        str, _help("S3 region the requests are signed for (so the client never asks the server for it).")
+    ] = "us-east-1"
     sign_payload: Annotated[
-        bool, _help("Over plain HTTP, sign each image's SHA-256 too (costs CPU); off: UNSIGNED-PAYLOAD, as over HTTPS.")
+        bool, _help("Over plain HTTP, sign each image's SHA-256 too (minio's own PUT in a worker thread, costs CPU); "
+                    "off: presigned UNSIGNED-PAYLOAD PUTs from the event loop, as over HTTPS.")
     ] = False
 
 
@@ -101,6 +104,14 @@ class BatchSettings(_Section):
 class CloudSettings(_Section):
     url: Annotated[str, _help("Cloud API base URL, e.g. https://acusight.io/api; empty: forwarding off.")] = ""
     timeout_s: Annotated[float, _help("Timeout of one request to the cloud (connect and each read).", gt=0)] = 30.0
+    deadline_s: Annotated[
+        float, _help("Longest one request to the cloud may take in all, answer included (plus the time a "
+                     "bandwidth cap needs for its body).", gt=0)
+    ] = 300.0
+    proxy: Annotated[
+        str, _help("HTTP proxy for every request to the cloud, e.g. http://proxy:3128; empty: HTTP_PROXY / "
+                   "HTTPS_PROXY / NO_PROXY from the environment; \"direct\": none.")
+    ] = ""
     verify_unknown_keys: Annotated[
         bool, _help("Check keys the gateway does not know against the cloud's GET /device/self.")
     ] = True

@@ -36,6 +36,7 @@ from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, sett
 from gateway.keys import KeyBox
 from gateway.manifests import ManifestWriter
 from gateway.metrics import CONNECTIVITY_STATES, Metrics
+from gateway.outbound import Outbound
 from gateway.ratelimit import DeviceRateLimiter
 from gateway.status import StatusReport, read_status
 from gateway.storage import ObjectStore, open_store
@@ -55,15 +56,19 @@ def catalog_path(settings: Settings) -> Path:
 class Gateway:
     """Everything a running server holds; `create_app` wires it to HTTP."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
+                 http: Outbound | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        # The one outbound HTTP client (cloud and S3 store alike); its session lives from
+        # `start` to `stop`, in the lifespan.
+        self.http = http or Outbound()
         self.metrics = Metrics()
         self.throughput = Throughput(clock)  # per-minute accepted/delivered, for the status page
         self.recent_errors = RecentErrors()  # last error responses (app.py's access middleware)
         self.catalog = Catalog(catalog_path(settings), settings.data.catalog_threads)
         self.metrics.watch_catalog(lambda: (self.catalog.commits, self.catalog.ops))
-        self.store: ObjectStore = open_store(settings)
+        self.store: ObjectStore = open_store(settings, self.http)
         self.rate_limiter = DeviceRateLimiter(settings.limits.uploads_per_minute_per_device, clock)
         self.capacity = CapacityGuard(
             self.catalog, settings.data_dir, settings.limits.max_pending_bytes, settings.limits.min_free_disk_bytes,
@@ -100,6 +105,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        await self.http.start()
         await self.open_catalog()
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
         if self.forwarding_on and s.forward.cache_bytes and self.store.name != "folder":
@@ -134,7 +140,7 @@ class Gateway:
         """Cloud client, forwarder, key checker and retention (only the key checker without cloud.url)."""
         s = self.settings
         if self.forwarding_on:
-            self.cloud = CloudClient(s.cloud.url, s.cloud.timeout_s, s.forward.concurrency)
+            self.cloud = CloudClient(self.http, s.cloud.url, s.cloud.timeout_s, s.cloud.deadline_s, s.cloud.proxy)
             fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
                                              self.clock, cache=self.forward_cache)
             fwd.on_delivered_bytes = self.throughput.record_delivered
@@ -201,12 +207,11 @@ class Gateway:
 
     async def stop(self) -> None:
         self.shutting_down = True
-        if self.cloud is not None:
-            await self.cloud.aclose()
         if self.forward_cache is not None:
             await anyio.to_thread.run_sync(self.forward_cache.close)
         await anyio.to_thread.run_sync(self.catalog.close)
         self.store.close()
+        await self.http.aclose()
 
     # -- health ----------------------------------------------------------------------------
 

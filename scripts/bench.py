@@ -29,7 +29,7 @@ import httpx  # noqa: E402
 
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
 from scripts.benchlib.cpu import CpuMeter  # noqa: E402
-from scripts.benchlib.load import Round, multipart_upload, s3_put  # noqa: E402
+from scripts.benchlib.load import Round, multipart_upload, s3_put, s3_put_presigned  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
 from tests.support.s3server import S3Server  # noqa: E402
@@ -82,7 +82,7 @@ def best(rounds: list[Round]) -> Round:
     return max(rounds, key=lambda r: r.rps)
 
 
-def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]]:
+def ingest_section(s3: S3Server, work: Path, quick: bool, only_conc: list[int] | None = None) -> list[dict[str, Any]]:
     gw = GatewayProcess(work / "gw-ingest", s3_env(s3)).start()
     _, key = gw.add_device("bench-ingest")
     discard_port = free_port()
@@ -95,18 +95,19 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
         except httpx.TransportError:
             time.sleep(0.1)
     sizes = [100 * KiB, 1 * MiB] if quick else [100 * KiB, 1 * MiB, 5 * MiB]
-    concurrencies = [8] if quick else [1, 8, 32]
+    concurrencies = only_conc or ([8] if quick else [1, 8, 32])
     repeats = 1 if quick else 2
     rows = []
     try:
         # Warm-up, not measured: the direct bucket is created and each server opens its first volume.
         multipart_upload(gw.port, UPLOAD, key, 100 * KiB, 8, 64)
         s3_put(s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", 100 * KiB, 8, 64)
+        s3_put_presigned(s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", 100 * KiB, 8, 64)
         multipart_upload(discard_port, UPLOAD, None, 100 * KiB, 8, 64)
         for size in sizes:
             for conc in concurrencies:
                 n = requests_for(size, conc, quick)
-                got: dict[str, list[Round]] = {"gateway": [], "s3": [], "discard": []}
+                got: dict[str, list[Round]] = {"gateway": [], "s3": [], "s3u": [], "discard": []}
                 for _ in range(repeats):  # alternate, so noise hits every kind alike
                     got["gateway"].append(grouped(gw.url, functools.partial(
                         metered, {"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
@@ -114,16 +115,24 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
                     got["s3"].append(metered(
                         {"s3": s3.pid, "client": os.getpid()}, None,
                         s3_put, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
+                    got["s3u"].append(metered(
+                        {"s3": s3.pid, "client": os.getpid()}, None,
+                        s3_put_presigned, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
                     got["discard"].append(metered(
                         {"discard": discard.pid, "client": os.getpid()}, None,
                         multipart_upload, discard_port, UPLOAD, None, size, conc, n))
-                g, d, c = best(got["gateway"]), best(got["s3"]), best(got["discard"])
+                # The direct ceiling is the faster of the two direct clients: minio's signed PUT and a
+                # presigned UNSIGNED-PAYLOAD PUT over kept-alive connections (as the gateway sends).
+                signed, unsigned = best(got["s3"]), best(got["s3u"])
+                g, d, c = best(got["gateway"]), best([signed, unsigned]), best(got["discard"])
                 row = {
                     "size": size, "concurrency": conc, "requests": n,
                     "gateway_rps": round(g.rps, 1), "gateway_mb_s": round(g.mb_per_s, 1),
                     "gateway_p50_ms": round(g.pct(0.5), 2), "gateway_p99_ms": round(g.pct(0.99), 2),
                     "gateway_errors": g.errors,
-                    "s3_rps": round(d.rps, 1), "s3_p50_ms": round(d.pct(0.5), 2), "s3_p99_ms": round(d.pct(0.99), 2),
+                    "s3_rps": round(d.rps, 1), "s3_client": "presigned" if d is unsigned else "minio",
+                    "s3_signed_rps": round(signed.rps, 1), "s3_unsigned_rps": round(unsigned.rps, 1),
+                    "s3_p50_ms": round(d.pct(0.5), 2), "s3_p99_ms": round(d.pct(0.99), 2),
                     "discard_rps": round(c.rps, 1),
                     "ratio_vs_s3": round(g.rps / d.rps, 3) if d.rps else None,
                     "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
@@ -131,7 +140,8 @@ def ingest_section(s3: S3Server, work: Path, quick: bool) -> list[dict[str, Any]
                     "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
                 }
                 rows.append(row)
-                log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 {d.rps:.0f}/s, "
+                log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "
+                    f"unsigned {unsigned.rps:.0f}/s, "
                     f"discard {c.rps:.0f}/s -> {row['ratio_vs_s3']} of S3")
     finally:
         os.killpg(discard.pid, signal.SIGTERM)
@@ -163,10 +173,10 @@ def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
     }
 
 
-def forward_section(s3: S3Server, work: Path, quick: bool) -> dict[str, Any]:
+def forward_section(s3: S3Server, work: Path, quick: bool, images: int = 0) -> dict[str, Any]:
     from tests.support.fakecloud import FakeCloud
 
-    count = 200 if quick else 2000
+    count = images or (200 if quick else 2000)
     concurrency = 8
     size = MiB
     cloud = FakeCloud().start()
@@ -286,12 +296,14 @@ def startup_section(s3: S3Server, work: Path, rows: int) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     print("\n== 1/2. ingest: gateway vs direct S3 PUT vs discard endpoint (best of the alternated rounds)")
+    print("   (S3 req/s: the faster direct client, minio's signed PUT or a presigned UNSIGNED-PAYLOAD PUT)")
     print(f"{'size':>8} {'conc':>4} {'gw req/s':>9} {'gw MB/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'S3 req/s':>9} {'discard/s':>9} {'gw/S3':>6} {'gw/disc':>7}")
+          f"{'signed/s':>9} {'unsign/s':>9} {'S3 req/s':>9} {'discard/s':>9} {'gw/S3':>6} {'gw/disc':>7}")
     for r in report.get("ingest", []):
         size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
         print(f"{size:>8} {r['concurrency']:>4} {r['gateway_rps']:>9} {r['gateway_mb_s']:>8} "
-              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['s3_rps']:>9} {r['discard_rps']:>9} "
+              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['s3_signed_rps']:>9} {r['s3_unsigned_rps']:>9} "
+              f"{r['s3_rps']:>9} {r['discard_rps']:>9} "
               f"{r['ratio_vs_s3']:>6} {r['ratio_vs_discard']:>7}")
     if report.get("ingest"):
         print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
@@ -339,6 +351,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
                         help="comma-separated sections to run")
+    parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
+    parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count()}
@@ -350,7 +364,8 @@ def main() -> int:
         s3 = S3Server(work / "s3", memory_limit=S3_MEMORY_LIMIT, volume_mb=1024).start()
         try:
             if "ingest" in only:
-                report["ingest"] = ingest_section(s3, work, args.quick)
+                conc = [int(c) for c in args.concurrency.split(",") if c]
+                report["ingest"] = ingest_section(s3, work, args.quick, conc or None)
             if "memory" in only:
                 report["memory"] = memory_section(s3, work)
             if "dedup" in only:
@@ -358,7 +373,7 @@ def main() -> int:
                 report["dedup"] = dedup_latency(work / "dedup", 100_000 if args.quick else 1_000_000,
                                                 200 if args.quick else 1000)
             if "forward" in only:
-                report["forward"] = forward_section(s3, work, args.quick)
+                report["forward"] = forward_section(s3, work, args.quick, args.forward_images)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
         finally:

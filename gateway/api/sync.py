@@ -8,7 +8,7 @@ missing or wrong token). Drainable batches are the `forwarded` ones; acking one 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -66,25 +66,24 @@ async def batch_manifest(gw: Gateway, batch_id: str) -> Response[bytes]:
 async def image_bytes(gw: Gateway, image_id: str) -> Stream:
     image = await gw.catalog.read(lambda c: q.read_image(c, image_id))
     try:
-        # Opening the object is blocking (an S3 GET); do it before the headers go out, so a
-        # missing object is still a clean 404 in the envelope.
-        chunks = await anyio.to_thread.run_sync(gw.store.iter_chunks, image["storage_key"])
+        # Found before the headers go out, so a missing object is still a clean 404 in the envelope.
+        chunks = await gw.store.read_async(image["storage_key"])
     except KeyError:
         raise NotFound("Image bytes missing from the object store", image_id) from None
     headers = {"Content-Length": str(image["size"]), HASH_HEADER: image["xxh3_128"]}
     return Stream(_stream(chunks, gw), media_type=image["content_type"], headers=headers)
 
 
-async def _stream(chunks: Iterator[bytes], gw: Gateway) -> AsyncIterator[bytes]:
-    """The store's blocking iterator, one chunk per worker-thread call; closed even on disconnect."""
+async def _stream(chunks: AsyncIterator[bytes], gw: Gateway) -> AsyncIterator[bytes]:
+    """The store's bytes, counted; the store's stream closed even on disconnect."""
     try:
-        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+        async for chunk in chunks:
             gw.metrics.sync_image_bytes.inc(len(chunk))
             yield chunk
     finally:
-        close = getattr(chunks, "close", None)
+        close = getattr(chunks, "aclose", None)
         if close is not None:
-            close()
+            await close()
 
 
 @post("/batches/{batch_id:str}/ack", status_code=200)

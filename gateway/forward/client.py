@@ -1,16 +1,12 @@
 """The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in.
 
-Uploads are the hot path. An image held whole in memory (the forward cache's copy) is sent from
-the event loop on `gateway.httpio`'s kept-alive connections (`upload`): no worker thread, whose
-hand-overs bound the drain rate. One that must be streamed (from the object store, or paced under
-a bandwidth cap) is sent by a blocking call in a worker thread over a pooled urllib3 connection
-(`upload_blocking`). Both give the same outcomes. (httpx's async stack cost about 5 ms of
-event-loop CPU per 1 MiB image, so it is not used for uploads.) The rare calls (key checks,
-check-ins, probes) stay on the async httpx client.
-
-Every answer is sorted into one of three kinds (SPEC §4): `delivered` (2xx, or 409: the cloud
-already holds the bytes), `retry` (408, 429, 5xx, transport errors, timeouts; with the parsed
-`Retry-After`) or `reject` (any other 4xx: kept with its status and the start of its body).
+Every request goes through the runtime's shared aiohttp session (`gateway.outbound`) with the
+same timeouts (connect and each read within `cloud.timeout_s`, the whole request within
+`cloud.deadline_s`) and the same proxy (`[cloud] proxy`, else HTTP(S)_PROXY/NO_PROXY).
+JSON calls share `request_json`; uploads stream their body and go through `classify`, the one
+mapping from answers and transport failures to outcomes (SPEC §4): `delivered` (2xx, or 409: the
+cloud already holds the bytes), `retry` (408, 429, 5xx, transport errors, timeouts; with the
+parsed `Retry-After`) or `reject` (any other 4xx: kept with its status and the start of its body).
 """
 
 from __future__ import annotations
@@ -18,26 +14,22 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
+import aiohttp
 import certifi
-import httpx
 import msgspec
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from gateway.forward.backoff import parse_retry_after
-from gateway.httpio import Broken, ConnectFailed, NoProgress, Pool
+from gateway.outbound import Outbound, cloud_proxy
 
 DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
-USER_AGENT = "acusight-edge-gateway"
 BODY_KEPT = 2048
 ANSWER_READ = 64 * 1024  # an upload's answer is a small envelope; a longer one is cut and its connection dropped
 RETRYABLE_4XX = frozenset({408, 429})
+PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -102,34 +94,47 @@ class MultipartUpload:
             raise LocalBytesChanged(f"stored object has {len(image)} bytes, {self.size} recorded")
         return self.head, image, self.tail
 
-    def whole(self, image: bytes) -> bytes:
-        """The body in one piece, for an image held whole (one send instead of one per part)."""
-        return b"".join(self.parts(image))
-
-    def body(self, image: Iterable[bytes]) -> Iterator[bytes]:
+    async def stream(self, image: bytes | bytearray | AsyncIterable[bytes],
+                     pace: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
+        """The body, piece by piece: `image` whole or streamed (checked against the recorded
+        size, `LocalBytesChanged` otherwise); `pace(n)` waits before each piece under a cap."""
         yield self.head
+        if isinstance(image, bytes | bytearray):
+            self.parts(image)  # the size check
+            pieces: AsyncIterable[bytes] = _once(image)
+        else:
+            pieces = image
         sent = 0
-        for chunk in image:
+        async for chunk in pieces:
             sent += len(chunk)
             if sent > self.size:
                 raise LocalBytesChanged(f"stored object is longer than the recorded {self.size} bytes")
-            yield chunk
+            if pace is None:
+                yield chunk
+                continue
+            view = memoryview(chunk)
+            for start in range(0, len(view), PIECE):
+                piece = view[start : start + PIECE]
+                await pace(len(piece))
+                yield bytes(piece)
         if sent != self.size:
             raise LocalBytesChanged(f"stored object has {sent} bytes, {self.size} recorded")
         yield self.tail
+
+
+async def _once(data: bytes | bytearray) -> AsyncIterator[bytes]:
+    yield data  # type: ignore[misc]  # aiohttp writes a bytearray as it is
 
 
 class LocalBytesChanged(Exception):
     """The object store gave back other bytes than were recorded: do not send a truncated image."""
 
 
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None) or exc
-    return str(reason)[:300] or type(exc).__name__
+class CloudAnswer(msgspec.Struct, kw_only=True):
+    """A JSON call's answer: the HTTP status and the parsed envelope ({} when not a JSON object)."""
 
-
-class Stopped(Exception):
-    """The forwarder stopped waiting for this upload (shutdown): abandon the request."""
+    status: int
+    envelope: dict[str, Any]
 
 
 def _envelope(content: bytes) -> dict[str, Any]:
@@ -152,8 +157,39 @@ def _ids(payload: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
     return text("image_id"), text("batch_id"), text("storage_key")
 
 
-def classify(status: int, content: bytes, retry_after: str | None = None) -> Outcome:
-    """Sort one HTTP answer to an upload into delivered / retry / reject."""
+def _reason(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:300]
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the answer's body, and whether that was all of it."""
+    got = bytearray()
+    while len(got) <= limit:
+        chunk = await resp.content.read(limit + 1 - len(got))
+        if not chunk:
+            return bytes(got), True
+        got += chunk
+    return bytes(got[:limit]), False
+
+
+def classify(status: int | None, content: bytes = b"", retry_after: str | None = None,
+             failure: BaseException | None = None) -> Outcome:
+    """Sort what one upload came to into delivered / retry / reject: the answer's status and
+    body, and `failure` when the exchange failed (`status` then says whether the answer's head
+    had arrived). A status is judged by itself, even when the connection broke after it (an
+    early 413 while the body was still going out), except that a 2xx counts only when its
+    answer arrived whole."""
+    if failure is not None and (status is None or 200 <= status < 300):
+        if isinstance(failure, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return Outcome(kind=RETRY, error=f"cannot connect: {_reason(failure)}", connection_failed=True)
+        timed_out = isinstance(failure, TimeoutError)
+        if status is not None:
+            what = "timed out reading the answer" if timed_out else f"answer cut off: {_reason(failure)}"
+            return Outcome(kind=RETRY, status=status, error=f"HTTP {status}: {what}"[:300])
+        if timed_out:
+            return Outcome(kind=RETRY, error=f"timed out: {type(failure).__name__}")
+        return Outcome(kind=RETRY, error=f"transport error: {_reason(failure)}")
+    assert status is not None
     if 200 <= status < 300 or status == 409:
         image_id, batch_id, storage_key = _ids(_envelope(content))
         return Outcome(kind=DELIVERED, status=status, image_id=image_id, batch_id=batch_id, storage_key=storage_key)
@@ -165,142 +201,116 @@ def classify(status: int, content: bytes, retry_after: str | None = None) -> Out
 
 
 class CloudClient:
-    """One pooled HTTP client for everything the gateway asks of the cloud."""
+    """Everything the gateway asks of the cloud, over the runtime's shared session."""
 
-    def __init__(self, base_url: str, timeout_s: float, max_connections: int) -> None:
+    def __init__(self, http: Outbound, base_url: str, timeout_s: float, deadline_s: float = 300.0,
+                 proxy: str = "") -> None:
+        self.http = http
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections + 4, max_keepalive_connections=max_connections + 4),
-            headers={"User-Agent": USER_AGENT},
-        )
-        # No retries: a resend is the forwarder's decision (with backoff), and a body is sent once.
-        self.pool = urllib3.PoolManager(
-            num_pools=2, maxsize=max_connections + 4, retries=False, ca_certs=certifi.where(),
-            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s), headers={"User-Agent": USER_AGENT},
-        )
-        # Images held whole in memory go from the event loop (no worker thread): same timeouts,
-        # no retries, and a kept-alive connection found closed is an attempt that failed.
-        url = urlsplit(self.base_url)
-        https = url.scheme == "https"
-        self._host, self._port = url.hostname or "", url.port or (443 if https else 80)
-        self._netloc, self._upload_path = url.netloc, url.path + "/device/images/upload"
-        self.fast = Pool(ssl_context=ssl.create_default_context(cafile=certifi.where()) if https else None,
-                         connect_timeout=timeout_s, read_timeout=timeout_s, max_idle=max_connections + 4,
-                         resend_stale=False)
+        self.deadline_s = deadline_s
+        self.proxy = cloud_proxy(self.base_url, proxy)
+        self.ssl = ssl.create_default_context(cafile=certifi.where()) if self.base_url.startswith("https:") else None
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
-        self.pool.clear()
-        self.fast.close()
+    def timeout(self, timeout_s: float | None = None, extra_s: float = 0.0) -> aiohttp.ClientTimeout:
+        """Progress timeouts (connect, each read) and the whole request's deadline; `timeout_s`
+        given (a device waits on the answer): that bounds each step and the whole."""
+        if timeout_s is not None:  # a caller that waits (a device): that long at most, in all
+            return aiohttp.ClientTimeout(total=timeout_s + extra_s, sock_connect=timeout_s, sock_read=timeout_s)
+        return aiohttp.ClientTimeout(total=self.deadline_s + extra_s, sock_connect=self.timeout_s,
+                                     sock_read=self.timeout_s)
 
-    async def upload(self, key: str, form: MultipartUpload, image: bytes | bytearray) -> Outcome:
-        """`upload_blocking` from the event loop, for an image held whole in memory: the same
-        request, and the same outcomes. Raises `LocalBytesChanged` when `image` is not the size
-        recorded."""
-        body = form.parts(image)
-        headers = [("Host", self._netloc), ("User-Agent", USER_AGENT), ("X-Device-Key", key),
-                   ("Content-Type", form.content_type), ("Content-Length", str(form.length))]
+    async def request_json(self, method: str, path: str, key: str | None, body: Any = None,
+                           timeout_s: float | None = None) -> CloudAnswer:
+        """Send a JSON request (`body` encoded when not None) to the cloud, as the device with
+        `key` or without one; the status and parsed envelope of any HTTP answer. Raises
+        `CloudUnreachable` when no whole answer came (transport error, timeout)."""
+        headers = {"Accept": "application/json"}
+        if key is not None:
+            headers["X-Device-Key"] = key
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        session = await self.http.session()
         try:
-            answer = await self.fast.request(self._host, self._port, "POST", self._upload_path, headers,
-                                             body, ANSWER_READ)
-        except ConnectFailed as exc:
-            return Outcome(kind=RETRY, error=f"cannot connect: {exc}"[:300], connection_failed=True)
-        except NoProgress as exc:
-            if exc.status:
-                return Outcome(kind=RETRY, status=exc.status, error=f"HTTP {exc.status}: timed out reading the answer")
-            return Outcome(kind=RETRY, error="timed out: ReadTimeout")
-        except Broken as exc:
-            if exc.status:
-                return Outcome(kind=RETRY, status=exc.status, error=f"HTTP {exc.status}: answer cut off: {exc}"[:300])
-            return Outcome(kind=RETRY, error=f"transport error: {exc}"[:300])
-        return classify(answer.status, answer.body, answer.header("retry-after"))
+            async with session.request(method, self.base_url + path, data=data, headers=headers,
+                                       timeout=self.timeout(timeout_s), proxy=self.proxy, ssl=self.ssl or True,
+                                       allow_redirects=False) as resp:
+                content, _ = await read_answer(resp, ANSWER_READ)
+                return CloudAnswer(status=resp.status, envelope=_envelope(content))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise CloudUnreachable(_reason(exc)) from exc
 
-    def upload_blocking(
-        self, key: str, form: MultipartUpload, image: Iterable[bytes] | bytes, stop: threading.Event
-    ) -> Outcome:
-        """POST one image as the device (blocking: run it in a worker thread); never raises for
-        cloud-side failures (they are outcomes). `image` is the bytes whole, or pieces to stream.
-        Raises `Stopped` once `stop` is set, and whatever `image` raises (the store's errors,
-        `LocalBytesChanged`)."""
+    async def upload(self, key: str, form: MultipartUpload, image: bytes | bytearray | AsyncIterable[bytes],
+                     pace: Callable[[int], Awaitable[None]] | None = None, extra_s: float = 0.0) -> Outcome:
+        """POST one image as the device; never raises for cloud-side failures (they are
+        outcomes, `classify`). Raises what `image` raises (`LocalBytesChanged`, the store's
+        errors): nothing then counts as delivered. `extra_s`: more time for a paced body."""
         headers = {"X-Device-Key": key, "Content-Type": form.content_type, "Content-Length": str(form.length)}
+        body_error: list[BaseException] = []
 
-        def body() -> Iterator[bytes]:
-            assert not isinstance(image, bytes)
-            for chunk in form.body(image):
-                if stop.is_set():
-                    raise Stopped
-                yield chunk
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for piece in form.stream(image, pace):
+                    yield piece
+            except Exception as exc:
+                body_error.append(exc)
+                raise
 
-        if isinstance(image, bytes):
-            if stop.is_set():
-                raise Stopped
-            payload: bytes | Iterator[bytes] = form.whole(image)
-        else:
-            payload = body()
+        status: int | None = None
+        session = await self.http.session()
         try:
-            resp = self.pool.request("POST", f"{self.base_url}/device/images/upload", body=payload, headers=headers,
-                                     redirect=False, preload_content=False)
-        except (NewConnectionError, ConnectTimeoutError) as exc:
-            return Outcome(kind=RETRY, error=f"cannot connect: {_reason(exc)}", connection_failed=True)
-        except ReadTimeoutError:
-            return Outcome(kind=RETRY, error="timed out: ReadTimeout")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return Outcome(kind=RETRY, error=f"transport error: {_reason(exc)}")
-        whole = False
-        try:
-            content = resp.read(ANSWER_READ + 1)
-            whole = len(content) <= ANSWER_READ
-        except ReadTimeoutError:
-            return Outcome(kind=RETRY, status=resp.status, error=f"HTTP {resp.status}: timed out reading the answer")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return Outcome(kind=RETRY, status=resp.status, error=f"HTTP {resp.status}: answer cut off: {_reason(exc)}")
-        finally:
-            if not whole:  # not read to its end: the connection cannot carry another request
-                resp.close()
-            resp.release_conn()
-        return classify(resp.status, content, resp.headers.get("retry-after"))
+            async with session.post(self.base_url + "/device/images/upload", data=body(), headers=headers,
+                                    timeout=self.timeout(extra_s=extra_s), proxy=self.proxy, ssl=self.ssl or True,
+                                    allow_redirects=False) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                try:
+                    content, whole = await read_answer(resp, ANSWER_READ)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    if body_error:
+                        raise body_error[0] from None
+                    return classify(status, b"", retry_after, failure=exc)
+                if not whole:
+                    resp.close()  # longer than any envelope: that connection carries nothing more
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if body_error:
+                raise body_error[0] from None
+            return classify(status, failure=exc)
+        if body_error:
+            raise body_error[0]
+        return classify(status, content, retry_after)
 
     async def device_self(self, key: str, timeout_s: float | None = None) -> KeyAnswer:
         """What the cloud says of `key`; status None when it could not be reached."""
         try:
-            resp = await self.http.get(
-                f"{self.base_url}/device/self", headers={"X-Device-Key": key},
-                timeout=timeout_s if timeout_s is not None else self.timeout_s,
-            )
-        except httpx.HTTPError:
+            answer = await self.request_json("GET", "/device/self", key, timeout_s=timeout_s)
+        except CloudUnreachable:
             return KeyAnswer(status=None)
-        payload = _envelope(resp.content)
-        err = payload.get("error")
+        err = answer.envelope.get("error")
         err = err if isinstance(err, dict) else {}
-        data = payload.get("data")
+        data = answer.envelope.get("data")
         data = data if isinstance(data, dict) else None
-        return KeyAnswer(status=resp.status_code, data=data, code=str(err.get("code") or ""),
+        return KeyAnswer(status=answer.status, data=data, code=str(err.get("code") or ""),
                          message=str(err.get("message") or ""))
 
     async def probe(self, key: str | None) -> bool:
         """Whether the cloud answers at all (any HTTP status counts)."""
         try:
             if key:
-                await self.http.get(f"{self.base_url}/device/self", headers={"X-Device-Key": key})
+                await self.request_json("GET", "/device/self", key)
             else:
-                await self.http.head(self.base_url)
-        except httpx.HTTPError:
+                await self.request_json("HEAD", "", None)
+        except CloudUnreachable:
             return False
         return True
 
     async def checkin(self, key: str, body: bytes, timeout_s: float) -> list[Any]:
         """Relay a device's check-in; returns the cloud's `actions`. Raises `CloudUnreachable`."""
-        try:
-            resp = await self.http.post(
-                f"{self.base_url}/device/checkin", content=body, timeout=timeout_s,
-                headers={"X-Device-Key": key, "Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise CloudUnreachable(str(exc) or type(exc).__name__) from exc
-        if resp.status_code >= 300:
-            raise CloudUnreachable(f"HTTP {resp.status_code}")
-        data = _envelope(resp.content).get("data")
+        answer = await self.request_json("POST", "/device/checkin", key, body, timeout_s=timeout_s)
+        if answer.status >= 300:
+            raise CloudUnreachable(f"HTTP {answer.status}")
+        data = answer.envelope.get("data")
         actions = data.get("actions") if isinstance(data, dict) else None
         return actions if isinstance(actions, list) else []

@@ -12,9 +12,8 @@ flight in the catalog: on a crash or a stop, what was being sent is simply still
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import anyio
@@ -36,9 +35,7 @@ from gateway.forward.client import (
     LocalBytesChanged,
     MultipartUpload,
     Outcome,
-    Stopped,
 )
-from gateway.forward.threads import DaemonPool
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -49,7 +46,6 @@ LOW_WATER = 8  # a device whose read-ahead falls to this many entries gets its n
 REFILL_EVERY_S = 15.0
 MIN_REFILL_GAP_S = 1.0
 MAX_IDLE_S = 5.0
-PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
 KEY_REFUSED = (401, 403)
 CHECKIN_TIMEOUT_S = 5.0  # the device waits for this answer
 
@@ -82,7 +78,6 @@ class Forwarder:
         self.per_device = f.per_device_in_flight
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
         self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
-        self._threads = DaemonPool("forward", f.concurrency)
         self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
         # Called once per loop round; the key checker hangs its quarantine re-checks here.
         self.on_round: Callable[[TaskGroup], None] | None = None
@@ -269,61 +264,46 @@ class Forwarder:
     async def _attempt(self, entry: outbox.Entry) -> tuple[Outcome, bool]:
         """One attempt; the flag says whether the outcome is the cloud's (it then moves the gate).
 
-        An image whose cached copy is all in memory, with its device's key at hand and no
-        bandwidth cap, is sent from the event loop: no hand-off to a thread at all. Any other
-        transfer (key, store read, POST, answer) is one blocking call in a daemon thread: one
-        hand-off per image rather than one per chunk. If this task is cancelled (shutdown), the
-        thread is told to abandon the request at its next chunk."""
-        if self.cache is not None and self.bucket.rate <= 0:
-            key = self.registry.cached_key_of(entry.device_id)
-            image = self.cache.read_from_memory(entry.image_id, entry.size, entry.xxh3_128) if key else None
-            if key and image is not None:
-                form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
-                return await self.client.upload(key, form, image), True
-        stop = threading.Event()
-        try:
-            return await self._threads.run(self._attempt_blocking, entry, stop)
-        finally:
-            stop.set()
-
-    def _attempt_blocking(self, entry: outbox.Entry, stop: threading.Event) -> tuple[Outcome, bool]:
-        key = self.registry.key_of(entry.device_id)
+        The image comes from the forward cache (from memory when the kernel holds it, else read
+        in a worker thread) or, failing that, streamed from the object store; it is posted from
+        the event loop, paced under a bandwidth cap. Cancelling the task (shutdown) drops the
+        request and its connection."""
+        key = self.registry.cached_key_of(entry.device_id)
+        if key is None:
+            key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
-        cached = self.cache.read(entry.image_id, entry.size, entry.xxh3_128) if self.cache is not None else None
+        image: bytes | bytearray | AsyncIterable[bytes] | None = None
+        if self.cache is not None:
+            image = self.cache.read_from_memory(entry.image_id, entry.size, entry.xxh3_128)
+            if image is None:
+                image = await anyio.to_thread.run_sync(self.cache.read, entry.image_id, entry.size, entry.xxh3_128)
         try:
-            chunks = iter((cached,)) if cached is not None else self.store.iter_chunks(entry.storage_key)
+            if image is None:
+                image = await self.store.read_async(entry.storage_key)
         except KeyError:
             return Outcome(kind=REJECT, error="local bytes missing from the object store"), False
         except GatewayError as exc:
             return Outcome(kind=RETRY, error=f"object store: {exc}"), False
         form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
-        # Held whole and not paced: one piece, sent in one go.
-        body = cached if cached is not None and self.bucket.rate <= 0 else self._paced(chunks, stop)
+        rate = self.bucket.rate
         try:
-            return self.client.upload_blocking(key, form, body, stop), True
+            return await self.client.upload(key, form, image, self._pace if rate > 0 else None,
+                                            extra_s=form.length / rate if rate > 0 else 0.0), True
         except LocalBytesChanged as exc:
             return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
         except GatewayError as exc:
             return Outcome(kind=RETRY, error=f"object store: {exc}"), False
         finally:
-            close = getattr(chunks, "close", None)
+            close = getattr(image, "aclose", None)
             if close is not None:
-                close()
+                await close()
 
-    def _paced(self, chunks: Iterator[bytes], stop: threading.Event) -> Iterator[bytes]:
-        """The object's bytes, released no faster than the bandwidth cap (runs in the sending thread)."""
-        if self.bucket.rate <= 0:
-            yield from chunks
-            return
-        for chunk in chunks:
-            view = memoryview(chunk)
-            for start in range(0, len(view), PIECE):
-                piece = view[start : start + PIECE]
-                wait = self.bucket.take(len(piece))
-                if wait > 0 and stop.wait(wait):
-                    raise Stopped
-                yield bytes(piece)
+    async def _pace(self, n: int) -> None:
+        """Wait until the bandwidth cap lets `n` more bytes go."""
+        wait = self.bucket.take(n)
+        if wait > 0:
+            await anyio.sleep(wait)
 
     async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool, record: Expected) -> None:
         now = self.clock()

@@ -1,13 +1,14 @@
 """The `ObjectStore` interface shared by the folder and S3 backends.
 
-Every method but `put_bytes_async` blocks (file system or the `minio` client): callers on the
-event loop go through `anyio.to_thread`. Backends raise `InsufficientStorage` for a full disk or quota and
+Every method but `put_bytes_async` and `read_async` blocks (file system or the `minio` client):
+callers on the event loop go through `anyio.to_thread`.
+Backends raise `InsufficientStorage` for a full disk or quota and
 `ServiceUnavailable` when the store cannot be reached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +42,10 @@ class ObjectStore(Protocol):
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes, streamed; raises `KeyError` when there is no such object."""
+
+    async def read_async(self, key: str) -> AsyncIterator[bytes]:
+        """`iter_chunks` from the event loop: found (else `KeyError`) before it returns; close
+        the iterator (`aclose`) when not read to its end."""
 
     def stat(self, key: str) -> ObjectInfo | None: ...
 

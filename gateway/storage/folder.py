@@ -10,7 +10,7 @@ import errno
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -91,6 +91,10 @@ class FolderStore:
             raise _store_error(exc) from exc
         return _read_chunks(fh, chunk_size)
 
+    async def read_async(self, key: str) -> AsyncIterator[bytes]:
+        chunks = await anyio.to_thread.run_sync(self.iter_chunks, key)
+        return _chunks_async(chunks)
+
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             st = self._path(key).stat()
@@ -152,3 +156,14 @@ def _store_error(exc: OSError) -> Exception:
     if exc.errno in _FULL:
         return InsufficientStorage("Local disk is full", str(exc))
     return ServiceUnavailable("Local storage unavailable", str(exc))
+
+
+async def _chunks_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A blocking iterator read one chunk per worker-thread call; closed even when left early."""
+    try:
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()

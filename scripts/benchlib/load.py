@@ -149,3 +149,34 @@ def s3_put(endpoint: str, access_key: str, secret_key: str, bucket: str, size: i
                           part_size=8 * 1024 * 1024, num_parallel_uploads=1)
 
     return _run("s3", size, concurrency, total, one, lambda: None)
+
+
+def s3_put_presigned(endpoint: str, access_key: str, secret_key: str, bucket: str, size: int, concurrency: int,
+                     total: int) -> Round:
+    """PUT objects of fresh bytes straight to S3 as UNSIGNED-PAYLOAD: a URL presigned by the minio
+    client (region given, so no look-up), sent over one kept-alive connection per thread."""
+    from datetime import timedelta
+
+    tail = secrets.token_bytes(max(0, size - len(JPEG) - 16))
+    client = Minio(endpoint, access_key, secret_key, secure=False, region="us-east-1")
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    host, _, port = endpoint.partition(":")
+
+    def one(n: int, conn: object) -> None:
+        assert isinstance(conn, http.client.HTTPConnection)
+        url = client.presigned_put_object(bucket, f"raw-data/{secrets.token_hex(16)}_f{n}.jpg", timedelta(hours=1))
+        target = url[url.index("/", len("http://")):]
+        conn.putrequest("PUT", target, skip_accept_encoding=True)
+        conn.putheader("Content-Type", "image/jpeg")
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        conn.send(JPEG + secrets.token_bytes(16))
+        conn.send(tail)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"status {resp.status}")
+
+    return _run("s3-presigned", size, concurrency, total, one,
+                lambda: http.client.HTTPConnection(host, int(port or 80)))

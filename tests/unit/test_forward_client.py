@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 
 import multipart
 import pytest
@@ -21,13 +22,16 @@ from gateway.forward.client import (
 )
 
 
-def _pieces(data: bytes, size: int) -> Iterator[bytes]:
+async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
 
 
-def _collect(form: MultipartUpload, image: bytes) -> bytes:
-    return b"".join(form.body(_pieces(image, 1000)))
+def _collect(form: MultipartUpload, image: bytes | AsyncIterable[bytes]) -> bytes:
+    async def main() -> bytes:
+        return b"".join([piece async for piece in form.stream(image)])
+
+    return asyncio.run(main())
 
 
 def _parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, str | None, str | None]]:
@@ -40,9 +44,9 @@ def _parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, str | None,
 def test_body_has_the_exact_length_and_parts_as_stored(metadata: bytes | None) -> None:
     image = b"\xff\xd8\xff" + bytes(range(256)) * 40
     form = MultipartUpload('we"ird\r\nname.jpg', "image/jpeg", len(image), metadata)
-    body = _collect(form, image)
+    body = _collect(form, _pieces(image, 1000))
     assert len(body) == form.length
-    assert form.whole(image) == body  # a cached image goes in one piece, the same bytes
+    assert _collect(form, image) == body  # a cached image goes in one piece, the same bytes
     parts = _parts(body, form.content_type)
     assert parts["image"][0] == image
     assert parts["image"][2] == "image/jpeg"
@@ -55,13 +59,11 @@ def test_body_has_the_exact_length_and_parts_as_stored(metadata: bytes | None) -
 
 def test_body_refuses_bytes_other_than_recorded() -> None:
     form = MultipartUpload("a.jpg", "image/jpeg", 10, None)
-    with pytest.raises(LocalBytesChanged):
-        _collect(form, b"\xff" * 9)
-    with pytest.raises(LocalBytesChanged):
-        _collect(form, b"\xff" * 11)
     for wrong in (9, 11):
         with pytest.raises(LocalBytesChanged):
-            form.whole(b"\xff" * wrong)
+            _collect(form, _pieces(b"\xff" * wrong, 4))
+        with pytest.raises(LocalBytesChanged):
+            _collect(form, b"\xff" * wrong)
 
 
 def _answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Outcome:
@@ -83,3 +85,18 @@ def test_answers_sorted_into_delivered_retry_reject() -> None:
         out = _answer(status, b"x" * 5000)
         assert out.kind == REJECT and out.status == status
         assert len(out.error) < 2100  # a bounded slice of the body
+
+
+def test_failures_and_statuses_map_in_one_place() -> None:
+    """A status is judged by itself even when the connection broke after it; a 2xx only counts
+    whole; no status at all is a transport failure to retry."""
+    import aiohttp
+
+    reset = aiohttp.ServerDisconnectedError()
+    assert (classify(413, failure=reset).kind, classify(413, failure=reset).status) == (REJECT, 413)
+    assert classify(503, failure=reset).kind == RETRY
+    cut = classify(201, failure=aiohttp.ClientPayloadError("cut"))
+    assert (cut.kind, cut.status) == (RETRY, 201) and "answer cut off" in cut.error
+    assert classify(None, failure=TimeoutError()).error == "timed out: TimeoutError"
+    assert classify(None, failure=reset).error.startswith("transport error")
+    # (a refused connection: tests/integration/test_cloud_upload.py)
