@@ -1,4 +1,5 @@
-"""The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in.
+"""The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in,
+a heartbeat or a provisioning request.
 
 Uploads are the hot path. An image held whole in memory (the forward cache's copy) is sent from
 the event loop on `gateway.httpio`'s kept-alive connections (`upload`): no worker thread, whose
@@ -6,7 +7,7 @@ hand-overs bound the drain rate. One that must be streamed (from the object stor
 a bandwidth cap) is sent by a blocking call in a worker thread over a pooled urllib3 connection
 (`upload_blocking`). Both give the same outcomes. (httpx's async stack cost about 5 ms of
 event-loop CPU per 1 MiB image, so it is not used for uploads.) The rare calls (key checks,
-check-ins, probes) stay on the async httpx client.
+check-ins, heartbeats, provisioning, probes) stay on the async httpx client.
 
 Every answer is sorted into one of three kinds (SPEC §4): `delivered` (2xx, or 409: the cloud
 already holds the bytes), `retry` (408, 429, 5xx, transport errors, timeouts; with the parsed
@@ -64,6 +65,14 @@ class KeyAnswer(msgspec.Struct, kw_only=True):
 
 class CloudUnreachable(Exception):
     """No usable answer from the cloud (transport error, timeout, 5xx, 429)."""
+
+
+class RelayedAnswer(msgspec.Struct, kw_only=True):
+    """A cloud answer to pass on to a device as it came (provisioning)."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
 
 
 def _quote(value: str) -> str:
@@ -304,3 +313,30 @@ class CloudClient:
         data = _envelope(resp.content).get("data")
         actions = data.get("actions") if isinstance(data, dict) else None
         return actions if isinstance(actions, list) else []
+
+    async def relay_heartbeat(self, key: str, body: bytes, timeout_s: float) -> list[Any]:
+        """Relay an agent's heartbeat (`POST /core/agent/checkin`, answered without the envelope);
+        returns the cloud's `pending_actions`. Raises `CloudUnreachable`."""
+        try:
+            resp = await self.http.post(
+                f"{self.base_url}/core/agent/checkin", content=body, timeout=timeout_s,
+                headers={"X-Device-Key": key, "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise CloudUnreachable(str(exc) or type(exc).__name__) from exc
+        if resp.status_code >= 300:
+            raise CloudUnreachable(f"HTTP {resp.status_code}")
+        actions = _envelope(resp.content).get("pending_actions")
+        return actions if isinstance(actions, list) else []
+
+    async def relay_provision(self, body: bytes, timeout_s: float) -> RelayedAnswer:
+        """Pass a device's provisioning request to `POST /devices/provision` as received; the
+        cloud's answer, whatever its status. Raises `CloudUnreachable` when none came."""
+        try:
+            resp = await self.http.post(
+                f"{self.base_url}/devices/provision", content=body, timeout=timeout_s,
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise CloudUnreachable(str(exc) or type(exc).__name__) from exc
+        return RelayedAnswer(status=resp.status_code, body=resp.content, retry_after=resp.headers.get("retry-after"))
