@@ -18,6 +18,8 @@ import anyio
 from gateway import __version__
 from gateway.cli_outbox import add_arguments as add_outbox_arguments
 from gateway.cli_outbox import cmd_outbox
+from gateway.cli_tokens import add_arguments as add_tokens_arguments
+from gateway.cli_tokens import cmd_tokens
 from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.control import Control, ControlError, connect
 from gateway.humanize import human_age, human_bytes
@@ -66,8 +68,10 @@ async def cmd_devices(ctl: Control, args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 r["state"] = "revoked" if r["revoked"] else r["status"]
+                r["requests"] = len(r["pending_requests"])
             print(_table(rows, [("device_id", "DEVICE"), ("name", "NAME"), ("state", "STATUS"),
-                                ("origin", "ORIGIN"), ("last_seen_at", "LAST SEEN")]))
+                                ("origin", "ORIGIN"), ("last_seen_at", "LAST SEEN"), ("last_model_id", "MODEL"),
+                                ("last_ip", "IP"), ("requests", "PENDING REQ")]))
         return 0
     data = await ctl.call("POST", f"/devices/{args.action}", {"ref": args.ref})
     if args.json:
@@ -251,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "drain", help="sync job: copy drainable batches from a gateway into a folder, verify, ack"))
 
     outbox_parsers = add_outbox_arguments(sub)
+    token_parsers = add_tokens_arguments(sub)
 
-    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers]:
+    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
+                   *token_parsers]:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="machine-readable output")
     return p
@@ -264,6 +270,7 @@ COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "verify": cmd_verify,
     "batches": cmd_batches,
     "outbox": cmd_outbox,
+    "tokens": cmd_tokens,
 }
 
 

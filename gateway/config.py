@@ -38,6 +38,11 @@ class ServerSettings(_Section):
     ] = 201
     certfile: Annotated[str, _help("TLS certificate (PEM); TLS is on when certfile and keyfile are set.")] = ""
     keyfile: Annotated[str, _help("TLS private key (PEM).")] = ""
+    external_url: Annotated[
+        str,
+        _help("The device base URL as devices on the LAN reach this gateway, e.g. http://gateway.lan:8080/api; "
+              "given to provisioned devices as api_endpoint. Required with provisioning.mode = relay."),
+    ] = ""
     graceful_timeout_s: Annotated[
         float, _help("On SIGTERM, how long in-flight requests may take to finish.", ge=0)
     ] = 15.0
@@ -160,6 +165,23 @@ class LimitSettings(_Section):
     ] = 256 * MiB
 
 
+class ProvisioningSettings(_Section):
+    mode: Annotated[
+        Literal["auto", "relay", "local"],
+        _help("How POST /api/devices/provision swaps a token for a key: relay (through the cloud's "
+              "/devices/provision), local (tokens from `gateway tokens create`); auto: relay when cloud.url "
+              "is set, else local."),
+    ] = "auto"
+    default_status: Annotated[
+        Literal["pending", "approved"],
+        _help("Status of a device provisioned locally (pending: a site admin approves it); also of a relayed "
+              "one when the cloud's answer gives none."),
+    ] = "pending"
+    requests_per_minute_per_client: Annotated[
+        int, _help("Provisioning requests per client address and minute (429 above); 0 = unlimited.", ge=0)
+    ] = 10
+
+
 class SyncSettings(_Section):
     token: Annotated[str, _help("Bearer token of cloud sync jobs; empty: sync API off.")] = ""
 
@@ -203,6 +225,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
     forward: ForwardSettings = msgspec.field(default_factory=ForwardSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    provisioning: ProvisioningSettings = msgspec.field(default_factory=ProvisioningSettings)
     sync: SyncSettings = msgspec.field(default_factory=SyncSettings)
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     keys: KeySettings = msgspec.field(default_factory=KeySettings)
@@ -216,6 +239,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.server.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def provisioning_mode(self) -> str:
+        """`relay` or `local`, once `auto` is resolved."""
+        mode = self.provisioning.mode
+        return ("relay" if self.cloud.url else "local") if mode == "auto" else mode
 
     @property
     def admin_url(self) -> str:
@@ -335,6 +364,16 @@ def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) ->
         parts = urlsplit(s.cloud.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             bad("cloud", "url", f"{s.cloud.url!r} must be an http:// or https:// URL")
+    if s.server.external_url:
+        parts = urlsplit(s.server.external_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            bad("server", "external_url", f"{s.server.external_url!r} must be an http:// or https:// URL")
+    if s.provisioning_mode == "relay":
+        if not s.cloud.url:
+            bad("provisioning", "mode", "relay needs cloud.url")
+        if not s.server.external_url:
+            bad("server", "external_url", "required while provisioning relays through the cloud (cloud.url is set); "
+                "set it to the device base URL, e.g. http://gateway.lan:8080/api, or set provisioning.mode = 'local'")
     if s.sync.token and len(s.sync.token) < 16:
         bad("sync", "token", "must be at least 16 characters")
     if s.admin.token and len(s.admin.token) < 16:

@@ -30,6 +30,10 @@ class Device(msgspec.Struct, kw_only=True):
     created_at: float = 0.0
     last_seen_at: float | None = None
     last_status: str | None = None
+    last_model_id: str | None = None  # the rest as the last heartbeat (POST /api/core/agent/checkin) gave it
+    last_ip: str | None = None
+    pending_requests: list[Any] = msgspec.field(default_factory=list)
+    device_info: dict[str, Any] | None = None  # what the device said of itself when provisioned
 
     def public(self) -> dict[str, Any]:
         """The `GET /device/self` view."""
@@ -42,13 +46,16 @@ class Device(msgspec.Struct, kw_only=True):
         }
 
 
-_COLUMNS = "device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status"
+_COLUMNS = ("device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status, "
+            "last_model_id, last_ip, pending_requests, device_info")
 
 
 def _row_to_device(row: tuple[Any, ...]) -> Device:
     return Device(
         device_id=row[0], name=row[1], organization_id=row[2], status=row[3], revoked=bool(row[4]),
-        origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8],
+        origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8], last_model_id=row[9],
+        last_ip=row[10], pending_requests=json.loads(row[11]) if row[11] else [],
+        device_info=json.loads(row[12]) if row[12] else None,
     )
 
 
@@ -126,6 +133,7 @@ class DeviceRegistry:
         status: str = "approved",
         origin: str = "local",
         organization_id: str | None = None,
+        device_info: dict[str, Any] | None = None,
     ) -> tuple[Device, str]:
         """Register a device; returns it and its key (generated unless given)."""
         if not name.strip():
@@ -143,16 +151,17 @@ class DeviceRegistry:
             raise Conflict("Device id already registered", device_id)
         device = Device(
             device_id=device_id, name=name.strip(), organization_id=organization_id or self.organization_id,
-            status=status, origin=origin, created_at=self.clock(),
+            status=status, origin=origin, created_at=self.clock(), device_info=device_info,
         )
         sealed = self.keybox.seal(key)
+        info = json.dumps(device_info, separators=(",", ":")) if device_info is not None else None
 
         def op(c: Conn) -> None:
             c.execute(
                 "INSERT INTO devices (device_id, name, organization_id, status, revoked, origin, key_hash, "
-                "key_sealed, created_at) VALUES (?, ?, ?, ?, false, ?, ?, ?, ?)",
+                "key_sealed, created_at, device_info) VALUES (?, ?, ?, ?, false, ?, ?, ?, ?, ?)",
                 [device.device_id, device.name, device.organization_id, device.status, device.origin, h, sealed,
-                 device.created_at],
+                 device.created_at, info],
             )
 
         await self.catalog.write(op)
@@ -205,6 +214,23 @@ class DeviceRegistry:
             )
         )
         device.last_seen_at, device.last_status = now, status[:200]
+
+    async def heartbeat(self, device: Device, status: str, model_id: str | None, ip: str | None,
+                        pending_requests: list[Any]) -> None:
+        """Record an agent's heartbeat: last seen, status, model, LAN address and its pending requests
+        (replacing the previous heartbeat's: the agent reports what is pending now)."""
+        now = self.clock()
+        status, model_id, ip = status[:200], model_id[:200] if model_id else None, ip[:64] if ip else None
+        blob = json.dumps(pending_requests, separators=(",", ":"))
+        await self.catalog.write(
+            lambda c: c.execute(
+                "UPDATE devices SET last_seen_at = ?, last_status = ?, last_model_id = ?, last_ip = ?, "
+                "pending_requests = ? WHERE device_id = ?",
+                [now, status, model_id, ip, blob, device.device_id],
+            )
+        )
+        device.last_seen_at, device.last_status = now, status
+        device.last_model_id, device.last_ip, device.pending_requests = model_id, ip, pending_requests
 
     def touch(self, device: Device, now: float) -> None:
         """Note an upload as the device's last sign of life (kept in memory; check-ins persist it)."""

@@ -86,6 +86,24 @@ class Conflict(GatewayError):
     default_message = "Conflict"
 
 
+class InvalidToken(GatewayError):
+    status = 401
+    code = "INVALID_TOKEN"
+    default_message = "Unknown, used or revoked provisioning token"
+
+
+class TokenExpired(GatewayError):
+    status = 401
+    code = "TOKEN_EXPIRED"
+    default_message = "Provisioning token has expired"
+
+
+class DeviceExists(GatewayError):
+    status = 409
+    code = "DEVICE_EXISTS"
+    default_message = "A device with this id is already registered"
+
+
 class DuplicateImage(GatewayError):
     status = 409
     code = "DUPLICATE_IMAGE"
@@ -121,6 +139,12 @@ class InternalError(GatewayError):
     pass
 
 
+class BadGateway(GatewayError):
+    status = 502
+    code = "BAD_GATEWAY"
+    default_message = "The cloud's answer could not be used"
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "SERVICE_UNAVAILABLE"
@@ -144,12 +168,16 @@ ALL_ERRORS: tuple[type[GatewayError], ...] = (
     NotFound,
     MethodNotAllowed,
     Conflict,
+    InvalidToken,
+    TokenExpired,
+    DeviceExists,
     DuplicateImage,
     RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
     InternalError,
+    BadGateway,
     ServiceUnavailable,
     InsufficientStorage,
 )

@@ -1,7 +1,7 @@
 """The running gateway's parts and their start-up and shut-down order.
 
-Start: data folders -> catalog (migrations) -> key secret -> devices -> object store -> settle
-leftover upload intents -> ingest; then background loops (batch sealer, manifest writer,
+Start: data folders -> catalog (migrations) -> key secret -> devices, provisioning tokens -> object
+store -> settle leftover upload intents -> ingest; then background loops (batch sealer, manifest writer,
 reconciliation, forwarder).
 Stop: refuse new work (readiness off) -> background loops cancelled -> catalog drained and closed.
 """
@@ -37,6 +37,8 @@ from gateway.keys import KeyBox
 from gateway.manifests import ManifestWriter
 from gateway.metrics import CONNECTIVITY_STATES, Metrics
 from gateway.outbound import Outbound
+from gateway.provision_tokens import TokenStore
+from gateway.provisioning import Provisioner
 from gateway.ratelimit import DeviceRateLimiter
 from gateway.status import StatusReport, read_status
 from gateway.storage import ObjectStore, open_store
@@ -79,6 +81,8 @@ class Gateway:
         self.ingestor: Ingestor
         self.sealer: BatchSealer
         self.keycheck: KeyChecker
+        self.tokens: TokenStore
+        self.provisioner: Provisioner
         self.cloud: CloudClient | None = None  # set while forwarding is on (cloud.url)
         self.forwarder: Forwarder | None = None
         self.forward_cache: ForwardCache | None = None  # object stores with forwarding on (forward.cache_bytes)
@@ -102,6 +106,7 @@ class Gateway:
         keybox = KeyBox.from_file(Path(s.keys.secret_file))
         self.registry = DeviceRegistry(self.catalog, keybox, s.cloud.organization_id, self.clock)
         await self.registry.load()
+        self.tokens = TokenStore(self.catalog, self.clock)
 
     async def start(self) -> None:
         s = self.settings
@@ -120,6 +125,11 @@ class Gateway:
                                   on_sealed=self.manifests.sealed_many, on_forwarded=self._cloud_ids_arrived)
         self.ingestor.on_sealed = self.batch_sealed
         self._wire_forwarding()
+        self.provisioner = Provisioner(
+            s, self.registry, self.tokens, self.cloud,
+            DeviceRateLimiter(s.provisioning.requests_per_minute_per_client, self.clock, what="provisioning requests",
+                              message="Too many provisioning requests from this address"),
+        )
         try:
             await anyio.to_thread.run_sync(self.store.ensure_ready)
             self._store_ok_at = time.monotonic()

@@ -81,6 +81,9 @@ class DeviceActivity(msgspec.Struct, kw_only=True):
     images: int
     image_bytes: int
     last_upload_at: float | None
+    model_id: str | None = None  # as the last heartbeat gave them
+    ip_address: str | None = None
+    pending_requests: int = 0
 
 
 class RecentUpload(msgspec.Struct, kw_only=True):
@@ -106,14 +109,16 @@ def device_activity(conn: Conn) -> list[DeviceActivity]:
     """Every device with its image count, bytes and last upload, most recently seen first."""
     rows = conn.execute(
         "SELECT d.device_id, d.name, d.status, d.revoked, d.last_seen_at, "
-        "coalesce(i.n, 0), coalesce(i.bytes, 0), i.last_at "
+        "coalesce(i.n, 0), coalesce(i.bytes, 0), i.last_at, d.last_model_id, d.last_ip, "
+        "coalesce(json_array_length(d.pending_requests), 0) "
         "FROM devices d LEFT JOIN (SELECT device_id, count(*) AS n, sum(size) AS bytes, max(received_at) AS last_at "
         "FROM images GROUP BY device_id) i USING (device_id) "
         "ORDER BY greatest(coalesce(d.last_seen_at, 0), coalesce(i.last_at, 0)) DESC, d.name"
     ).fetchall()
     return [
         DeviceActivity(device_id=r[0], name=r[1], status=r[2], revoked=bool(r[3]), last_seen_at=r[4],
-                       images=int(r[5]), image_bytes=int(r[6]), last_upload_at=r[7])
+                       images=int(r[5]), image_bytes=int(r[6]), last_upload_at=r[7], model_id=r[8],
+                       ip_address=r[9], pending_requests=int(r[10]))
         for r in rows
     ]
 

@@ -10,7 +10,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from gateway import batch_queries
-from gateway.api import admin_verify
+from gateway.api import admin_verify, provision
 from gateway.api.auth import require_bearer
 from gateway.api.envelope import ok
 from gateway.api.sync import list_batches, show_batch  # the same views, behind the admin token here
@@ -86,6 +86,6 @@ async def seal_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
 router = Router(
     path="/api/admin",
     route_handlers=[list_devices, add_device, change_device, status, list_batches, show_batch, seal_batch,
-                    *admin_verify.ROUTES],
+                    *admin_verify.ROUTES, *provision.ADMIN_ROUTES],
     guards=[admin_guard],
 )

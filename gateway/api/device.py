@@ -1,11 +1,15 @@
-"""The device API, the same contract as the AcuSight cloud: upload, self, check-in."""
+"""The device API, the same contract as the AcuSight cloud: upload, self, check-in, the agent's heartbeat.
+
+Each route also answers under the older `/api/core/device/...` paths some agents use (one handler,
+two paths).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -13,7 +17,7 @@ from litestar.types import Receive
 
 from gateway.api.envelope import ok
 from gateway.devices import Device
-from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
+from gateway.errors import DeviceNotApproved, GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
 from gateway.runtime import Gateway
 
 
@@ -69,12 +73,40 @@ class RequestBody:
             return
 
 
+MAX_JSON_BODY_BYTES = 1024 * 1024  # SPEC §2: every JSON route's body limit
+
+
+async def read_json_body(request: Request[Any, Any, Any], gw: Gateway) -> bytes:
+    """A JSON route's whole body: 413 past the limit (checked while it streams in), 408 when it stalls."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_JSON_BODY_BYTES:
+        raise _too_large()
+    server = gw.settings.server
+    body = RequestBody(request.receive, server.read_timeout_s, server.min_body_rate_bytes_per_s)
+    parts: list[bytes] = []
+    try:
+        async for chunk in body.chunks():
+            parts.append(chunk)
+            if body.received > MAX_JSON_BODY_BYTES:
+                raise _too_large()
+    except (PayloadTooLarge, RequestTimeout, ClientGone) as exc:
+        exc.close_connection = True  # the rest of the body is not read
+        raise
+    return b"".join(parts)
+
+
+def _too_large() -> PayloadTooLarge:
+    error = PayloadTooLarge("Request body is too large", f"limit is {MAX_JSON_BODY_BYTES} bytes")
+    error.close_connection = True
+    return error
+
+
 async def authenticate(gw: Gateway, request: Request[Any, Any, Any], require_approved: bool = True) -> Device:
     """The device holding the request's key; keys unknown here may be checked with the cloud (SPEC §3)."""
     return await gw.keycheck.authenticate(request.headers.get("x-device-key"), require_approved)
 
 
-@post("/api/device/images/upload", status_code=201)
+@post(["/api/device/images/upload", "/api/core/device/images/upload"], status_code=201)
 async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     outcome = "INTERNAL_ERROR"
     limits, server = gw.settings.limits, gw.settings.server
@@ -112,7 +144,7 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
         gw.metrics.uploads.labels(outcome).inc()
 
 
-@get("/api/device/self")
+@get(["/api/device/self", "/api/core/device/self"])
 async def device_self(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     device = await authenticate(gw, request, require_approved=False)
     return ok(device.public())
@@ -123,7 +155,7 @@ class CheckinBody(msgspec.Struct):
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@post("/api/device/checkin", status_code=200)
+@post(["/api/device/checkin", "/api/core/device/checkin"], status_code=200)
 async def device_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     device = await authenticate(gw, request)
     raw = await request.body()
@@ -140,4 +172,42 @@ async def device_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Respon
     return ok({"actions": actions})
 
 
-ROUTES = [upload_image, device_self, device_checkin]
+class PendingRequest(msgspec.Struct):
+    type: Annotated[str, msgspec.Meta(max_length=200)]
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class HeartbeatBody(msgspec.Struct):
+    device_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    current_model_id: str | None = None
+    ip_address: str | None = None
+    pending_requests: list[PendingRequest] = msgspec.field(default_factory=list)
+    status: str = "ok"
+
+
+@post("/api/core/agent/checkin", status_code=200)
+async def agent_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    """The newer agents' heartbeat. Pending devices may send it (a site admin deciding on a new
+    device sees its address and model); rejected ones get 403. The key names the device, so a
+    `device_id` that differs (an agent registered with `devices add` knows another id) is not refused."""
+    device = await authenticate(gw, request, require_approved=False)
+    if device.status == "rejected":
+        raise DeviceNotApproved(details="device status is rejected")
+    raw = await read_json_body(request, gw)
+    try:
+        body = msgspec.json.decode(raw, type=HeartbeatBody)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValidationFailed("Invalid heartbeat body", str(exc)[:300]) from None
+    except RecursionError:
+        raise ValidationFailed("Invalid heartbeat body", "nested too deeply") from None
+    requests = [msgspec.to_builtins(r) for r in body.pending_requests]
+    await gw.registry.heartbeat(device, body.status, body.current_model_id, body.ip_address, requests)
+    actions: list[Any] = []
+    if gw.forwarder is not None:  # relayed when the cloud is reachable; recorded here either way
+        actions = await gw.forwarder.relay_heartbeat(request.headers.get("x-device-key") or "", raw)
+    # Not enveloped: this is the answer agents expect from the cloud.
+    return Response(msgspec.json.encode({"pending_actions": actions, "success": True}), status_code=200,
+                    media_type="application/json")
+
+
+ROUTES = [upload_image, device_self, device_checkin, agent_checkin]

@@ -143,13 +143,23 @@ def _devices(f: PageFigures) -> str:
         cls = {"approved": "ok", "pending": "warn"}.get(state, "bad")
         rows.append(
             f'<tr data-device-id="{e(d.device_id)}"><td class="name"><span class="device-name">{e(d.name)}</span>'
-            f'<br><code class="muted">{e(d.device_id)}</code></td><td class="{cls}">{e(state)}</td>'
+            f'<br><code class="muted">{e(d.device_id)}</code>{_agent(d)}</td><td class="{cls}">{e(state)}</td>'
             f'<td class="num" data-figure="device-images">{e(d.images)}</td>'
             f'<td class="num wide">{e(human_bytes(d.image_bytes))}</td>'
             f"<td>{_ago(f.now, d.last_upload_at)}</td><td class=\"wide\">{_ago(f.now, d.last_seen_at)}</td></tr>"
         )
     return _table([("device", ""), ("status", ""), ("images", "num"), ("bytes", "num wide"), ("last upload", ""),
                    ("last seen", "wide")], rows, "no devices registered: gateway devices add NAME")
+
+
+def _agent(d: DeviceActivity) -> str:
+    """What the device's last heartbeat said: model, LAN address, requests pending."""
+    parts = [f'model <code data-figure="device-model">{e(d.model_id)}</code>' if d.model_id else "",
+             f'<code data-figure="device-ip">{e(d.ip_address)}</code>' if d.ip_address else "",
+             f'<span data-figure="device-pending-requests">{e(d.pending_requests)}</span> pending request(s)'
+             if d.pending_requests else ""]
+    shown = " · ".join(p for p in parts if p)
+    return f'<br><span class="muted">{shown}</span>' if shown else ""
 
 
 def _uploads(f: PageFigures) -> str:

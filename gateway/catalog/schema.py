@@ -71,6 +71,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN manifest_cloud_ids INTEGER;
     """,
+    # 3: what an agent's heartbeat reports (POST /api/core/agent/checkin), what a device said of
+    # itself when it was provisioned, and provisioning tokens (only their SHA-256 is kept).
+    """
+    ALTER TABLE devices ADD COLUMN last_model_id VARCHAR;
+    ALTER TABLE devices ADD COLUMN last_ip VARCHAR;
+    ALTER TABLE devices ADD COLUMN pending_requests VARCHAR;  -- JSON list, as the last heartbeat gave it
+    ALTER TABLE devices ADD COLUMN device_info VARCHAR;       -- JSON object, as provisioning gave it
+    CREATE TABLE provisioning_tokens (
+        token_id     VARCHAR PRIMARY KEY,
+        name         VARCHAR NOT NULL,
+        token_hash   VARCHAR NOT NULL UNIQUE,
+        single_use   BOOLEAN NOT NULL,
+        use_count    INTEGER NOT NULL DEFAULT 0,
+        created_at   DOUBLE NOT NULL,
+        expires_at   DOUBLE,                        -- NULL: never expires
+        last_used_at DOUBLE,
+        revoked_at   DOUBLE
+    );
+    """,
 ]
 
 

@@ -1,4 +1,5 @@
-"""The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in.
+"""The cloud's device API as the gateway uses it: forward one upload, ask about a key, relay a check-in,
+a heartbeat or a provisioning request.
 
 Every request goes through the runtime's shared aiohttp session (`gateway.outbound`) with the
 same timeouts (connect and each read within `cloud.timeout_s`, the whole request within
@@ -56,6 +57,14 @@ class KeyAnswer(msgspec.Struct, kw_only=True):
 
 class CloudUnreachable(Exception):
     """No usable answer from the cloud (transport error, timeout, 5xx, 429)."""
+
+
+class RelayedAnswer(msgspec.Struct, kw_only=True):
+    """A cloud answer to pass on to a device as it came (provisioning)."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
 
 
 def _quote(value: str) -> str:
@@ -225,6 +234,12 @@ class CloudClient:
         """Send a JSON request (`body` encoded when not None) to the cloud, as the device with
         `key` or without one; the status and parsed envelope of any HTTP answer. Raises
         `CloudUnreachable` when no whole answer came (transport error, timeout)."""
+        raw = await self.request_raw(method, path, key, body, timeout_s)
+        return CloudAnswer(status=raw.status, envelope=_envelope(raw.body))
+
+    async def request_raw(self, method: str, path: str, key: str | None, body: Any = None,
+                          timeout_s: float | None = None) -> RelayedAnswer:
+        """`request_json`'s exchange, with the answer's bytes as they came (to pass on as they are)."""
         headers = {"Accept": "application/json"}
         if key is not None:
             headers["X-Device-Key"] = key
@@ -238,7 +253,7 @@ class CloudClient:
                                        timeout=self.timeout(timeout_s), proxy=self.proxy, ssl=self.ssl or True,
                                        allow_redirects=False) as resp:
                 content, _ = await read_answer(resp, ANSWER_READ)
-                return CloudAnswer(status=resp.status, envelope=_envelope(content))
+                return RelayedAnswer(status=resp.status, body=content, retry_after=resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CloudUnreachable(_reason(exc)) from exc
 
@@ -314,3 +329,17 @@ class CloudClient:
         data = answer.envelope.get("data")
         actions = data.get("actions") if isinstance(data, dict) else None
         return actions if isinstance(actions, list) else []
+
+    async def relay_heartbeat(self, key: str, body: bytes, timeout_s: float) -> list[Any]:
+        """Relay an agent's heartbeat (`POST /core/agent/checkin`, answered without the envelope);
+        returns the cloud's `pending_actions`. Raises `CloudUnreachable`."""
+        answer = await self.request_json("POST", "/core/agent/checkin", key, body, timeout_s=timeout_s)
+        if answer.status >= 300:
+            raise CloudUnreachable(f"HTTP {answer.status}")
+        actions = answer.envelope.get("pending_actions")
+        return actions if isinstance(actions, list) else []
+
+    async def relay_provision(self, body: bytes, timeout_s: float) -> RelayedAnswer:
+        """Pass a device's provisioning request to `POST /devices/provision` as received; the
+        cloud's answer, whatever its status. Raises `CloudUnreachable` when none came."""
+        return await self.request_raw("POST", "/devices/provision", None, body, timeout_s=timeout_s)

@@ -406,6 +406,16 @@ class Forwarder:
             log.info("check-in not relayed: %s", exc)
             return []
 
+    async def relay_heartbeat(self, key: str, body: bytes) -> list[Any]:
+        """An agent's heartbeat, relayed like a check-in; the cloud's pending actions, or [] without it."""
+        if not self.gate.reachable:
+            return []
+        try:
+            return await self.client.relay_heartbeat(key, body, timeout_s=min(CHECKIN_TIMEOUT_S, self.client.timeout_s))
+        except CloudUnreachable as exc:
+            log.info("heartbeat not relayed: %s", exc)
+            return []
+
     # -- outage ----------------------------------------------------------------------------------
 
     async def _probe(self) -> None:

@@ -104,6 +104,10 @@ json_values = st.recursive(
 )
 JSON_ROUTES = [
     ("/api/device/checkin", None),
+    ("/api/core/agent/checkin", None),
+    ("/api/devices/provision", None),
+    ("/api/admin/tokens", "admin"),
+    ("/api/admin/tokens/revoke", "admin"),
     ("/api/admin/devices", "admin"),
     ("/api/admin/devices/approve", "admin"),
     ("/api/admin/devices/revoke", "admin"),

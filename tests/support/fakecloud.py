@@ -2,7 +2,9 @@
 
 It implements what the gateway forwards to (SPEC §2, §4): `POST /api/device/images/upload`
 (streamed multipart, XXH3-128 dedup across the whole cloud, 201 / 409 `DUPLICATE_IMAGE`),
-`GET /api/device/self` and `POST /api/device/checkin`, with the same key rules and envelope.
+`GET /api/device/self`, `POST /api/device/checkin`, the agents' heartbeat `POST /api/core/agent/checkin`
+(answered without the envelope) and `POST /api/devices/provision` (tokens from ``add_provisioning_token``),
+with the same key rules and envelope.
 Bodies are parsed incrementally from the socket and only hashes and metadata are kept, so 40 MiB
 uploads cost a few 64 KiB buffers.
 
@@ -60,6 +62,8 @@ HOST = "127.0.0.1"
 UPLOAD_PATH = "/api/device/images/upload"
 SELF_PATH = "/api/device/self"
 CHECKIN_PATH = "/api/device/checkin"
+HEARTBEAT_PATH = "/api/core/agent/checkin"
+PROVISION_PATH = "/api/devices/provision"
 CHUNK = 64 * 1024
 MAX_SMALL_BODY = 1024 * 1024  # JSON bodies and the metadata part
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -132,6 +136,16 @@ class Checkin:
     device_id: str
     body: bytes
     at: float
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """One device the cloud provisioned: its id (``c-`` + the device's own id), key and request."""
+
+    device_id: str
+    key: str
+    token: str
+    body: bytes
 
 
 @dataclass
@@ -392,6 +406,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = cloud._self(self.headers, body, fault)
         elif path == CHECKIN_PATH and self.command == "POST":
             reply = cloud._checkin(self.headers, body, fault)
+        elif path == HEARTBEAT_PATH and self.command == "POST":
+            reply = cloud._heartbeat(self.headers, body, fault)
+        elif path == PROVISION_PATH and self.command == "POST":
+            reply = cloud._provision(body, fault)
         else:
             body.drain()
             reply = _err(404, f"no route for {self.command} {path}")
@@ -468,6 +486,10 @@ class FakeCloud:
         self._held = 0
         self._release = threading.Event()
         self._actions: list[dict[str, Any]] = []
+        self._heartbeats: list[Checkin] = []
+        self._pending_actions: list[dict[str, Any]] = []
+        self._tokens: dict[str, str] = {}  # provisioning token -> status of the devices it makes
+        self._provisioned: list[Provisioned] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -720,6 +742,33 @@ class FakeCloud:
             return list(self._checkins)
 
     @property
+    def heartbeats(self) -> list[Checkin]:
+        """Accepted ``POST /core/agent/checkin`` requests, in order."""
+        with self._cond:
+            return list(self._heartbeats)
+
+    @property
+    def pending_actions(self) -> list[dict[str, Any]]:
+        """The ``pending_actions`` every heartbeat answer carries (settable)."""
+        with self._cond:
+            return list(self._pending_actions)
+
+    @pending_actions.setter
+    def pending_actions(self, actions: list[dict[str, Any]]) -> None:
+        with self._cond:
+            self._pending_actions = list(actions)
+
+    def add_provisioning_token(self, token: str, status: str = "approved") -> None:
+        """Accept ``token`` at ``/devices/provision``; the devices it makes get ``status``."""
+        with self._cond:
+            self._tokens[token] = status
+
+    @property
+    def provisioned(self) -> list[Provisioned]:
+        with self._cond:
+            return list(self._provisioned)
+
+    @property
     def held(self) -> int:
         """How many requests are being held by a stall right now."""
         with self._cond:
@@ -916,6 +965,57 @@ class FakeCloud:
             self._checkins.append(Checkin(device.device_id, raw, time.monotonic()))
             self._cond.notify_all()
             return _ok(200, {"actions": list(self._actions)})
+
+    def _heartbeat(self, headers: Message, body: _Body, fault: _Fault | None) -> _Reply:
+        try:
+            raw = body.read_small()
+        except ValueError:
+            return _err(400, "heartbeat body too large", close=True)
+        device, auth_error = self._auth(headers.get("X-Device-Key"))
+        reply = self._fault_reply(fault) or auth_error
+        if reply is not None:
+            return reply
+        assert device is not None
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("device_id"), str):
+            return _err(400, "heartbeat body is not a JSON object with a device_id")
+        with self._cond:
+            self._heartbeats.append(Checkin(device.device_id, raw, time.monotonic()))
+            self._cond.notify_all()
+            return _Reply(200, {"pending_actions": list(self._pending_actions), "success": True})
+
+    def _provision(self, body: _Body, fault: _Fault | None) -> _Reply:
+        try:
+            raw = body.read_small()
+        except ValueError:
+            return _err(413, "provisioning body too large", close=True)
+        reply = self._fault_reply(fault)
+        if reply is not None:
+            return reply
+        try:
+            parsed = json.loads(raw)
+            token, info = parsed["token"], parsed["device_info"]
+            own_id = info["device_id"]
+        except (ValueError, TypeError, KeyError):
+            return _err(400, "expected {token, device_info: {device_id}}")
+        with self._cond:
+            status = self._tokens.get(token) if isinstance(token, str) else None
+            if status is None:
+                return _err(401, "unknown provisioning token", code="INVALID_TOKEN")
+            device_id = f"c-{own_id}"
+            if any(d.device_id == device_id for d in self._devices.values()):
+                return _err(409, "device already provisioned", code="DEVICE_EXISTS", details=device_id)
+            key = "adk_" + uuid.uuid4().hex
+            self._devices[key] = Device(key, device_id, status, str(info.get("name") or device_id),
+                                        self.organization_id)
+            self._provisioned.append(Provisioned(device_id, key, token, raw))
+            self._cond.notify_all()
+        return _ok(201, {"device_id": device_id, "endpoint_id": device_id, "api_key": key,
+                         "api_endpoint": self.url, "status": status, "organization_id": self.organization_id,
+                         "edge_key": "edge-" + device_id, "portainer_endpoint_id": 7})
 
     def _control(
         self, method: str, path: str, body: _Body

@@ -33,6 +33,7 @@ def gateway_env(workdir: Path, port: int, extra: dict[str, str] | None = None) -
         {
             "GATEWAY_CONFIG": str(workdir / "gateway.toml"),
             "GATEWAY_SERVER_LISTEN": f"127.0.0.1:{port}",
+            "GATEWAY_SERVER_EXTERNAL_URL": f"http://127.0.0.1:{port}/api",  # needed where provisioning relays
             "GATEWAY_DATA_DIR": str(workdir / "data"),
             "GATEWAY_KEYS_SECRET_FILE": str(workdir / "secret.key"),
             "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,

@@ -107,3 +107,21 @@ def test_cli_exits_non_zero_with_messages_before_listening(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "server.listen" in result.stderr and "dedup.scope" in result.stderr
     assert not (tmp_path / "data").exists()  # nothing was created, nothing listened
+
+
+def test_provisioning_mode_follows_the_cloud_and_relay_needs_the_external_url() -> None:
+    assert load_settings(env={"GATEWAY_CONFIG": ""}, path=None).provisioning_mode == "local"
+    with pytest.raises(ConfigError) as info:  # a cloud makes relay the default, which needs the external URL
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api"}, path=None)
+    assert [p for p in info.value.problems if p.startswith("server.external_url (from ")], info.value.problems
+    relay = load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api",
+                               "GATEWAY_SERVER_EXTERNAL_URL": "http://gw.lan:8080/api"}, path=None)
+    assert relay.provisioning_mode == "relay"
+    local = load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api",
+                               "GATEWAY_PROVISIONING_MODE": "local"}, path=None)
+    assert local.provisioning_mode == "local"
+    with pytest.raises(ConfigError, match=r"provisioning\.mode .*relay needs cloud\.url"):
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_PROVISIONING_MODE": "relay",
+                           "GATEWAY_SERVER_EXTERNAL_URL": "http://gw.lan:8080/api"}, path=None)
+    with pytest.raises(ConfigError, match=r"server\.external_url"):
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_SERVER_EXTERNAL_URL": "gw.lan:8080"}, path=None)
