@@ -41,7 +41,8 @@ class ServerSettings(_Section):
     external_url: Annotated[
         str,
         _help("The device base URL as devices on the LAN reach this gateway, e.g. http://gateway.lan:8080/api; "
-              "given to provisioned devices as api_endpoint. Required with provisioning.mode = relay."),
+              "given to provisioned devices as api_endpoint. Required with provisioning.mode = relay; in auto "
+              "mode the URL a provisioning request came in on is used while it is empty."),
     ] = ""
     graceful_timeout_s: Annotated[
         float, _help("On SIGTERM, how long in-flight requests may take to finish.", ge=0)
@@ -371,9 +372,9 @@ def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) ->
     if s.provisioning_mode == "relay":
         if not s.cloud.url:
             bad("provisioning", "mode", "relay needs cloud.url")
-        if not s.server.external_url:
-            bad("server", "external_url", "required while provisioning relays through the cloud (cloud.url is set); "
-                "set it to the device base URL, e.g. http://gateway.lan:8080/api, or set provisioning.mode = 'local'")
+        if not s.server.external_url and s.provisioning.mode == "relay":
+            bad("server", "external_url", "required with provisioning.mode = 'relay'; set it to the device base URL, "
+                "e.g. http://gateway.lan:8080/api, or leave provisioning.mode = 'auto' (the URL a request came in on)")
     if s.sync.token and len(s.sync.token) < 16:
         bad("sync", "token", "must be at least 16 characters")
     if s.admin.token and len(s.admin.token) < 16:

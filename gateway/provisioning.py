@@ -3,7 +3,8 @@
 Two modes (`[provisioning] mode`):
 - `relay`: the request goes to the cloud's `/devices/provision` as received; on success the cloud's
   key is registered here under the cloud's device id (and its status, else `default_status`), and
-  the answer's `api_endpoint` becomes `server.external_url`, so the device talks to the gateway.
+  the answer's `api_endpoint` becomes `server.external_url` (else the URL the request came in on), so the
+  device talks to the gateway.
   The cloud's refusals reach the device as they came; no answer at all is 503, and nothing is registered.
 - `local`: tokens from `gateway tokens create` (`provision_tokens.py`); the device gets a new `adk_`
   key and `default_status`.
@@ -89,10 +90,10 @@ class Provisioner:
 
     async def provision(self, raw: bytes, own_endpoint: str) -> tuple[dict[str, Any], int]:
         """The answer's data and status. `own_endpoint`: the device base URL this request came in on,
-        given to the device in local mode when `server.external_url` is not set."""
+        given to the device when `server.external_url` is not set."""
         req = parse_request(raw)
         if self.mode == "relay":
-            return await self._relay(raw, req)
+            return await self._relay(raw, req, self.settings.server.external_url or own_endpoint)
         return await self._local(req, self.settings.server.external_url or own_endpoint), 201
 
     async def _local(self, req: ProvisionRequest, endpoint: str) -> dict[str, Any]:
@@ -115,7 +116,7 @@ class Provisioner:
         return {"device_id": device.device_id, "endpoint_id": device.device_id, "api_key": key,
                 "api_endpoint": endpoint}
 
-    async def _relay(self, raw: bytes, req: ProvisionRequest) -> tuple[dict[str, Any], int]:
+    async def _relay(self, raw: bytes, req: ProvisionRequest, endpoint: str) -> tuple[dict[str, Any], int]:
         assert self.cloud is not None  # relay mode needs cloud.url (checked with the settings)
         try:
             answer = await self.cloud.relay_provision(raw, timeout_s=min(RELAY_TIMEOUT_S, self.cloud.timeout_s))
@@ -144,7 +145,7 @@ class Provisioner:
             raise DeviceExists("The cloud provisioned this device, but it is registered on this gateway already",
                                device_id) from None
         log.info("device %s provisioned through the cloud, status %s", device_id, status)
-        data["api_endpoint"] = self.settings.server.external_url
+        data["api_endpoint"] = endpoint
         data.setdefault("endpoint_id", device_id)
         return data, answer.status
 

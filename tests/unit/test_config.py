@@ -111,8 +111,12 @@ def test_cli_exits_non_zero_with_messages_before_listening(tmp_path: Path) -> No
 
 def test_provisioning_mode_follows_the_cloud_and_relay_needs_the_external_url() -> None:
     assert load_settings(env={"GATEWAY_CONFIG": ""}, path=None).provisioning_mode == "local"
-    with pytest.raises(ConfigError) as info:  # a cloud makes relay the default, which needs the external URL
-        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api"}, path=None)
+    # A cloud makes relay the default; without an external URL the URL a request came in on is used.
+    auto = load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api"}, path=None)
+    assert auto.provisioning_mode == "relay"
+    with pytest.raises(ConfigError) as info:  # relay chosen explicitly needs the external URL
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api",
+                           "GATEWAY_PROVISIONING_MODE": "relay"}, path=None)
     assert [p for p in info.value.problems if p.startswith("server.external_url (from ")], info.value.problems
     relay = load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_CLOUD_URL": "https://acusight.io/api",
                                "GATEWAY_SERVER_EXTERNAL_URL": "http://gw.lan:8080/api"}, path=None)
