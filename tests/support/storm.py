@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import secrets
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
