@@ -67,7 +67,7 @@ def test_a_volume_server_killed_mid_traffic(request: pytest.FixtureRequest, s3_c
     victim = s3_cluster.volume_names[1]
     storm = Storm(gw.url, keys).start()
     try:
-        started = time.monotonic()
+        started = storm.wait_acked(2 * DEVICES)
         time.sleep(WARM_S)
         died = time.monotonic()
         s3_cluster.kill(victim)
@@ -82,7 +82,7 @@ def test_a_volume_server_killed_mid_traffic(request: pytest.FixtureRequest, s3_c
             s3_cluster.restart(victim)
     end = time.monotonic()
     verdict = check_everything(gw, s3_cluster, cloud, attempts)
-    speed, baseline = back_to_speed(attempts, (started + 1, died), back, end)
+    speed, baseline = back_to_speed(attempts, (started, died), back, end)
     away = [a for a in attempts if died <= a.sent < back]
     report(request, "cluster_volume_kill", f"A volume server ({victim}) SIGKILLed for {AWAY_S:g} s under "
            f"{DEVICES} uploading devices and the forwarder", attempts, away, verdict, {
@@ -99,7 +99,7 @@ def test_the_s3_process_killed_and_restarted(request: pytest.FixtureRequest, s3_
     watch = ReadyWatch(gw.url).start()
     storm = Storm(gw.url, keys).start()
     try:
-        started = time.monotonic()
+        started = storm.wait_acked(2 * DEVICES)
         time.sleep(WARM_S)
         died = time.monotonic()
         s3_cluster.kill("s3")
@@ -119,7 +119,7 @@ def test_the_s3_process_killed_and_restarted(request: pytest.FixtureRequest, s3_
     away = [a for a in attempts if died + 1.0 <= a.sent < back]  # a second for in-flight ones to fail
     assert away and all(a.status == 503 for a in away), Counter(a.status for a in away)
     verdict = check_everything(gw, s3_cluster, cloud, attempts)
-    speed, baseline = back_to_speed(attempts, (started + 1, died), back, end)
+    speed, baseline = back_to_speed(attempts, (started, died), back, end)
     report(request, "cluster_s3_kill", f"The S3 process (weed s3) SIGKILLed for {AWAY_S:g} s under "
            f"{DEVICES} uploading devices and the forwarder", attempts, [a for a in attempts if died <= a.sent < back],
            verdict, {

@@ -15,16 +15,16 @@ import httpx
 import pytest
 import xxhash
 
-from tests.conftest import BACKENDS, BACKENDS_AND_CLUSTER, jpeg_bytes, store_env
+from tests.conftest import BACKENDS, jpeg_bytes
 from tests.support.client import admin_status, multipart_head, raw_request, stored_objects, upload_streamed
-from tests.support.gateway_proc import GatewayProcess
+from tests.support.gateway_proc import GatewayProcess, s3_env
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.e2e
 
 
 def _env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
-    return store_env(request, backend)
+    return s3_env(request.getfixturevalue("s3")) if backend == "minio" else {"GATEWAY_STORAGE_BACKEND": "folder"}
 
 
 def catalog_rows(proc: GatewayProcess) -> dict[str, tuple[str, str, int]]:
@@ -39,7 +39,7 @@ def catalog_rows(proc: GatewayProcess) -> dict[str, tuple[str, str, int]]:
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
 
-@pytest.mark.parametrize("backend", BACKENDS_AND_CLUSTER)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kill_9_during_uploads_loses_no_acknowledged_upload(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
 ) -> None:

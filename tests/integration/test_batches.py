@@ -21,7 +21,7 @@ from gateway.catalog import Catalog
 from gateway.manifests import COLUMNS, ManifestWriter, manifest_key, stale_manifests
 from gateway.metrics import Metrics
 from gateway.storage import FolderStore
-from tests.conftest import BACKENDS, BACKENDS_AND_CLUSTER, png_bytes
+from tests.conftest import BACKENDS, png_bytes
 from tests.support.client import upload, wait_for
 from tests.support.gateway_proc import SYNC_TOKEN, GatewayProcess, free_port
 
@@ -65,7 +65,7 @@ def stored_manifest(gw: GatewayProcess, batch_id: str) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-@pytest.mark.parametrize("backend", BACKENDS_AND_CLUSTER)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sealing_by_count_then_by_time_and_the_manifests(
     backend: str, start_gateway: Callable[..., GatewayProcess], backend_env: Callable[[str], dict[str, str]],
     tmp_path: Path,

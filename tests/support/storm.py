@@ -61,6 +61,15 @@ class Storm:
             thread.start()
         return self
 
+    def wait_acked(self, count: int, timeout: float = 60.0) -> float:
+        """Block until `count` uploads were acknowledged (the gateway and store are warm); when."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for a in list(self.attempts) if a.acked) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} uploads acknowledged in {timeout:g} s")
+            time.sleep(0.05)
+        return time.monotonic()
+
     def stop(self) -> list[Attempt]:
         self._stop.set()
         for thread in self._threads:
