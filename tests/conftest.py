@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import struct
@@ -59,11 +60,13 @@ def s3_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield cluster
     finally:
         cluster.stop()
-        if request.session.testsfailed:
-            reporter = request.config.pluginmanager.getplugin("terminalreporter")
-            text = f"\nS3 cluster logs kept in {cluster.log_dir}\n{cluster.log_tails(15)}"
-            if reporter is not None:
-                reporter.write_line(text)
+        if request.session.testsfailed:  # past pytest's capture: the last test may have passed
+            plugins = request.config.pluginmanager
+            capture, reporter = plugins.getplugin("capturemanager"), plugins.getplugin("terminalreporter")
+            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                text = f"\nS3 cluster logs kept in {cluster.log_dir}\n{cluster.log_tails(15)}"
+                if reporter is not None:
+                    reporter.write_line(text)
 
 
 def png_bytes(payload: bytes = b"") -> bytes:
