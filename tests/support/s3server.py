@@ -142,15 +142,15 @@ def pick_port_pairs(count: int) -> list[int]:
     ports: list[int] = []
     for _ in range(count * 2000):
         if len(ports) == count:
-            return ports
+            break
         port = rng.randrange(low, high - GRPC_OFFSET)
         pair = {port, port + GRPC_OFFSET}
         if not pair & taken and all(_bindable(p) for p in pair):
             taken |= pair
             ports.append(port)
-    if len(ports) == count:
-        return ports
-    raise RuntimeError(f"not {count} free loopback port pairs below {high}")
+    if len(ports) < count:
+        raise RuntimeError(f"not {count} free loopback port pairs below {high}")
+    return ports
 
 
 def _ephemeral_low() -> int:
