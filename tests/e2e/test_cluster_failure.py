@@ -78,7 +78,7 @@ def test_a_volume_server_killed_mid_traffic(request: pytest.FixtureRequest, s3_c
         time.sleep(AFTER_S)
     finally:
         attempts = storm.stop()
-        if s3_cluster.nodes[victim].proc is None or not s3_cluster.nodes[victim].running:
+        if not s3_cluster.nodes[victim].running:  # the test broke off: leave the cluster whole
             s3_cluster.restart(victim)
     end = time.monotonic()
     verdict = check_everything(gw, s3_cluster, cloud, attempts)
@@ -193,5 +193,5 @@ def report(request: pytest.FixtureRequest, name: str, title: str, attempts: list
          f"{verdict['cloud_answers'][201]} / {verdict['cloud_answers'][409]}"),
         *times.items(),
     ]
-    figures.report(request.config, name, title, ["figure", "value"], rows)
-    print(verdict["verify_text"])
+    figures.report(request.config, name, title, ["figure", "value"], rows,
+                   {"gateway verify --full, afterwards": "\n" + verdict["verify_text"]})
