@@ -1,7 +1,8 @@
 """`scripts/bench`: the gateway measured against its ceilings, side by side, in one run.
 
-Starts its own SeaweedFS, gateways (minio backend), a discard endpoint and a fake cloud on
-127.0.0.1, then alternates rounds (gateway, direct S3 PUT, discard) so that machine noise hits
+Starts its own SeaweedFS (`weed mini`, or with `--store cluster` a replicated cluster: master,
+three volume servers, filer, `weed s3`), gateways (minio backend), a discard endpoint and a fake
+cloud on 127.0.0.1, then alternates rounds (gateway, direct S3 PUT, discard) so that machine noise hits
 each alike. Prints a table (or `--json`). Ratios, not absolute figures, are the point.
 """
 
@@ -32,11 +33,19 @@ from scripts.benchlib.cpu import CpuMeter  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put, s3_put_presigned  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
+from tests.support.s3cluster import S3Cluster  # noqa: E402
 from tests.support.s3server import S3Server  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 UPLOAD = "/api/device/images/upload"
 S3_MEMORY_LIMIT = "1GiB"
+
+
+def store_pids(s3: S3Server | S3Cluster) -> dict[str, int | None]:
+    """The store's processes for the CPU meter: `s3` is the one serving S3 (weed mini or weed s3)."""
+    if isinstance(s3, S3Cluster):
+        return {"s3" if role == "s3" else f"s3 {role}": pid for role, pid in s3.pids().items()}
+    return {"s3": s3.pid}
 
 
 def log(msg: str) -> None:
@@ -82,7 +91,8 @@ def best(rounds: list[Round]) -> Round:
     return max(rounds, key=lambda r: r.rps)
 
 
-def ingest_section(s3: S3Server, work: Path, quick: bool, only_conc: list[int] | None = None) -> list[dict[str, Any]]:
+def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc: list[int] | None = None
+                   ) -> list[dict[str, Any]]:
     gw = GatewayProcess(work / "gw-ingest", s3_env(s3)).start()
     _, key = gw.add_device("bench-ingest")
     discard_port = free_port()
@@ -110,13 +120,13 @@ def ingest_section(s3: S3Server, work: Path, quick: bool, only_conc: list[int] |
                 got: dict[str, list[Round]] = {"gateway": [], "s3": [], "s3u": [], "discard": []}
                 for _ in range(repeats):  # alternate, so noise hits every kind alike
                     got["gateway"].append(grouped(gw.url, functools.partial(
-                        metered, {"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
+                        metered, {"gateway": gw.pid, **store_pids(s3), "client": os.getpid()}, gw.pid,
                         multipart_upload, gw.port, UPLOAD, key, size, conc, n)))
                     got["s3"].append(metered(
-                        {"s3": s3.pid, "client": os.getpid()}, None,
+                        {**store_pids(s3), "client": os.getpid()}, None,
                         s3_put, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
                     got["s3u"].append(metered(
-                        {"s3": s3.pid, "client": os.getpid()}, None,
+                        {**store_pids(s3), "client": os.getpid()}, None,
                         s3_put_presigned, s3.endpoint, s3.access_key, s3.secret_key, "bench-direct", size, conc, n))
                     got["discard"].append(metered(
                         {"discard": discard.pid, "client": os.getpid()}, None,
@@ -150,7 +160,7 @@ def ingest_section(s3: S3Server, work: Path, quick: bool, only_conc: list[int] |
     return rows
 
 
-def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
+def memory_section(s3: S3Server | S3Cluster, work: Path) -> dict[str, Any]:
     gw = GatewayProcess(work / "gw-mem", s3_env(s3)).start()
     _, key = gw.add_device("bench-mem")
     url = f"{gw.url}{UPLOAD}"
@@ -173,7 +183,7 @@ def memory_section(s3: S3Server, work: Path) -> dict[str, Any]:
     }
 
 
-def forward_section(s3: S3Server, work: Path, quick: bool, images: int = 0) -> dict[str, Any]:
+def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: int = 0) -> dict[str, Any]:
     from tests.support.fakecloud import FakeCloud
 
     count = images or (200 if quick else 2000)
@@ -208,7 +218,7 @@ def forward_section(s3: S3Server, work: Path, quick: bool, images: int = 0) -> d
             list(pool.map(lambda k: multipart_upload(gw.port, UPLOAD, k, size, 1, per), keys))
         os.sync()  # an outage lasts long enough for the backlog's writes to reach the disk
         tx0, w0 = catalog_writes(gw.url)
-        with CpuMeter({"gateway": gw.pid, "s3": s3.pid, "fake cloud": os.getpid()}, gw.pid) as meter:
+        with CpuMeter({"gateway": gw.pid, **store_pids(s3), "fake cloud": os.getpid()}, gw.pid) as meter:
             cloud.accept_connections()
             deadline = time.monotonic() + 600
             while len(forwarded()) < per * devices and time.monotonic() < deadline:
@@ -239,7 +249,7 @@ def forward_section(s3: S3Server, work: Path, quick: bool, images: int = 0) -> d
         cloud.stop()
 
 
-def store_to_cloud(s3: S3Server, bucket: str, port: int, key: str, concurrency: int) -> float:
+def store_to_cloud(s3: S3Server | S3Cluster, bucket: str, port: int, key: str, concurrency: int) -> float:
     """Images per second a plain client moves from the S3 store to the cloud (GET, then POST)."""
     import http.client
 
@@ -269,7 +279,7 @@ def store_to_cloud(s3: S3Server, bucket: str, port: int, key: str, concurrency: 
     return len(names) / (time.perf_counter() - started)
 
 
-def startup_section(s3: S3Server, work: Path, rows: int) -> dict[str, Any]:
+def startup_section(s3: S3Server | S3Cluster, work: Path, rows: int) -> dict[str, Any]:
     out = {}
     for label, n in (("empty", 0), ("pending", rows)):
         proc = GatewayProcess(work / f"gw-start-{label}", s3_env(s3) | {
@@ -295,7 +305,8 @@ def startup_section(s3: S3Server, work: Path, rows: int) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print("\n== 1/2. ingest: gateway vs direct S3 PUT vs discard endpoint (best of the alternated rounds)")
+    print(f"\n== 1/2. ingest on the {report.get('store', 'single')} store: gateway vs direct S3 PUT into the same "
+          "store vs discard endpoint (best of the alternated rounds)")
     print("   (S3 req/s: the faster direct client, minio's signed PUT or a presigned UNSIGNED-PAYLOAD PUT)")
     print(f"{'size':>8} {'conc':>4} {'gw req/s':>9} {'gw MB/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'signed/s':>9} {'unsign/s':>9} {'S3 req/s':>9} {'discard/s':>9} {'gw/S3':>6} {'gw/disc':>7}")
@@ -349,19 +360,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute), as CI runs it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--store", choices=["single", "cluster"], default="single",
+                        help="the S3 store: one `weed mini` (single) or a replicated SeaweedFS cluster")
     parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
                         help="comma-separated sections to run")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
     parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count(), "store": args.store}
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         work = Path(tmp)
         # A production-like heap target for the store (tests run SeaweedFS at 64 MiB to save memory,
         # where its garbage collector burns more CPU than its requests), and volumes big enough that
         # a round does not wait for a new one to open (see S3Server).
-        s3 = S3Server(work / "s3", memory_limit=S3_MEMORY_LIMIT, volume_mb=1024).start()
+        store = S3Cluster if args.store == "cluster" else S3Server
+        s3 = store(work / "s3", memory_limit=S3_MEMORY_LIMIT, volume_mb=1024).start()
         try:
             if "ingest" in only:
                 conc = [int(c) for c in args.concurrency.split(",") if c]

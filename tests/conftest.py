@@ -1,7 +1,8 @@
-"""Shared fixtures: the real S3 server (SeaweedFS), image bytes, gateway processes per backend."""
+"""Shared fixtures: the real S3 server and cluster (SeaweedFS), image bytes, gateway processes per backend."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import struct
@@ -46,6 +47,28 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             os.environ.pop(f"GATEWAY_TEST_S3_{var}", None)
 
 
+@pytest.fixture(scope="session")
+def s3_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A replicated SeaweedFS cluster (tests/support/s3cluster.py), started once for the run by the
+    first test that asks for it. Its logs stay under the pytest tmp folder, whose path is printed
+    with every log's tail when a test of the run failed."""
+    from tests.support.s3cluster import S3Cluster
+
+    cluster = S3Cluster(tmp_path_factory.mktemp("s3-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if request.session.testsfailed:  # past pytest's capture: the last test may have passed
+            plugins = request.config.pluginmanager
+            capture, reporter = plugins.getplugin("capturemanager"), plugins.getplugin("terminalreporter")
+            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                text = f"\nS3 cluster logs kept in {cluster.log_dir}\n{cluster.log_tails(15)}"
+                if reporter is not None:
+                    reporter.write_line(text)
+
+
 def png_bytes(payload: bytes = b"") -> bytes:
     """A valid PNG (1x1) with `payload` in a private chunk, so every call can differ."""
 
@@ -69,16 +92,24 @@ def unique_png() -> Callable[[], bytes]:
 
 
 BACKENDS = ["folder", "minio"]
+# The third store: the gateway's minio backend on a replicated SeaweedFS cluster. Only the core
+# upload, forward and drain tests run on it (`-m "not cluster"` leaves them out).
+CLUSTER = pytest.param("cluster", marks=pytest.mark.cluster)
+BACKENDS_AND_CLUSTER = [*BACKENDS, CLUSTER]
+
+
+def store_env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
+    """The gateway's storage settings for `backend`: folder, minio (one weed) or cluster."""
+    if backend == "minio":
+        return s3_env(request.getfixturevalue("s3"))
+    if backend == "cluster":
+        return s3_env(request.getfixturevalue("s3_cluster"))
+    return {"GATEWAY_STORAGE_BACKEND": "folder"}
 
 
 @pytest.fixture
 def backend_env(request: pytest.FixtureRequest) -> Callable[[str], dict[str, str]]:
-    def make(backend: str) -> dict[str, str]:
-        if backend == "minio":
-            return s3_env(request.getfixturevalue("s3"))
-        return {"GATEWAY_STORAGE_BACKEND": "folder"}
-
-    return make
+    return lambda backend: store_env(request, backend)
 
 
 @pytest.fixture

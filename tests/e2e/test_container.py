@@ -117,3 +117,23 @@ def test_image_builds_runs_takes_an_upload_and_stops_cleanly(tmp_path: Path) -> 
     tail = output[-4000:]
     assert returncode == 0, f"scripts/container-test failed:\n{tail}"
     assert "container-test: PASS" in output
+
+
+def test_distributed_compose_is_four_erasure_coded_nodes_behind_one_endpoint() -> None:
+    """config/compose.distributed.yaml: the gateway's settings are real keys, and its one S3
+    endpoint is the load balancer over four MinIO nodes that form one erasure-coded pool."""
+    compose = yaml.safe_load((ROOT / "config" / "compose.distributed.yaml").read_text())
+    services = compose["services"]
+    nodes = sorted(name for name in services if name.startswith("minio"))
+    assert nodes == ["minio1", "minio2", "minio3", "minio4"]
+    for name in nodes:
+        assert services[name]["command"][-1] == "http://minio{1...4}/data"  # one pool of four drives
+        assert services[name]["volumes"] == [f"{name}-data:/data"]
+    known = {f"GATEWAY_{section.upper()}_{field.name.upper()}" for section, cls in section_types().items()
+             for field in msgspec.structs.fields(cls)}
+    env = services["gateway"]["environment"]
+    assert {name for name in env if name.startswith("GATEWAY_")} <= known
+    assert env["GATEWAY_STORAGE_BACKEND"] == "minio" and env["GATEWAY_MINIO_ENDPOINT"] == "s3:9000"
+    lb = (ROOT / "config" / "minio-lb.conf").read_text()
+    assert all(f"server {name}:9000" in lb for name in nodes)
+    assert any(v.endswith("minio-lb.conf:/etc/nginx/conf.d/default.conf:ro") for v in services["s3"]["volumes"])

