@@ -1,4 +1,5 @@
-"""Per-device upload rate limit: a token bucket per device, in memory."""
+"""Token buckets in memory: the per-device upload rate limit, and (one bucket, gateway-wide) the
+look-ups of unknown device keys at the cloud."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from gateway.errors import RateLimited
 
 
 class DeviceRateLimiter:
-    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
+    def __init__(self, per_minute: int, clock: Callable[[], float], what: str = "uploads",
+                 message: str | None = None) -> None:
+        self.what = what  # what is counted, for the refusal's details
+        self.message = message  # the refusal's message; None: RateLimited's own
         self.capacity = float(per_minute)
         self.refill_per_s = per_minute / 60.0
         self.clock = clock
@@ -29,5 +33,6 @@ class DeviceRateLimiter:
         if tokens < 1.0:
             self._buckets[device_id] = (tokens, now)
             wait = math.ceil((1.0 - tokens) / self.refill_per_s)
-            raise RateLimited(details=f"limit is {int(self.capacity)} uploads per minute", retry_after=max(1, wait))
+            raise RateLimited(self.message, details=f"limit is {int(self.capacity)} {self.what} per minute",
+                              retry_after=max(1, wait))
         self._buckets[device_id] = (tokens - 1.0, now)
