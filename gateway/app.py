@@ -59,7 +59,9 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
         dependencies={"gw": Provide(provide_gateway, use_cache=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[] if offline else [lifespan],
-        request_max_body_size=None,  # the upload path enforces its own limits while streaming
+        # JSON routes read through `api.body.read_json_body`; this is the framework's own net under
+        # them. The upload route lifts it (None) and enforces its own limits while streaming.
+        request_max_body_size=settings.limits.max_json_body_bytes,
         openapi_config=OpenAPIConfig(title="AcuSight edge gateway", version=__version__, path="/schema"),
         middleware=[_observe],
         debug=False,

@@ -172,8 +172,12 @@ def serve(settings: Settings) -> int:
     from hypercorn.config import Config as HypercornConfig
 
     from gateway import eventloop, logs, malloc
+    from gateway.api.connections import protect
     from gateway.app import create_app
 
+    # Everything the server creates (data folder, catalog, objects, manifests, spool) is for its own
+    # user only: folders 0700, files 0600.
+    os.umask(0o077)
     malloc.tune_for_images()
     logs.configure(settings.log.level, settings.log.format)
     app = create_app(settings)
@@ -182,7 +186,9 @@ def serve(settings: Settings) -> int:
     config.graceful_timeout = settings.server.graceful_timeout_s
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75.0
+    # hypercorn's idle timer runs from the connection's start (or its previous answer) until a
+    # request's headers are complete: it is both the header timeout and the keep-alive timeout.
+    config.keep_alive_timeout = settings.server.header_timeout_s
     if settings.server.certfile and settings.server.keyfile:
         config.certfile = settings.server.certfile
         config.keyfile = settings.server.keyfile
@@ -199,7 +205,8 @@ def serve(settings: Settings) -> int:
             loop.add_signal_handler(sig, on_signal)
         if early:
             on_signal()
-        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        served = protect(app, settings.server)
+        await hypercorn.asyncio.serve(served, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     try:
         eventloop.run(main)

@@ -55,6 +55,25 @@ class ServerSettings(_Section):
         _help("A request body must also average this many bytes/s after the first read_timeout_s "
               "(a client trickling a byte a second is cut off); 0 = no rate floor.", ge=0),
     ] = 1024
+    header_timeout_s: Annotated[
+        float,
+        _help("A client must finish a request's headers within this long of connecting (or of its previous "
+              "answer); also how long an idle kept-alive connection is kept.", gt=0),
+    ] = 10.0
+    max_connections: Annotated[
+        int,
+        _help("Requests handled at once; one more gets 503 SERVICE_UNAVAILABLE with Retry-After at once, "
+              "its body unread. Connections still sending headers are bounded by header_timeout_s.", ge=1),
+    ] = 1000
+    linger_s: Annotated[
+        float,
+        _help("After a refusal sent before the body was read (401, 403, 413, 429, 503, 507), how long the "
+              "connection keeps discarding the client's body before it closes, so that a client that writes "
+              "its whole body before reading still gets the answer.", ge=0),
+    ] = 5.0
+    linger_bytes: Annotated[
+        int, _help("At most this many body bytes are discarded while lingering.", ge=0)
+    ] = 64 * MiB
 
 
 class DataSettings(_Section):
@@ -164,6 +183,19 @@ class LimitSettings(_Section):
     min_free_disk_bytes: Annotated[
         int, _help("Free space kept on the data folder's disk; below it new uploads get 507.", ge=0)
     ] = 256 * MiB
+    max_json_body_bytes: Annotated[
+        int, _help("Largest JSON body of check-ins, admin and sync calls (413 above, checked while reading).", ge=1)
+    ] = 1 * MiB
+    unknown_key_checks_per_minute: Annotated[
+        int,
+        _help("Look-ups of unknown device keys at the cloud, gateway-wide (a token bucket); past it an "
+              "unknown key gets 429 RATE_LIMITED with Retry-After.", ge=1),
+    ] = 60
+    max_quarantined_devices: Annotated[
+        int,
+        _help("Devices taken into quarantine while the cloud is unreachable (cloud.accept_unknown_keys_offline); "
+              "past it a new unknown key gets 429 RATE_LIMITED with Retry-After.", ge=0),
+    ] = 100
 
 
 class ProvisioningSettings(_Section):

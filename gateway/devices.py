@@ -15,9 +15,18 @@ import msgspec
 
 from gateway import keys
 from gateway.catalog import Catalog, Conn
-from gateway.errors import Conflict, DeviceNotApproved, InvalidDeviceKey, NotFound, Unauthorized, ValidationFailed
+from gateway.errors import (
+    Conflict,
+    DeviceNotApproved,
+    InvalidDeviceKey,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    ValidationFailed,
+)
 
 STATUSES = ("pending", "approved", "rejected")
+MAX_METRICS_BYTES = 65536  # a check-in's metrics, as stored (JSON); more is refused, never cut
 
 
 class Device(msgspec.Struct, kw_only=True):
@@ -206,7 +215,10 @@ class DeviceRegistry:
 
     async def checkin(self, device: Device, status: str, metrics: dict[str, Any]) -> None:
         now = self.clock()
-        blob = json.dumps(metrics, separators=(",", ":"))[:65536]
+        blob = json.dumps(metrics, separators=(",", ":"))
+        if len(blob.encode()) > MAX_METRICS_BYTES:  # cut, it would no longer be JSON
+            raise PayloadTooLarge("Check-in metrics are too large",
+                                  f"{len(blob.encode())} bytes as JSON, limit {MAX_METRICS_BYTES}")
         await self.catalog.write(
             lambda c: c.execute(
                 "UPDATE devices SET last_seen_at = ?, last_status = ?, last_metrics = ? WHERE device_id = ?",

@@ -1,4 +1,5 @@
-"""Rate limits as token buckets in memory, one per key: uploads per device, provisioning per client address."""
+"""Rate limits as token buckets in memory, one per key: uploads per device, provisioning per client
+address, and (one bucket, gateway-wide) the look-ups of unknown device keys at the cloud."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class Gateway:
     async def open_catalog(self) -> None:
         """Catalog and devices only: what the CLI needs to work on a stopped server's files."""
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # catalog, spool, objects: owner only
         await anyio.to_thread.run_sync(self.catalog.open)
         keybox = KeyBox.from_file(Path(s.keys.secret_file))
         self.registry = DeviceRegistry(self.catalog, keybox, s.cloud.organization_id, self.clock)
@@ -168,7 +168,11 @@ class Gateway:
         self.keycheck = KeyChecker(self.registry, self.catalog, s.cloud, self.cloud,
                                    cloud_reachable=lambda: self.forwarder is None or self.forwarder.gate.reachable,
                                    # quarantined keys are re-asked about as often as retries are spaced
-                                   recheck_every_s=min(RECHECK_EVERY_S, s.forward.backoff_max_s))
+                                   recheck_every_s=min(RECHECK_EVERY_S, s.forward.backoff_max_s),
+                                   lookups=DeviceRateLimiter(
+                                       s.limits.unknown_key_checks_per_minute, self.clock, what="unknown-key checks",
+                                       message="Too many unknown device keys to check with the cloud; retry later"),
+                                   max_quarantined=s.limits.max_quarantined_devices)
         if self.forwarder is not None:
             self.keycheck.on_released = self.forwarder.notify
             self.forwarder.on_round = self.keycheck.maybe_recheck

@@ -12,6 +12,7 @@ from litestar.handlers.base import BaseRouteHandler
 from gateway import batch_queries
 from gateway.api import admin_verify, provision
 from gateway.api.auth import require_bearer
+from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.api.sync import list_batches, show_batch  # the same views, behind the admin token here
 from gateway.errors import ValidationFailed
@@ -50,14 +51,14 @@ async def list_devices(gw: Gateway) -> Response[bytes]:
 
 @post("/devices", status_code=201)
 async def add_device(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: NewDevice = _decode(await request.body(), NewDevice)
+    body: NewDevice = _decode(await read_json_body(request, gw.settings), NewDevice)
     device, key = await gw.registry.add(body.name, key=body.key, device_id=body.device_id, status=body.status)
     return ok({"device": msgspec.to_builtins(device), "key": key}, status=201)
 
 
 @post("/devices/{action:str}", status_code=200)
 async def change_device(action: str, request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: DeviceRef = _decode(await request.body(), DeviceRef)
+    body: DeviceRef = _decode(await read_json_body(request, gw.settings), DeviceRef)
     if action == "revoke":
         device = await gw.registry.revoke(body.ref)
     elif action in ("approve", "reject"):

@@ -14,6 +14,7 @@ import anyio
 import msgspec
 from litestar import Request, Response, get, post
 
+from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.errors import Conflict, ValidationFailed
 from gateway.runtime import Gateway
@@ -39,7 +40,7 @@ def _progress(request: Request[Any, Any, Any]) -> VerifyProgress:
 @post("/verify", status_code=200)
 async def run_verify(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     try:
-        body = msgspec.json.decode(await request.body() or b"{}", type=VerifyRequest)
+        body = msgspec.json.decode(await read_json_body(request, gw.settings) or b"{}", type=VerifyRequest)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
     if body.sample < 0:

@@ -6,99 +6,20 @@ two paths).
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.types import Receive
 
+from gateway.api.body import ClientGone, RequestBody, read_json_body
 from gateway.api.envelope import ok
 from gateway.devices import Device
 from gateway.errors import DeviceNotApproved, GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
 from gateway.runtime import Gateway
 
-
-class ClientGone(ValidationFailed):
-    default_message = "Client disconnected before the body was complete"
-
-
-class RequestBody:
-    """The request body as it arrives. A client silent for `read_timeout` seconds is cut off, and
-    so is one that trickles: the body must arrive within `read_timeout` plus one second per
-    `min_rate` bytes received (as Apache's mod_reqtimeout does), else a byte a second lasts forever."""
-
-    def __init__(self, receive: Receive, read_timeout: float, min_rate: int = 0) -> None:
-        self.receive = receive
-        self.read_timeout = read_timeout
-        self.min_rate = min_rate
-        self.started = time.monotonic()
-        self.received = 0
-        self.done = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while not self.done:
-            wait = self.read_timeout
-            if self.min_rate:
-                wait = min(wait, self.started + self.read_timeout + self.received / self.min_rate - time.monotonic())
-            try:
-                if wait <= 0:
-                    raise TimeoutError
-                # asyncio.timeout rather than anyio.fail_after: this runs once per body chunk, and
-                # anyio's scope cost a tenth of the event loop's time in a 1 MiB upload (py-spy).
-                async with asyncio.timeout(wait):
-                    message = await self.receive()
-            except TimeoutError:
-                raise RequestTimeout(
-                    details=f"body slower than {self.min_rate} bytes/s or silent for {self.read_timeout:g} s"
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            self.done = not message.get("more_body", False)
-            chunk = cast(bytes, message.get("body", b""))
-            if chunk:
-                self.received += len(chunk)
-                yield chunk
-
-    async def drain(self, limit: int) -> None:
-        """Read and drop the rest of the body (at most `limit` bytes in all), so that a client that
-        sends its whole body before reading gets the answer instead of a stalled connection."""
-        try:
-            async for _ in self.chunks():
-                if self.received > limit:
-                    return
-        except GatewayError:
-            return
-
-
-MAX_JSON_BODY_BYTES = 1024 * 1024  # SPEC §2: every JSON route's body limit
-
-
-async def read_json_body(request: Request[Any, Any, Any], gw: Gateway) -> bytes:
-    """A JSON route's whole body: 413 past the limit (checked while it streams in), 408 when it stalls."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_JSON_BODY_BYTES:
-        raise _too_large()
-    server = gw.settings.server
-    body = RequestBody(request.receive, server.read_timeout_s, server.min_body_rate_bytes_per_s)
-    parts: list[bytes] = []
-    try:
-        async for chunk in body.chunks():
-            parts.append(chunk)
-            if body.received > MAX_JSON_BODY_BYTES:
-                raise _too_large()
-    except (PayloadTooLarge, RequestTimeout, ClientGone) as exc:
-        exc.close_connection = True  # the rest of the body is not read
-        raise
-    return b"".join(parts)
-
-
-def _too_large() -> PayloadTooLarge:
-    error = PayloadTooLarge("Request body is too large", f"limit is {MAX_JSON_BODY_BYTES} bytes")
-    error.close_connection = True
-    return error
+# Refusals decided from the headers alone: answered at once, the body left unread (the linger
+# middleware in `gateway.api.connections` discards what the client still sends, then closes).
+REFUSED_BEFORE_BODY = (401, 403, 429, 503, 507)
 
 
 async def authenticate(gw: Gateway, request: Request[Any, Any, Any], require_approved: bool = True) -> Device:
@@ -106,7 +27,8 @@ async def authenticate(gw: Gateway, request: Request[Any, Any, Any], require_app
     return await gw.keycheck.authenticate(request.headers.get("x-device-key"), require_approved)
 
 
-@post(["/api/device/images/upload", "/api/core/device/images/upload"], status_code=201)
+@post(["/api/device/images/upload", "/api/core/device/images/upload"], status_code=201,
+      request_max_body_size=None)  # limits enforced while streaming
 async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     outcome = "INTERNAL_ERROR"
     limits, server = gw.settings.limits, gw.settings.server
@@ -137,6 +59,8 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
         outcome = exc.code
         if isinstance(exc, PayloadTooLarge | RequestTimeout | ClientGone):
             exc.close_connection = True  # stop reading: never take in an oversized or stalled body
+        elif body.received == 0 and not body.done and exc.status in REFUSED_BEFORE_BODY:
+            exc.close_connection = True  # refused from the headers: answer now, never read the body
         elif not body.done:
             await body.drain(ceiling)
         raise
@@ -158,7 +82,7 @@ class CheckinBody(msgspec.Struct):
 @post(["/api/device/checkin", "/api/core/device/checkin"], status_code=200)
 async def device_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     device = await authenticate(gw, request)
-    raw = await request.body()
+    raw = await read_json_body(request, gw.settings)
     try:
         body = msgspec.json.decode(raw or b"{}", type=CheckinBody)
     except msgspec.DecodeError as exc:
@@ -193,7 +117,7 @@ async def agent_checkin(request: Request[Any, Any, Any], gw: Gateway) -> Respons
     device = await authenticate(gw, request, require_approved=False)
     if device.status == "rejected":
         raise DeviceNotApproved(details="device status is rejected")
-    raw = await read_json_body(request, gw)
+    raw = await read_json_body(request, gw.settings)
     try:
         body = msgspec.json.decode(raw, type=HeartbeatBody)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

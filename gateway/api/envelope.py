@@ -13,6 +13,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from gateway.errors import GatewayError
+from gateway.logs import request_id
 
 log = logging.getLogger("gateway.api")
 
@@ -47,9 +48,21 @@ def error_body(code: str, message: str, details: str = "", data: Any = None) -> 
     return msgspec.json.encode(body)
 
 
+def server_side_details(status: int, code: str, message: str, details: str) -> str:
+    """What a client sees as `details` of a server-side failure (5xx, 507 included): a pointer to
+    the log line holding the full text, never paths, errno text or storage errors."""
+    rid = request_id.get()
+    log.warning("%d %s: %s%s", status, code, message, f" ({details})" if details else "",
+                extra={"status": status, "code": code})
+    return f"server-side failure; the gateway log has the details under request id {rid or '-'}"
+
+
 def render_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    details = exc.details
+    if exc.status >= 500:
+        details = server_side_details(exc.status, exc.code, exc.message, exc.details)
     return Response(
-        error_body(exc.code, exc.message, exc.details, exc.data),
+        error_body(exc.code, exc.message, details, exc.data),
         status_code=exc.status, media_type=_JSON, headers=exc.headers(),
     )
 
@@ -62,15 +75,17 @@ def render_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
     if extra and status == 400:
         details = (details + ": " if details else "") + str(extra)[:500]
     message = {404: "Not found", 405: "Method not allowed"}.get(status, details or "Request failed")
+    if status >= 500:
+        message = "Internal error" if status == 500 else "Request failed"
+        details = server_side_details(status, code, message, details)
     headers = dict(exc.headers or {})
     return Response(error_body(code, message, details), status_code=status, media_type=_JSON, headers=headers)
 
 
 def render_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response(
-        error_body("INTERNAL_ERROR", "Internal error", type(exc).__name__), status_code=500, media_type=_JSON
-    )
+    details = f"server-side failure; the gateway log has the details under request id {request_id.get() or '-'}"
+    return Response(error_body("INTERNAL_ERROR", "Internal error", details), status_code=500, media_type=_JSON)
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

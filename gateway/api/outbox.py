@@ -9,6 +9,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import Parameter
 
 from gateway.api.admin import admin_guard
+from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.errors import ValidationFailed
 from gateway.forward import outbox
@@ -41,7 +42,7 @@ async def list_outbox(
 @post("/retry", status_code=200)
 async def retry_outbox(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     try:
-        body = msgspec.json.decode(await request.body() or b"{}", type=RetryRequest)
+        body = msgspec.json.decode(await read_json_body(request, gw.settings) or b"{}", type=RetryRequest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
     if body.all_dead == bool(body.image_ids):

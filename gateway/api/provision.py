@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 
-from gateway.api.device import read_json_body
+from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.errors import ValidationFailed
 from gateway.provision_tokens import DEFAULT_EXPIRY_DAYS
@@ -20,7 +20,7 @@ from gateway.runtime import Gateway
 async def provision_device(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     """Swap a provisioning token for a device key (public: the token is the credential)."""
     gw.provisioner.admit(request.client.host if request.client else "")
-    raw = await read_json_body(request, gw)
+    raw = await read_json_body(request, gw.settings)
     try:
         data, status = await gw.provisioner.provision(raw, own_endpoint=str(request.base_url).rstrip("/") + "/api")
     except CloudAnswered as exc:  # the cloud's refusal, as it came
@@ -56,7 +56,7 @@ def setup_line(endpoint: str, token: str) -> str:
 
 @post("/tokens", status_code=201)
 async def create_token(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: NewToken = _decode(await read_json_body(request, gw), NewToken)
+    body: NewToken = _decode(await read_json_body(request, gw.settings), NewToken)
     if body.never_expires and body.expires_in_days is not None:
         raise ValidationFailed("Conflicting expiry", "give expires_in_days or never_expires, not both")
     days = None if body.never_expires else DEFAULT_EXPIRY_DAYS if body.expires_in_days is None else body.expires_in_days
@@ -73,7 +73,7 @@ async def list_tokens(gw: Gateway) -> Response[bytes]:
 
 @post("/tokens/revoke", status_code=200)
 async def revoke_token(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: TokenRef = _decode(await read_json_body(request, gw), TokenRef)
+    body: TokenRef = _decode(await read_json_body(request, gw.settings), TokenRef)
     return ok(msgspec.to_builtins(await gw.tokens.revoke(body.ref)))
 
 

@@ -1,10 +1,12 @@
 """The status page at `/`: one server-rendered HTML page for site admins, refreshing itself.
 
 Access (read-only): the admin token as `Authorization: Bearer`, or once as `?token=`, which sets
-an HttpOnly cookie (an HMAC of the token, not the token) and redirects to `/` so the token leaves
-the address bar; requests from loopback (127.0.0.1, ::1) read it without a token unless
-`[admin] loopback_status_page` is off (set it off where a reverse proxy or a container's port
-mapping makes remote requests look local).
+an HttpOnly cookie (its issue time and an HMAC of the token and that time, not the token; refused
+by the server 7 days after issue) and redirects to `/` so the token leaves the address bar;
+requests from loopback (127.0.0.1, ::1) that name a loopback host (`localhost`, 127.0.0.1, [::1])
+in their Host header read it without a token unless `[admin] loopback_status_page` is off (set it
+off where a reverse proxy or a container's port mapping makes remote requests look local). The
+Host check stops DNS rebinding: a web page whose own name resolves to 127.0.0.1 sends its name.
 Everything shown is HTML-escaped: file names, device names and error messages come from devices.
 """
 
@@ -30,20 +32,47 @@ RECENT_ROWS = 20
 THROUGHPUT_MINUTES = 15
 
 
-def cookie_value(admin_token: str) -> str:
-    """What the cookie holds: proof of the token that is useless as an admin API token."""
-    return hmac.new(admin_token.encode(), b"gateway status page v1", hashlib.sha256).hexdigest()
+def cookie_value(admin_token: str, issued_at: float) -> str:
+    """What the cookie holds: its issue time and a proof of the token and that time, useless as an
+    admin API token and refused once `COOKIE_MAX_AGE_S` old."""
+    issued = str(int(issued_at))
+    proof = hmac.new(admin_token.encode(), b"gateway status page v2|" + issued.encode(), hashlib.sha256).hexdigest()
+    return f"{issued}.{proof}"
+
+
+def cookie_valid(value: str, admin_token: str, now: float) -> bool:
+    """A cookie this token issued, less than `COOKIE_MAX_AGE_S` ago (and not in the future)."""
+    issued, _, _ = value.partition(".")
+    if not admin_token or not issued.isdigit() or not -60 <= now - int(issued) < COOKIE_MAX_AGE_S:
+        return False
+    return _same(value, cookie_value(admin_token, int(issued)))
 
 
 def _is_loopback(request: Request[Any, Any, Any]) -> bool:
-    host = request.client.host if request.client else ""
+    """From a loopback address AND naming a loopback host: a browser led to 127.0.0.1 by a
+    rebinding DNS name sends that name as Host, and is refused."""
+    return _loopback_address(request.client.host if request.client else "") and _loopback_host(
+        request.headers.get("host", ""))
+
+
+def _loopback_address(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return str(address) in ("127.0.0.1", "::1")
+    return address.is_loopback
+
+
+def _loopback_host(header: str) -> bool:
+    """`localhost`, a loopback address, with or without a port (`[::1]:8080`, `127.0.0.1:8080`)."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".") == "localhost" or _loopback_address(host)
 
 
 def _bearer(request: Request[Any, Any, Any]) -> str:
@@ -70,14 +99,14 @@ async def status_page(request: Request[Any, Any, Any], gw: Gateway, token: str |
     if token is not None:
         if _same(token, admin_token):
             secure = bool(gw.settings.server.certfile and gw.settings.server.keyfile)
-            cookie = Cookie(key=COOKIE, value=cookie_value(admin_token), path="/", httponly=True,
+            cookie = Cookie(key=COOKIE, value=cookie_value(admin_token, gw.clock()), path="/", httponly=True,
                             samesite="strict", secure=secure, max_age=COOKIE_MAX_AGE_S)
             return Redirect(path="/", status_code=303, cookies=[cookie], headers={"Cache-Control": "no-store"})
         return _html(render_login("That token is not the admin token.", enabled=bool(admin_token)), 401)
     allowed = (
         (gw.settings.admin.loopback_status_page and _is_loopback(request))
         or _same(_bearer(request), admin_token)
-        or (bool(admin_token) and _same(request.cookies.get(COOKIE, ""), cookie_value(admin_token)))
+        or cookie_valid(request.cookies.get(COOKIE, ""), admin_token, gw.clock())
     )
     if not allowed:
         return _html(render_login("", enabled=bool(admin_token)), 401 if admin_token else 403)

@@ -5,11 +5,16 @@
     unknown key --(cloud unreachable)-----------------------------> refused 401 INVALID_DEVICE_KEY, or, with
                                                                     cloud.accept_unknown_keys_offline,
                                                                     registered, origin 'quarantine'
+    unknown key --(look-up bucket empty)--------------------------> refused 429 RATE_LIMITED, Retry-After
+    unknown key --(quarantine holds limits.max_quarantined_devices)> refused 429 RATE_LIMITED, Retry-After
     quarantine  --(the forwarder finds the cloud confirms it)-----> origin 'cloud', held uploads pending
     quarantine  --(the cloud refuses it)--------------------------> revoked, held uploads dead-lettered
 
 Uploads of a quarantined device are stored with their outbox entry `held`. One request per key is
-in flight at a time; concurrent uploads with the same new key wait for its answer.
+in flight at a time; concurrent uploads with the same new key wait for its answer. Look-ups at the
+cloud are rate-limited gateway-wide (a token bucket, `limits.unknown_key_checks_per_minute`), so
+many made-up keys cannot flood the cloud; refusals are also remembered per key for a minute.
+Both refusals are 429 with Retry-After, not 401: the key may well be good, it could not be checked now.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from gateway import keys
 from gateway.catalog import Catalog, Conn
 from gateway.config import CloudSettings
 from gateway.devices import Device, DeviceRegistry
-from gateway.errors import Conflict, DeviceNotApproved, GatewayError, InvalidDeviceKey
+from gateway.errors import Conflict, DeviceNotApproved, GatewayError, InvalidDeviceKey, RateLimited
 from gateway.forward import outbox
 from gateway.forward.client import CloudClient, KeyAnswer
+from gateway.ratelimit import DeviceRateLimiter
 
 log = logging.getLogger("gateway.keys")
 
@@ -36,6 +42,7 @@ MAX_REMEMBERED_REFUSALS = 10_000
 VERIFY_TIMEOUT_S = 5.0  # a device waits on this during its upload: keep it short
 RECHECK_EVERY_S = 10.0
 QUARANTINE = "quarantine"
+QUARANTINE_FULL_RETRY_S = 60
 
 
 class KeyChecker:
@@ -50,6 +57,8 @@ class KeyChecker:
         cloud_reachable: Callable[[], bool] = lambda: True,
         monotonic: Callable[[], float] = time.monotonic,
         recheck_every_s: float = RECHECK_EVERY_S,
+        lookups: DeviceRateLimiter | None = None,
+        max_quarantined: int | None = None,
     ) -> None:
         self.registry = registry
         self.catalog = catalog
@@ -63,6 +72,9 @@ class KeyChecker:
         self._asking: dict[str, asyncio.Future[Device]] = {}
         self._rechecked_at = 0.0
         self._rechecking = False
+        self.lookups = lookups  # gateway-wide bucket of cloud look-ups; None: unlimited
+        self.max_quarantined = max_quarantined  # None: unlimited
+        self._quarantine_lock = asyncio.Lock()  # the count and the new device, one key at a time
 
     @property
     def verifying(self) -> bool:
@@ -101,11 +113,35 @@ class KeyChecker:
         fut.set_result(device)
         return device
 
+    def _take_lookup(self) -> None:
+        """Spend one cloud look-up from the gateway-wide bucket, or refuse with 429 and Retry-After."""
+        if self.lookups is not None:
+            self.lookups.take("cloud key look-ups")
+
+    def _check_quarantine_room(self) -> None:
+        """Refuse (429, Retry-After) a new quarantined device once `max_quarantined` are waiting."""
+        if self.max_quarantined is None:
+            return
+        waiting = sum(1 for d in self.registry.all() if d.origin == QUARANTINE and not d.revoked)
+        if waiting >= self.max_quarantined:
+            raise RateLimited(
+                "Too many unverified devices waiting for the cloud",
+                f"{waiting} devices in quarantine (limits.max_quarantined_devices); the key is taken once "
+                "the cloud can check it", retry_after=QUARANTINE_FULL_RETRY_S)
+
+    async def _quarantine(self, key: str, answer: KeyAnswer) -> Device:
+        async with self._quarantine_lock:
+            self._check_quarantine_room()
+            return await self._register(key, answer, origin=QUARANTINE)
+
     async def _ask(self, key: str, h: str) -> Device:
         assert self.client is not None
+        reachable = self.cloud_reachable()
+        if reachable:
+            self._take_lookup()
         answer = (
             await self.client.device_self(key, timeout_s=min(VERIFY_TIMEOUT_S, self.settings.timeout_s))
-            if self.cloud_reachable() else KeyAnswer(status=None)
+            if reachable else KeyAnswer(status=None)
         )
         if answer.status == 200 and answer.data and answer.data.get("status") == "approved":
             return await self._register(key, answer, origin="cloud")
@@ -124,8 +160,9 @@ class KeyChecker:
             self._remember_refusal(h, error)
             raise error
         if self.settings.accept_unknown_keys_offline:
+            device = await self._quarantine(key, answer)
             log.warning("cloud unreachable; unknown key %s taken into quarantine", keys.redact(key))
-            return await self._register(key, answer, origin=QUARANTINE)
+            return device
         raise InvalidDeviceKey(details="the key is not known here and could not be verified with the cloud")
 
     def _remember_refusal(self, h: str, error: GatewayError) -> None:

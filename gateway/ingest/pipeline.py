@@ -34,6 +34,7 @@ from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.seen import SeenKeys
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
+from gateway.storage.folder import fsync_dir
 
 log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
@@ -83,6 +84,7 @@ class Ingestor:
         self.clock = clock
         self.spool_dir = settings.data_dir / "spool"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         self._inflight: dict[str, asyncio.Event] = {}
         self._seen: SeenKeys | None = None  # None until built: then every upload asks the catalog
         self._seen_claimed: list[str] | None = []

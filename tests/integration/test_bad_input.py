@@ -166,7 +166,7 @@ CASES: list[Case] = [
     Case("image part given twice", 400, "VALIDATION_ERROR",
          lambda g, k: send(g, *form(k, part("image", IMG, filename=b"a.jpg") + part(
              "image", jpeg_bytes(100), filename=b"b.jpg") + end()))),
-    Case(f"metadata over {MAX_METADATA // 1024} KiB", 413, "PAYLOAD_TOO_LARGE",
+    Case(f"metadata over max_metadata_bytes ({MAX_METADATA // 1024} KiB here)", 413, "PAYLOAD_TOO_LARGE",
          lambda g, k: send(g, *form(k, part("image", IMG, filename=b"a.jpg") + part(
              "metadata", json.dumps({"pad": "x" * MAX_METADATA}).encode()) + end()))),
     Case("metadata nested 40 deep", 400, "VALIDATION_ERROR",

@@ -7,14 +7,14 @@ The app runs on ASGI with a chosen client address, so "not loopback" is tested w
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from gateway.api.status_page import COOKIE, cookie_value
+from gateway.api.status_page import COOKIE, COOKIE_MAX_AGE_S, cookie_value
 from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.runtime import Gateway
@@ -30,18 +30,21 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _gateway(tmp_path: Path, token: str = TOKEN, **extra: str) -> Gateway:
+async def _gateway(tmp_path: Path, token: str = TOKEN, clock: Callable[[], float] | None = None,
+                   **extra: str) -> Gateway:
     (tmp_path / "gateway.toml").write_text("")
     env = {"GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_KEYS_SECRET_FILE": str(tmp_path / "secret.key"),
            "GATEWAY_ADMIN_TOKEN": token, "GATEWAY_LIMITS_MIN_FREE_DISK_BYTES": "0", **extra}
-    gw = Gateway(load_settings(tmp_path / "gateway.toml", env=env))
+    settings = load_settings(tmp_path / "gateway.toml", env=env)
+    gw = Gateway(settings, clock) if clock is not None else Gateway(settings)
     await gw.start()
     return gw
 
 
-def _client(gw: Gateway, client: tuple[str, int]) -> httpx.AsyncClient:
+def _client(gw: Gateway, client: tuple[str, int], host: str = "localhost:8080") -> httpx.AsyncClient:
+    """`host`: what the browser puts in the Host header (the name it was given for the gateway)."""
     app = create_app(gw.settings, gw)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url="http://gw")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url=f"http://{host}")
 
 
 @pytest.fixture
@@ -78,11 +81,52 @@ async def test_token_query_sets_an_httponly_cookie_and_drops_the_token_from_the_
         set_cookie = resp.headers["set-cookie"]
         assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
         assert TOKEN not in set_cookie, "the cookie holds an HMAC of the token, never the token"
-        assert f"{COOKIE}={cookie_value(TOKEN)}" in set_cookie
+        assert f"{COOKIE}={cookie_value(TOKEN, gw.clock())}" in set_cookie
         resp = await remote.get("/")  # the client kept the cookie
         assert resp.status_code == 200 and "Backlog" in resp.text
         # The cookie opens the page only, not the admin API.
         assert (await remote.get("/api/admin/status")).status_code == 401
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["rebound.example.com:8080", "rebound.example.com", "192.0.2.10:8080",
+                                  "localhost.example.com", "127.0.0.1.example.com:8080"])
+async def test_loopback_with_a_foreign_host_is_refused(gw: Gateway, host: str) -> None:
+    """DNS rebinding: a page at rebound.example.com, whose name now resolves to 127.0.0.1, reads
+    the page from the gateway PC's browser; its Host header still names rebound.example.com."""
+    async with _client(gw, LOCAL, host=host) as rebound:
+        resp = await rebound.get("/")
+        assert resp.status_code == 401 and "Backlog" not in resp.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1:8080", "127.0.0.2", "[::1]:8080"])
+async def test_loopback_with_a_loopback_host_is_trusted(gw: Gateway, host: str) -> None:
+    async with _client(gw, LOCAL, host=host) as local:
+        assert (await local.get("/")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_status_cookie_is_refused_by_the_server_after_7_days(tmp_path: Path) -> None:
+    now = [1_800_000_000.0]
+    gw = await _gateway(tmp_path, clock=lambda: now[0])
+    try:
+        async with _client(gw, REMOTE) as remote:
+            assert (await remote.get("/", params={"token": TOKEN})).status_code == 303
+            now[0] += 6 * 24 * 3600
+            assert (await remote.get("/")).status_code == 200  # the kept cookie still opens it
+            now[0] += 2 * 24 * 3600  # 8 days after issue: a browser that ignores Max-Age still sends it
+            resp = await remote.get("/")
+            assert resp.status_code == 401 and "Backlog" not in resp.text
+        old = cookie_value(TOKEN, now[0] - COOKIE_MAX_AGE_S - 1)
+        async with _client(gw, REMOTE) as remote:
+            assert (await remote.get("/", cookies={COOKIE: old})).status_code == 401
+            fresh = cookie_value(TOKEN, now[0] - 60)
+            assert (await remote.get("/", cookies={COOKIE: fresh})).status_code == 200
+            forged_time = old.replace(old.partition(".")[0], str(int(now[0])))  # newer time, old proof
+            assert (await remote.get("/", cookies={COOKIE: forged_time})).status_code == 401
+    finally:
+        await gw.stop()
 
 
 @pytest.mark.anyio

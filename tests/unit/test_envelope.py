@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import pytest
 
 from gateway.api.envelope import error_body, ok, render_gateway_error
-from gateway.errors import ALL_ERRORS, DuplicateImage, GatewayError, RateLimited
+from gateway.errors import ALL_ERRORS, DuplicateImage, GatewayError, RateLimited, ServiceUnavailable
+from gateway.logs import request_id
 
 SPEC_CODES = {
     ("UNAUTHORIZED", 401), ("INVALID_DEVICE_KEY", 401), ("DEVICE_NOT_APPROVED", 403), ("VALIDATION_ERROR", 400),
@@ -29,10 +32,28 @@ def test_envelope_shape(cls: type[GatewayError]) -> None:
     resp = render_gateway_error(None, cls("something went wrong", "more"))  # type: ignore[arg-type]
     assert resp.status_code == cls.status
     body = msgspec.json.decode(resp.content)
-    assert body == {"success": False, "error": {"code": cls.code, "message": "something went wrong", "details": "more"}}
+    # Server-side failures keep their details for the log (under the request id), not the client.
+    details = "more" if cls.status < 500 else body["error"]["details"]
+    error = {"code": cls.code, "message": "something went wrong", "details": details}
+    assert body == {"success": False, "error": error}
+    if cls.status >= 500:
+        assert "more" not in details and "request id" in details
     assert cls.code.isupper() and " " not in cls.code
     if cls.status in (429, 503, 507):
         assert int(_headers(resp)["retry-after"]) > 0
+
+
+def test_server_side_details_name_the_request_id_and_go_to_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    token = request_id.set("abc123def456")
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.api"):
+            resp = render_gateway_error(  # type: ignore[arg-type]
+                None, ServiceUnavailable("Local storage unavailable", "[Errno 13] Permission denied: '/srv/data/x'"))
+    finally:
+        request_id.reset(token)
+    details = msgspec.json.decode(resp.content)["error"]["details"]
+    assert "abc123def456" in details and "/srv" not in details and "Errno" not in details
+    assert "Permission denied: '/srv/data/x'" in caplog.text
 
 
 def test_duplicate_carries_existing_ids_in_data() -> None:
