@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import xxhash
 
+from gateway.ingest.filenames import cap_name
 from gateway.progress import ProgressBar, RateLimit
 from gateway.storage.folder import fsync_dir
 
@@ -31,6 +32,7 @@ CHUNK = 256 * 1024
 DRAINABLE = "forwarded"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+_MAX_LOCAL_NAME_BYTES = 255 - len(".part")
 
 
 class DrainError(Exception):
@@ -60,7 +62,9 @@ def local_name(image_id: str, filename: str) -> str:
     """`<image_id>_<filename>`: unique per image, and safe whatever the server sent."""
     if not _SAFE_ID.match(image_id):
         raise DrainError(f"unsafe image id from the gateway: {image_id!r}")
-    name = _UNSAFE_CHARS.sub("_", filename).lstrip(".")[:150] or "image"
+    name = _UNSAFE_CHARS.sub("_", filename).lstrip(".")
+    # In bytes as well as characters: `<image_id>_<name>.part` must fit a file name's 255 bytes.
+    name = cap_name(name, 150, _MAX_LOCAL_NAME_BYTES - len(image_id.encode()) - 1) or "image"
     return f"{image_id}_{name}"
 
 
