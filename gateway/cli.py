@@ -20,6 +20,7 @@ from gateway.cli_outbox import add_arguments as add_outbox_arguments
 from gateway.cli_outbox import cmd_outbox
 from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.control import Control, ControlError, connect
+from gateway.errors import StartRefused
 from gateway.humanize import human_age, human_bytes
 from gateway.verify_cli import add_arguments as add_verify_arguments
 from gateway.verify_cli import cmd_verify
@@ -200,12 +201,33 @@ def serve(settings: Settings) -> int:
     try:
         eventloop.run(main)
     except Exception as exc:  # start-up failures: one clear line, non-zero exit
+        refused = _start_refused(exc)
+        if refused is not None:  # data would be lost or misread: status 2, the operator must act
+            print(f"gateway: refusing to start: {refused}", file=sys.stderr)
+            return 2
         print(f"gateway: cannot serve: {exc}", file=sys.stderr)
         return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a repeated stop signal while exiting changes nothing
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+def _start_refused(exc: BaseException) -> StartRefused | None:
+    """The `StartRefused` behind a start-up failure, however the server wrapped it."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, StartRefused):
+            return cur
+        if isinstance(cur, BaseExceptionGroup):
+            todo.extend(cur.exceptions)
+        todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
+    return None
 
 
 # -- argument parsing ----------------------------------------------------------------------

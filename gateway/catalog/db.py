@@ -43,7 +43,7 @@ import duckdb
 
 from gateway.catalog.journal import Entry, Journal, Update, frame
 from gateway.catalog.schema import migrate
-from gateway.errors import ServiceUnavailable
+from gateway.errors import ServiceUnavailable, StartRefused
 from gateway.osthread import name_this_thread
 
 T = TypeVar("T")
@@ -125,6 +125,11 @@ class Catalog:
                 self.replayed = len(left)
                 log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
             self.journal.reset()
+        except StartRefused:
+            self.journal.close()
+            self._conn.close()
+            self._conn = None
+            raise
         except (OSError, duckdb.Error) as exc:
             self.journal.close()
             self._conn.close()
