@@ -94,7 +94,9 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("pending", f"{s['backlog_count']} ({human_bytes(s['backlog_bytes'])}), "
                     f"{s['held_count']} held for key confirmation"),
         ("oldest pending", human_age(s["oldest_pending_age_s"])),
-        ("dead letters", str(s["dead_count"])),
+        ("dead letters", str(s["dead_count"]) + (
+            f" ({s['key_unreadable_count']} device key unreadable: check keys.secret_file)"
+            if s.get("key_unreadable_count") else "")),
         ("delivered", str(s["delivered_count"])),
         ("last success", _cell(s["last_success_at"])),
         ("last error", s["last_error"] or "-"),
@@ -326,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
+    except StartRefused as exc:  # working on a stopped server's files that must not be opened as they are
+        print(f"gateway: refusing to open the catalog: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `gateway ... | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

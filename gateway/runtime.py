@@ -33,7 +33,7 @@ from gateway.forward.retention import RetentionSweeper
 from gateway.forward.worker import Forwarder
 from gateway.ingest.pipeline import Ingestor
 from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, settle_intents
-from gateway.keys import KeyBox
+from gateway.keysecret import open_keybox
 from gateway.manifests import ManifestWriter
 from gateway.metrics import CONNECTIVITY_STATES, Metrics
 from gateway.ratelimit import DeviceRateLimiter
@@ -94,7 +94,7 @@ class Gateway:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         await anyio.to_thread.run_sync(self.catalog.open)
-        keybox = KeyBox.from_file(Path(s.keys.secret_file))
+        keybox = await open_keybox(self.catalog, s.keys.secret_file)
         self.registry = DeviceRegistry(self.catalog, keybox, s.cloud.organization_id, self.clock)
         await self.registry.load()
 
@@ -281,6 +281,8 @@ class Gateway:
         m.backlog_bytes.set(report.backlog_bytes)
         m.oldest_pending_age.set(report.oldest_pending_age_s or 0.0)
         m.dead_letters.set(report.dead_count)
+        m.dead_key_unreadable.set(report.key_unreadable_count)
+        m.journal_quarantined.set(report.journal_quarantined)
         m.last_forward_success.set(report.last_success_at or 0.0)
         # Degraded (some retries) and recovering (ramping up) still reach the cloud.
         m.cloud_up.set(1 if report.connectivity in ("online", "degraded", "recovering") else 0)

@@ -71,6 +71,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN manifest_cloud_ids INTEGER;
     """,
+    # 3: facts about this gateway checked at start, e.g. the fingerprint of the key secret that
+    # sealed the device keys (gateway.keysecret): a start with another secret is refused.
+    """
+    CREATE TABLE gateway_facts (
+        name  VARCHAR PRIMARY KEY,
+        value VARCHAR NOT NULL
+    );
+    """,
 ]
 
 

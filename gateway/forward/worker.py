@@ -39,6 +39,7 @@ from gateway.forward.client import (
     Stopped,
 )
 from gateway.forward.threads import DaemonPool
+from gateway.keys import KeyUnreadable
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -51,6 +52,8 @@ MIN_REFILL_GAP_S = 1.0
 MAX_IDLE_S = 5.0
 PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
 KEY_REFUSED = (401, 403)
+# The reason of a dead letter whose device key does not open under the key secret (status, metrics).
+KEY_UNREADABLE = "KEY_UNREADABLE"
 CHECKIN_TIMEOUT_S = 5.0  # the device waits for this answer
 
 
@@ -287,7 +290,11 @@ class Forwarder:
             stop.set()
 
     def _attempt_blocking(self, entry: outbox.Entry, stop: threading.Event) -> tuple[Outcome, bool]:
-        key = self.registry.key_of(entry.device_id)
+        try:
+            key = self.registry.key_of(entry.device_id)
+        except KeyUnreadable as exc:
+            return Outcome(kind=REJECT, error=f"{KEY_UNREADABLE}: device key cannot be opened ({exc}); "
+                                              "check keys.secret_file, then `gateway outbox retry`"), False
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
         cached = self.cache.read(entry.image_id, entry.size, entry.xxh3_128) if self.cache is not None else None
@@ -379,7 +386,7 @@ class Forwarder:
         if cloud_answered:
             self.gate.on_success()  # the cloud answered promptly: it is up
         doomed = [entry.image_id]
-        if outcome.status in KEY_REFUSED:
+        if outcome.status in KEY_REFUSED or outcome.error.startswith(KEY_UNREADABLE):  # every upload of the device
             doomed += [e.image_id for e in self._queues.get(entry.device_id, []) if e.image_id != entry.image_id
                        and e.image_id not in self._in_flight]
             doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
@@ -445,7 +452,10 @@ class Forwarder:
 
     def _any_key(self) -> str | None:
         for device_id in list(self._queues):
-            key = self.registry.key_of(device_id)
+            try:
+                key = self.registry.key_of(device_id)
+            except KeyUnreadable:
+                continue
             if key is not None:
                 return key
         return None
