@@ -217,9 +217,11 @@ class Gateway:
             raise ServiceUnavailable("Shutting down", retry_after=5)
         try:
             await self.catalog.read(lambda c: c.execute("SELECT 1").fetchone())
+            # Uploads are refused while the journal takes no write (a full disk): so is readiness.
+            await asyncio.wrap_future(self.catalog.probe_write())
             checks["catalog"] = "ok"
         except GatewayError as exc:
-            raise ServiceUnavailable("Catalog not ready", exc.details) from exc
+            raise ServiceUnavailable("Catalog not ready", f"{exc.message}: {exc.details}") from exc
         try:
             await self.require_store()
             checks["object_store"] = "ok"

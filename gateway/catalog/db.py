@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,7 +45,7 @@ import duckdb
 
 from gateway.catalog.journal import Entry, Journal, Update, frame
 from gateway.catalog.schema import migrate
-from gateway.errors import ServiceUnavailable, StartRefused
+from gateway.errors import GatewayError, InsufficientStorage, ServiceUnavailable, StartRefused
 from gateway.osthread import name_this_thread
 
 T = TypeVar("T")
@@ -280,14 +282,16 @@ class Catalog:
             self.journal.append([frame(e) for e in entries])
         except Exception as exc:
             writer.undo()
-            error: BaseException = (ServiceUnavailable("Catalog unavailable", f"journal: {exc}"[:200])
-                                    if isinstance(exc, OSError) else _as_domain_error(exc))
+            error: BaseException = _journal_error(exc) if isinstance(exc, OSError) else _as_domain_error(exc)
             if isinstance(exc, OSError):
                 log.error("catalog journal write failed: %s", exc)
             for work in works:
                 work.future.set_exception(error)
             return
-        if not self._pending:
+        entries = [e for e in entries if e.rows or e.statements or e.updates]  # a probe's empty entry
+        if not entries and not self._pending:
+            self.journal.reset()  # everything before it is in DuckDB already
+        if entries and not self._pending:
             self._pending_since = time.monotonic()
         self._pending.extend(entries)
         self.pending_entries = len(self._pending)
@@ -327,8 +331,15 @@ class Catalog:
                 log.exception("catalog: on_applied failed")
         return True
 
-    def _refusal(self) -> ServiceUnavailable:
+    def _refusal(self) -> GatewayError:
+        if _disk_full(self._apply_failed):
+            return InsufficientStorage("Catalog disk is full", "no room to write the catalog")
         return ServiceUnavailable("Catalog unavailable", str(self._apply_failed)[:200])
+
+    def probe_write(self) -> Future[Any]:
+        """A write through the journal (an empty record, fsynced): fails as an upload's record
+        would, e.g. 507 on a full disk; for readiness."""
+        return self.submit_journaled(_PROBE, None)
 
     def _run_ops(self, conn: Conn, live: list[_Work]) -> None:
         if not live:
@@ -509,8 +520,42 @@ def _nothing(conn: Conn) -> None:
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:
-    """DuckDB failures (I/O, disk, corruption) become 503 so that a write error is never a 2xx."""
+    """DuckDB failures (I/O, disk, corruption) become 503, a full disk 507, so that a write error
+    is never a 2xx."""
     if isinstance(exc, duckdb.Error) and not isinstance(exc, duckdb.ConstraintException):
         log.error("catalog error: %s", exc)
+        if _disk_full(exc):
+            return InsufficientStorage("Catalog disk is full", "no room to write the catalog")
         return ServiceUnavailable("Catalog unavailable", str(exc)[:200])
     return exc
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# DuckDB reports the OS error only as text (no errno on its exceptions).
+_FULL_TEXTS = (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return isinstance(exc, duckdb.Error) and any(t in str(exc).lower() for t in _FULL_TEXTS)
+
+
+def _journal_error(exc: OSError) -> GatewayError:
+    """A journal write that failed: 507 for a full disk or quota, else 503."""
+    if _disk_full(exc):
+        return InsufficientStorage("Catalog disk is full", "no room for the catalog journal")
+    return ServiceUnavailable("Catalog unavailable", f"journal: {exc}"[:200])
+
+
+class _JournalProbe:
+    """A JournalWriter whose record is empty: proves the journal takes a write (readiness)."""
+
+    def prepare(self, conn: Conn, items: list[Any]) -> tuple[list[Any], list[Entry]]:
+        return [None] * len(items), [Entry(rows=[]) for _ in items]
+
+    def undo(self) -> None:
+        """Nothing is kept in memory."""
+
+
+_PROBE = _JournalProbe()

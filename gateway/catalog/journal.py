@@ -11,7 +11,8 @@ File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | msgpack(En
 short or failing its CRC with no whole frame after it is a torn tail: the write that never
 returned, so its upload was never acknowledged. It is cut off, and its bytes kept aside in
 `<journal>.torn-<time>`. A bad frame with whole frames after it is damage, not a torn write: those
-later frames were acknowledged, so `open` refuses (`JournalDamaged`) and leaves the file as it is. Replaying an entry twice is harmless (rows are inserted with
+later frames were acknowledged, so `open` refuses (`JournalDamaged`) and leaves the file as it is.
+Replaying an entry twice is harmless (rows are inserted with
 `INSERT OR IGNORE`, updates and statements are idempotent), so a crash between DuckDB's commit and the
 journal's reset loses nothing and doubles nothing.
 """
