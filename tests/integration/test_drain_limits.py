@@ -61,7 +61,7 @@ class LyingSyncServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/api/sync/batches":
                     self._json({"success": True, "data": [{"batch_id": BATCH, "image_count": 1, "total_bytes": 100}],
@@ -89,7 +89,7 @@ class LyingSyncServer:
                 else:
                     self.send_error(404)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 server.acks += 1
                 self._json({"success": True, "data": {"state": "drained"}})
 
