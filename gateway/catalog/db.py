@@ -44,6 +44,7 @@ import anyio
 import duckdb
 
 from gateway.catalog.journal import Entry, Journal, Update, frame
+from gateway.catalog.quarantine import JournalQuarantine, Quarantined, record_refused
 from gateway.catalog.schema import migrate
 from gateway.errors import GatewayError, InsufficientStorage, ServiceUnavailable, StartRefused
 from gateway.osthread import name_this_thread
@@ -98,6 +99,7 @@ class Catalog:
         self.ops = 0
         self.rollbacks = 0  # writer-thread state kept in memory is stale after one (see CollectingBatches)
         self.journal = Journal(path.with_name(path.name + ".journal"))
+        self.quarantine = JournalQuarantine(path.with_name(path.name + ".journal.quarantine"))
         self._pending: list[Entry] = []  # acknowledged, not yet in DuckDB (writer thread)
         self.pending_entries = 0  # len(_pending), read by other threads
         self._pending_since = 0.0
@@ -119,11 +121,12 @@ class Catalog:
         migrate(self._conn)
         self._pending, self.pending_entries, self._apply_failed = [], 0, None
         try:
+            self.quarantine.load()
             left = self.journal.open()
             if left:  # a crash: these were acknowledged; put them where they belong before anything reads
-                self._conn.execute("BEGIN TRANSACTION")
-                apply_entries(self._conn, left, replay=True)
-                self._conn.execute("COMMIT")
+                remaining, failure = self._apply_or_set_aside(self._conn, left, replay=True)
+                if failure is not None:
+                    raise failure
                 self.replayed = len(left)
                 log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
             self.journal.reset()
@@ -304,19 +307,15 @@ class Catalog:
         refused (the entries stay pending, and in the journal)."""
         if not self._pending:
             return True
-        try:
-            conn.execute("BEGIN TRANSACTION")
-            apply_entries(conn, self._pending, replay=False)
-            conn.execute("COMMIT")
-        except Exception as exc:
-            with contextlib.suppress(duckdb.Error):
-                conn.execute("ROLLBACK")
+        remaining, exc = self._apply_or_set_aside(conn, self._pending, replay=False)
+        if exc is not None:
+            self._pending[:] = remaining  # those before were committed (or set aside)
+            self.pending_entries = len(self._pending)
             if not self._apply_failed:
                 log.error("catalog: %d journaled write(s) could not be applied yet: %s", len(self._pending), exc)
             self._apply_failed = exc
             self._retry_at = time.monotonic() + APPLY_RETRY_S  # meanwhile only a new write or read retries
             return False
-        self.commits += 1
         self._pending.clear()
         self.pending_entries = 0
         self._apply_failed = None
@@ -330,6 +329,60 @@ class Catalog:
             except Exception:  # a listener's trouble is not the writer's
                 log.exception("catalog: on_applied failed")
         return True
+
+    def _apply_or_set_aside(self, conn: Conn, entries: list[Entry], replay: bool
+                            ) -> tuple[list[Entry], BaseException | None]:
+        """Journal entries into DuckDB: all in one transaction or, if DuckDB refuses, one by one,
+        setting aside (`quarantine`) each it refuses for the record's own reason. Returns the
+        entries not applied and why: a failure of the disk or the database stops there."""
+        try:
+            self._transaction(conn, entries, replay)
+            return [], None
+        except Exception as exc:
+            if not record_refused(exc):
+                return entries, exc
+        for i, entry in enumerate(entries):
+            try:
+                self._transaction(conn, [entry], replay)
+            except Exception as exc:
+                if not record_refused(exc):
+                    return entries[i:], exc
+                try:
+                    self.quarantine.add(entry, f"{type(exc).__name__}: {exc}")
+                except OSError as io_exc:
+                    return entries[i:], io_exc
+        return [], None
+
+    def _transaction(self, conn: Conn, entries: list[Entry], replay: bool) -> None:
+        try:
+            conn.execute("BEGIN TRANSACTION")
+            apply_entries(conn, entries, replay=replay)
+            conn.execute("COMMIT")
+        except Exception:
+            with contextlib.suppress(duckdb.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    async def apply_quarantined(self, ids: set[str] | None) -> tuple[list[Quarantined], dict[str, str]]:
+        """Apply set-aside records again (all with `ids` None), after a fix; those DuckDB takes
+        leave the quarantine. Returns them, and the reasons of those still refused."""
+        applied, refused = [], {}
+        for record in self.quarantine.records():
+            if ids is not None and record.id not in ids:
+                continue
+
+            def op(c: Conn, entry: Entry = record.entry) -> None:
+                apply_entries(c, [entry], replay=True)
+
+            try:
+                await self.write(op)
+            except Exception as exc:
+                refused[record.id] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            self.quarantine.remove({record.id})
+            applied.append(record)
+        return applied, refused
 
     def _refusal(self) -> GatewayError:
         if _disk_full(self._apply_failed):
