@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 
 from gateway import __version__
+from gateway.cli_journal import add_arguments as add_journal_arguments
+from gateway.cli_journal import cmd_journal
 from gateway.cli_outbox import add_arguments as add_outbox_arguments
 from gateway.cli_outbox import cmd_outbox
 from gateway.config import ConfigError, Settings, load_settings, redacted
@@ -98,6 +100,8 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
             f" ({s['key_unreadable_count']} device key unreadable: check keys.secret_file)"
             if s.get("key_unreadable_count") else "")),
         ("delivered", str(s["delivered_count"])),
+        *([("journal quarantine", f"{s['journal_quarantined']} record(s) DuckDB refused: "
+                                  "see `gateway journal quarantine list`")] if s.get("journal_quarantined") else []),
         ("last success", _cell(s["last_success_at"])),
         ("last error", s["last_error"] or "-"),
         ("time to drain", human_age(s["eta_s"])),
@@ -275,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         "drain", help="sync job: copy drainable batches from a gateway into a folder, verify, ack"))
 
     outbox_parsers = add_outbox_arguments(sub)
+    journal_parsers = add_journal_arguments(sub)
 
-    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers]:
+    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
+                   *journal_parsers]:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="machine-readable output")
     return p
@@ -288,6 +294,7 @@ COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "verify": cmd_verify,
     "batches": cmd_batches,
     "outbox": cmd_outbox,
+    "journal": cmd_journal,
 }
 
 

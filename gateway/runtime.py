@@ -254,6 +254,7 @@ class Gateway:
         report = await self.catalog.read(lambda c: read_status(c, now))
         report.disk_free_bytes = self.disk_free()
         report.catalog_bytes = self.catalog.file_bytes()
+        report.journal_quarantined = self.catalog.quarantine.count
         report.connectivity = (
             "off" if not self.forwarding_on else self.forwarder.connectivity if self.forwarder else "unknown"
         )

@@ -107,7 +107,10 @@ def _cards(f: PageFigures) -> str:
                  if r.key_unreadable_count else ""),
               "dead-letters", "bad" if r.dead_count else "ok"),
         _card("Disk free", human_bytes(r.disk_free_bytes),
-              f'catalog <span data-figure="catalog-size">{e(human_bytes(r.catalog_bytes))}</span>', "disk-free"),
+              f'catalog <span data-figure="catalog-size">{e(human_bytes(r.catalog_bytes))}</span>'
+              + (f"<br>{e(r.journal_quarantined)} journal record(s) quarantined: "
+                 "<code>gateway journal quarantine list</code>" if r.journal_quarantined else ""),
+              "disk-free", "bad" if r.journal_quarantined else ""),
         _card("Devices", str(r.devices), f"up {e(human_age(f.uptime_s))}, v{e(f.version)}", "devices"),
     ]) + "</div>"
 

@@ -124,7 +124,7 @@ class Catalog:
             self.quarantine.load()
             left = self.journal.open()
             if left:  # a crash: these were acknowledged; put them where they belong before anything reads
-                remaining, failure = self._apply_or_set_aside(self._conn, left, replay=True)
+                _, failure = self._apply_or_set_aside(self._conn, left, replay=True)
                 if failure is not None:
                     raise failure
                 self.replayed = len(left)
