@@ -386,12 +386,14 @@ class Forwarder:
         if cloud_answered:
             self.gate.on_success()  # the cloud answered promptly: it is up
         doomed = [entry.image_id]
-        if outcome.status in KEY_REFUSED or outcome.error.startswith(KEY_UNREADABLE):  # every upload of the device
+        if outcome.status in KEY_REFUSED or outcome.error.startswith(KEY_UNREADABLE):  # all the device's uploads
             doomed += [e.image_id for e in self._queues.get(entry.device_id, []) if e.image_id != entry.image_id
                        and e.image_id not in self._in_flight]
             doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
             doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in self._in_flight))
-        reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
+        unreadable = outcome.error.startswith(KEY_UNREADABLE)
+        reason = (outcome.error if len(doomed) == 1 or unreadable
+                  else f"device key refused by the cloud: {outcome.error}")
         await self.catalog.write(
             lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
         log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
