@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.activity import ErrorEntry
-from gateway.api import admin, device, ops, outbox, provision, status_page, sync
+from gateway.api import admin, device, journal, ops, outbox, provision, status_page, sync
 from gateway.api.envelope import EXCEPTION_HANDLERS
 from gateway.config import Settings
 from gateway.logs import request_id
@@ -54,8 +54,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
         return gw
 
     app = Litestar(
-        route_handlers=[*device.ROUTES, *provision.ROUTES, *ops.ROUTES, admin.router, outbox.router, sync.router,
-                        *status_page.ROUTES],
+        route_handlers=[*device.ROUTES, *provision.ROUTES, *ops.ROUTES, admin.router, outbox.router, journal.router,
+                        sync.router, *status_page.ROUTES],
         dependencies={"gw": Provide(provide_gateway, use_cache=True)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[] if offline else [lifespan],

@@ -16,12 +16,15 @@ from typing import Any
 import anyio
 
 from gateway import __version__
+from gateway.cli_journal import add_arguments as add_journal_arguments
+from gateway.cli_journal import cmd_journal
 from gateway.cli_outbox import add_arguments as add_outbox_arguments
 from gateway.cli_outbox import cmd_outbox
 from gateway.cli_tokens import add_arguments as add_tokens_arguments
 from gateway.cli_tokens import cmd_tokens
 from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.control import Control, ControlError, connect
+from gateway.errors import StartRefused
 from gateway.humanize import human_age, human_bytes
 from gateway.verify_cli import add_arguments as add_verify_arguments
 from gateway.verify_cli import cmd_verify
@@ -97,8 +100,12 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("pending", f"{s['backlog_count']} ({human_bytes(s['backlog_bytes'])}), "
                     f"{s['held_count']} held for key confirmation"),
         ("oldest pending", human_age(s["oldest_pending_age_s"])),
-        ("dead letters", str(s["dead_count"])),
+        ("dead letters", str(s["dead_count"]) + (
+            f" ({s['key_unreadable_count']} device key unreadable: check keys.secret_file)"
+            if s.get("key_unreadable_count") else "")),
         ("delivered", str(s["delivered_count"])),
+        *([("journal quarantine", f"{s['journal_quarantined']} record(s) DuckDB refused: "
+                                  "see `gateway journal quarantine list`")] if s.get("journal_quarantined") else []),
         ("last success", _cell(s["last_success_at"])),
         ("last error", s["last_error"] or "-"),
         ("time to drain", human_age(s["eta_s"])),
@@ -211,12 +218,33 @@ def serve(settings: Settings) -> int:
     try:
         eventloop.run(main)
     except Exception as exc:  # start-up failures: one clear line, non-zero exit
+        refused = _start_refused(exc)
+        if refused is not None:  # data would be lost or misread: status 2, the operator must act
+            print(f"gateway: refusing to start: {refused}", file=sys.stderr)
+            return 2
         print(f"gateway: cannot serve: {exc}", file=sys.stderr)
         return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a repeated stop signal while exiting changes nothing
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+def _start_refused(exc: BaseException) -> StartRefused | None:
+    """The `StartRefused` behind a start-up failure, however the server wrapped it."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, StartRefused):
+            return cur
+        if isinstance(cur, BaseExceptionGroup):
+            todo.extend(cur.exceptions)
+        todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
+    return None
 
 
 # -- argument parsing ----------------------------------------------------------------------
@@ -263,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     outbox_parsers = add_outbox_arguments(sub)
     token_parsers = add_tokens_arguments(sub)
+    journal_parsers = add_journal_arguments(sub)
 
     for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
-                   *token_parsers]:
+                   *token_parsers, *journal_parsers]:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="machine-readable output")
     return p
@@ -278,6 +307,7 @@ COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "batches": cmd_batches,
     "outbox": cmd_outbox,
     "tokens": cmd_tokens,
+    "journal": cmd_journal,
 }
 
 
@@ -318,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
+    except StartRefused as exc:  # working on a stopped server's files that must not be opened as they are
+        print(f"gateway: refusing to open the catalog: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `gateway ... | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import xxhash
 
+from gateway.ingest.filenames import cap_name
 from gateway.progress import ProgressBar, RateLimit
 from gateway.storage.folder import fsync_dir
 
@@ -31,6 +32,7 @@ CHUNK = 256 * 1024
 DRAINABLE = "forwarded"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+_MAX_LOCAL_NAME_BYTES = 255 - len(".part")
 
 
 class DrainError(Exception):
@@ -60,7 +62,9 @@ def local_name(image_id: str, filename: str) -> str:
     """`<image_id>_<filename>`: unique per image, and safe whatever the server sent."""
     if not _SAFE_ID.match(image_id):
         raise DrainError(f"unsafe image id from the gateway: {image_id!r}")
-    name = _UNSAFE_CHARS.sub("_", filename).lstrip(".")[:150] or "image"
+    name = _UNSAFE_CHARS.sub("_", filename).lstrip(".")
+    # In bytes as well as characters: `<image_id>_<name>.part` must fit a file name's 255 bytes.
+    name = cap_name(name, 150, _MAX_LOCAL_NAME_BYTES - len(image_id.encode()) - 1) or "image"
     return f"{image_id}_{name}"
 
 
@@ -266,8 +270,12 @@ class DrainJob:
                 if resp.headers.get(HASH_HEADER) != row["xxh3_128"]:
                     raise DrainError(f"image {row['image_id']}: the gateway's hash header disagrees with the manifest")
                 digest = xxhash.xxh3_128()
+                size = int(row["size"])
                 with open(part, "wb") as fh:
                     for chunk in resp.iter_bytes(CHUNK):
+                        if received + len(chunk) > size:  # not one byte past what the manifest says
+                            raise DrainError(f"image {row['image_id']}: the gateway sent more than the "
+                                             f"manifest's {size} bytes")
                         fh.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
@@ -294,21 +302,29 @@ class DrainJob:
         part = folder / "manifest.parquet.part"
 
         def attempt() -> None:
-            resp = self._client().get(f"/batches/{batch_id}/manifest.parquet")
-            self._check(resp, f"GET manifest of {batch_id}")
-            if xxhash.xxh3_128_hexdigest(resp.content) != resp.headers.get(HASH_HEADER):
+            # Streamed to disk, hashed on the way: its size is the server's word, not ours to hold.
+            with self._client().stream("GET", f"/batches/{batch_id}/manifest.parquet") as resp:
+                self._check(resp, f"GET manifest of {batch_id}")
+                digest = xxhash.xxh3_128()
+                with open(part, "wb") as fh:
+                    for chunk in resp.iter_bytes(CHUNK):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if digest.hexdigest() != resp.headers.get(HASH_HEADER):
                 raise _Retry("corrupt manifest transfer")
-            with open(part, "wb") as fh:
-                fh.write(resp.content)
-                fh.flush()
-                os.fsync(fh.fileno())
 
         try:
             self._with_retries(f"manifest of {batch_id}", attempt)
             import duckdb  # here, not at import: `gateway --help` need not load it
 
-            with duckdb.connect() as db:
-                found = set(db.execute("SELECT image_id, xxh3_128 FROM read_parquet(?)", [str(part)]).fetchall())
+            try:
+                with duckdb.connect() as db:
+                    found = set(db.execute("SELECT image_id, xxh3_128 FROM read_parquet(?)",
+                                           [str(part)]).fetchall())
+            except duckdb.Error as exc:
+                raise DrainError(f"manifest.parquet of {batch_id} is not a readable Parquet file: {exc}") from None
             if found != {(r["image_id"], r["xxh3_128"]) for r in rows}:
                 raise DrainError(f"manifest.parquet of {batch_id} disagrees with the batch's image list")
             os.replace(part, target)

@@ -159,6 +159,11 @@ class InsufficientStorage(GatewayError):
     default_retry_after = 60
 
 
+class StartRefused(Exception):
+    """Starting would lose or misread acknowledged data; the message names the file and what to do.
+    `gateway serve` prints it and exits with status 2 (not an HTTP error: nothing is served)."""
+
+
 ALL_ERRORS: tuple[type[GatewayError], ...] = (
     Unauthorized,
     InvalidDeviceKey,

@@ -15,6 +15,7 @@ import re
 import secrets
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_PATTERN = re.compile(r"adk_[0-9a-f]{32}")
@@ -42,6 +43,10 @@ def redact(key: str) -> str:
     return f"adk_…{key_hash(key)[:8]}" if key else ""
 
 
+class KeyUnreadable(Exception):
+    """A sealed device key does not open under this secret (another secret, or damaged bytes)."""
+
+
 class KeyBox:
     """Seals and opens device keys with AES-GCM under a 32-byte secret."""
 
@@ -49,6 +54,8 @@ class KeyBox:
         if len(secret) != 32:
             raise ValueError("key secret must be 32 bytes")
         self._aead = AESGCM(secret)
+        # Names the secret without revealing it: kept in the catalog, compared at every start.
+        self.fingerprint = hmac.new(secret, b"acusight-gateway key secret fingerprint", hashlib.sha256).hexdigest()[:32]
 
     @classmethod
     def from_file(cls, path: Path) -> KeyBox:
@@ -67,5 +74,9 @@ class KeyBox:
         return nonce + self._aead.encrypt(nonce, key.encode(), b"device-key")
 
     def open(self, sealed: bytes) -> str:
+        """The key in clear; `KeyUnreadable` when it was not sealed under this secret or is damaged."""
         nonce, body = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
-        return self._aead.decrypt(nonce, body, b"device-key").decode()
+        try:
+            return self._aead.decrypt(nonce, body, b"device-key").decode()
+        except (InvalidTag, ValueError, UnicodeDecodeError) as exc:
+            raise KeyUnreadable("the sealed key does not open under the key secret") from exc

@@ -55,6 +55,12 @@ class Metrics:
         self.oldest_pending_age = Gauge(f"{PREFIX}_oldest_pending_age_seconds",
                                         "Age of the oldest undelivered image.", registry=r)
         self.dead_letters = Gauge(f"{PREFIX}_dead_letters", "Outbox entries dead-lettered.", registry=r)
+        self.dead_key_unreadable = Gauge(f"{PREFIX}_dead_letters_key_unreadable",
+                                         "Dead letters whose device key does not open under the key secret.",
+                                         registry=r)
+        self.journal_quarantined = Gauge(f"{PREFIX}_journal_quarantined",
+                                         "Catalog journal records DuckDB refused, set aside for "
+                                         "`gateway journal quarantine`.", registry=r)
         self.cloud_up = Gauge(f"{PREFIX}_cloud_connected", "1 while the cloud answers, else 0.", registry=r)
         self.last_forward_success = Gauge(f"{PREFIX}_last_forward_success_timestamp_seconds",
                                           "Unix time of the last delivery.", registry=r)

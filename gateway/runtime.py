@@ -33,7 +33,7 @@ from gateway.forward.retention import RetentionSweeper
 from gateway.forward.worker import Forwarder
 from gateway.ingest.pipeline import Ingestor
 from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, settle_intents
-from gateway.keys import KeyBox
+from gateway.keysecret import open_keybox
 from gateway.manifests import ManifestWriter
 from gateway.metrics import CONNECTIVITY_STATES, Metrics
 from gateway.outbound import Outbound
@@ -103,7 +103,7 @@ class Gateway:
         s = self.settings
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # catalog, spool, objects: owner only
         await anyio.to_thread.run_sync(self.catalog.open)
-        keybox = KeyBox.from_file(Path(s.keys.secret_file))
+        keybox = await open_keybox(self.catalog, s.keys.secret_file)
         self.registry = DeviceRegistry(self.catalog, keybox, s.cloud.organization_id, self.clock)
         await self.registry.load()
         self.tokens = TokenStore(self.catalog, self.clock)
@@ -236,9 +236,11 @@ class Gateway:
             raise ServiceUnavailable("Shutting down", retry_after=5)
         try:
             await self.catalog.read(lambda c: c.execute("SELECT 1").fetchone())
+            # Uploads are refused while the journal takes no write (a full disk): so is readiness.
+            await asyncio.wrap_future(self.catalog.probe_write())
             checks["catalog"] = "ok"
         except GatewayError as exc:
-            raise ServiceUnavailable("Catalog not ready", exc.details) from exc
+            raise ServiceUnavailable("Catalog not ready", f"{exc.message}: {exc.details}") from exc
         try:
             await self.require_store()
             checks["object_store"] = "ok"
@@ -271,6 +273,7 @@ class Gateway:
         report = await self.catalog.read(lambda c: read_status(c, now))
         report.disk_free_bytes = self.disk_free()
         report.catalog_bytes = self.catalog.file_bytes()
+        report.journal_quarantined = self.catalog.quarantine.count
         report.connectivity = (
             "off" if not self.forwarding_on else self.forwarder.connectivity if self.forwarder else "unknown"
         )
@@ -300,6 +303,8 @@ class Gateway:
         m.backlog_bytes.set(report.backlog_bytes)
         m.oldest_pending_age.set(report.oldest_pending_age_s or 0.0)
         m.dead_letters.set(report.dead_count)
+        m.dead_key_unreadable.set(report.key_unreadable_count)
+        m.journal_quarantined.set(report.journal_quarantined)
         m.last_forward_success.set(report.last_success_at or 0.0)
         # Degraded (some retries) and recovering (ramping up) still reach the cloud.
         m.cloud_up.set(1 if report.connectivity in ("online", "degraded", "recovering") else 0)

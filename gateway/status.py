@@ -20,6 +20,8 @@ class StatusReport(msgspec.Struct, kw_only=True):
     oldest_pending_at: float | None = None
     oldest_pending_age_s: float | None = None
     dead_count: int = 0
+    key_unreadable_count: int = 0  # dead letters whose device key does not open under the key secret
+    journal_quarantined: int = 0  # journal records DuckDB refused, set aside (`gateway journal quarantine`)
     delivered_count: int = 0
     last_success_at: float | None = None
     last_error: str | None = None
@@ -47,6 +49,9 @@ def read_status(conn: Conn, now: float) -> StatusReport:
     held = outbox.get("held", (0, 0, None, None))
     delivered = outbox.get("delivered", (0, 0, None, None))
     oldest = min((t for t in (pending[2], held[2]) if t is not None), default=None)
+    (unreadable,) = conn.execute(
+        "SELECT count(*) FROM outbox WHERE state = 'dead' AND starts_with(last_error, 'KEY_UNREADABLE')"
+    ).fetchone() or (0,)
     err = conn.execute(
         "SELECT last_error, next_attempt_at FROM outbox WHERE last_error IS NOT NULL "
         "ORDER BY next_attempt_at DESC LIMIT 1"
@@ -62,6 +67,7 @@ def read_status(conn: Conn, now: float) -> StatusReport:
         oldest_pending_at=oldest,
         oldest_pending_age_s=None if oldest is None else max(0.0, now - oldest),
         dead_count=int(outbox.get("dead", (0,))[0]),
+        key_unreadable_count=int(unreadable),
         delivered_count=int(delivered[0]),
         last_success_at=delivered[3],
         last_error=err[0] if err else None,

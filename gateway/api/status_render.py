@@ -102,10 +102,15 @@ def _cards(f: PageFigures) -> str:
         _card("Backlog", str(r.backlog_count), backlog_sub, "backlog-count", "warn" if r.backlog_count else "ok"),
         _card("Images stored", str(r.images), f"{e(human_bytes(r.image_bytes))}<br>{batches}", "images"),
         _card("Dead letters", str(r.dead_count),
-              "need <code>gateway outbox retry</code>" if r.dead_count else f"{e(r.delivered_count)} delivered",
+              ("need <code>gateway outbox retry</code>" if r.dead_count else f"{e(r.delivered_count)} delivered")
+              + (f"<br>{e(r.key_unreadable_count)} device key unreadable: check keys.secret_file"
+                 if r.key_unreadable_count else ""),
               "dead-letters", "bad" if r.dead_count else "ok"),
         _card("Disk free", human_bytes(r.disk_free_bytes),
-              f'catalog <span data-figure="catalog-size">{e(human_bytes(r.catalog_bytes))}</span>', "disk-free"),
+              f'catalog <span data-figure="catalog-size">{e(human_bytes(r.catalog_bytes))}</span>'
+              + (f"<br>{e(r.journal_quarantined)} journal record(s) quarantined: "
+                 "<code>gateway journal quarantine list</code>" if r.journal_quarantined else ""),
+              "disk-free", "bad" if r.journal_quarantined else ""),
         _card("Devices", str(r.devices), f"up {e(human_age(f.uptime_s))}, v{e(f.version)}", "devices"),
     ]) + "</div>"
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,8 +44,9 @@ import anyio
 import duckdb
 
 from gateway.catalog.journal import Entry, Journal, Update, frame
+from gateway.catalog.quarantine import JournalQuarantine, Quarantined, record_refused
 from gateway.catalog.schema import migrate
-from gateway.errors import ServiceUnavailable
+from gateway.errors import GatewayError, InsufficientStorage, ServiceUnavailable, StartRefused
 from gateway.osthread import name_this_thread
 
 T = TypeVar("T")
@@ -96,6 +99,7 @@ class Catalog:
         self.ops = 0
         self.rollbacks = 0  # writer-thread state kept in memory is stale after one (see CollectingBatches)
         self.journal = Journal(path.with_name(path.name + ".journal"))
+        self.quarantine = JournalQuarantine(path.with_name(path.name + ".journal.quarantine"))
         self._pending: list[Entry] = []  # acknowledged, not yet in DuckDB (writer thread)
         self.pending_entries = 0  # len(_pending), read by other threads
         self._pending_since = 0.0
@@ -117,14 +121,20 @@ class Catalog:
         migrate(self._conn)
         self._pending, self.pending_entries, self._apply_failed = [], 0, None
         try:
+            self.quarantine.load()
             left = self.journal.open()
             if left:  # a crash: these were acknowledged; put them where they belong before anything reads
-                self._conn.execute("BEGIN TRANSACTION")
-                apply_entries(self._conn, left, replay=True)
-                self._conn.execute("COMMIT")
+                _, failure = self._apply_or_set_aside(self._conn, left, replay=True)
+                if failure is not None:
+                    raise failure
                 self.replayed = len(left)
                 log.info("catalog journal: %d acknowledged write(s) replayed into the catalog", len(left))
             self.journal.reset()
+        except StartRefused:
+            self.journal.close()
+            self._conn.close()
+            self._conn = None
+            raise
         except (OSError, duckdb.Error) as exc:
             self.journal.close()
             self._conn.close()
@@ -275,14 +285,16 @@ class Catalog:
             self.journal.append([frame(e) for e in entries])
         except Exception as exc:
             writer.undo()
-            error: BaseException = (ServiceUnavailable("Catalog unavailable", f"journal: {exc}"[:200])
-                                    if isinstance(exc, OSError) else _as_domain_error(exc))
+            error: BaseException = _journal_error(exc) if isinstance(exc, OSError) else _as_domain_error(exc)
             if isinstance(exc, OSError):
                 log.error("catalog journal write failed: %s", exc)
             for work in works:
                 work.future.set_exception(error)
             return
-        if not self._pending:
+        entries = [e for e in entries if e.rows or e.statements or e.updates]  # a probe's empty entry
+        if not entries and not self._pending:
+            self.journal.reset()  # everything before it is in DuckDB already
+        if entries and not self._pending:
             self._pending_since = time.monotonic()
         self._pending.extend(entries)
         self.pending_entries = len(self._pending)
@@ -295,19 +307,15 @@ class Catalog:
         refused (the entries stay pending, and in the journal)."""
         if not self._pending:
             return True
-        try:
-            conn.execute("BEGIN TRANSACTION")
-            apply_entries(conn, self._pending, replay=False)
-            conn.execute("COMMIT")
-        except Exception as exc:
-            with contextlib.suppress(duckdb.Error):
-                conn.execute("ROLLBACK")
+        remaining, exc = self._apply_or_set_aside(conn, self._pending, replay=False)
+        if exc is not None:
+            self._pending[:] = remaining  # those before were committed (or set aside)
+            self.pending_entries = len(self._pending)
             if not self._apply_failed:
                 log.error("catalog: %d journaled write(s) could not be applied yet: %s", len(self._pending), exc)
             self._apply_failed = exc
             self._retry_at = time.monotonic() + APPLY_RETRY_S  # meanwhile only a new write or read retries
             return False
-        self.commits += 1
         self._pending.clear()
         self.pending_entries = 0
         self._apply_failed = None
@@ -322,8 +330,69 @@ class Catalog:
                 log.exception("catalog: on_applied failed")
         return True
 
-    def _refusal(self) -> ServiceUnavailable:
+    def _apply_or_set_aside(self, conn: Conn, entries: list[Entry], replay: bool
+                            ) -> tuple[list[Entry], BaseException | None]:
+        """Journal entries into DuckDB: all in one transaction or, if DuckDB refuses, one by one,
+        setting aside (`quarantine`) each it refuses for the record's own reason. Returns the
+        entries not applied and why: a failure of the disk or the database stops there."""
+        try:
+            self._transaction(conn, entries, replay)
+            return [], None
+        except Exception as exc:
+            if not record_refused(exc):
+                return entries, exc
+        for i, entry in enumerate(entries):
+            try:
+                self._transaction(conn, [entry], replay)
+            except Exception as exc:
+                if not record_refused(exc):
+                    return entries[i:], exc
+                try:
+                    self.quarantine.add(entry, f"{type(exc).__name__}: {exc}")
+                except OSError as io_exc:
+                    return entries[i:], io_exc
+        return [], None
+
+    def _transaction(self, conn: Conn, entries: list[Entry], replay: bool) -> None:
+        try:
+            conn.execute("BEGIN TRANSACTION")
+            apply_entries(conn, entries, replay=replay)
+            conn.execute("COMMIT")
+        except Exception:
+            with contextlib.suppress(duckdb.Error):
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    async def apply_quarantined(self, ids: set[str] | None) -> tuple[list[Quarantined], dict[str, str]]:
+        """Apply set-aside records again (all with `ids` None), after a fix; those DuckDB takes
+        leave the quarantine. Returns them, and the reasons of those still refused."""
+        applied, refused = [], {}
+        for record in self.quarantine.records():
+            if ids is not None and record.id not in ids:
+                continue
+
+            def op(c: Conn, entry: Entry = record.entry) -> None:
+                apply_entries(c, [entry], replay=True)
+
+            try:
+                await self.write(op)
+            except Exception as exc:
+                refused[record.id] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            self.quarantine.remove({record.id})
+            applied.append(record)
+        return applied, refused
+
+    def _refusal(self) -> GatewayError:
+        if _disk_full(self._apply_failed):
+            return InsufficientStorage("Catalog disk is full", "no room to write the catalog")
         return ServiceUnavailable("Catalog unavailable", str(self._apply_failed)[:200])
+
+    def probe_write(self) -> Future[Any]:
+        """A write through the journal (an empty record, fsynced): fails as an upload's record
+        would, e.g. 507 on a full disk; for readiness."""
+        return self.submit_journaled(_PROBE, None)
 
     def _run_ops(self, conn: Conn, live: list[_Work]) -> None:
         if not live:
@@ -504,8 +573,42 @@ def _nothing(conn: Conn) -> None:
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:
-    """DuckDB failures (I/O, disk, corruption) become 503 so that a write error is never a 2xx."""
+    """DuckDB failures (I/O, disk, corruption) become 503, a full disk 507, so that a write error
+    is never a 2xx."""
     if isinstance(exc, duckdb.Error) and not isinstance(exc, duckdb.ConstraintException):
         log.error("catalog error: %s", exc)
+        if _disk_full(exc):
+            return InsufficientStorage("Catalog disk is full", "no room to write the catalog")
         return ServiceUnavailable("Catalog unavailable", str(exc)[:200])
     return exc
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# DuckDB reports the OS error only as text (no errno on its exceptions).
+_FULL_TEXTS = (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return isinstance(exc, duckdb.Error) and any(t in str(exc).lower() for t in _FULL_TEXTS)
+
+
+def _journal_error(exc: OSError) -> GatewayError:
+    """A journal write that failed: 507 for a full disk or quota, else 503."""
+    if _disk_full(exc):
+        return InsufficientStorage("Catalog disk is full", "no room for the catalog journal")
+    return ServiceUnavailable("Catalog unavailable", f"journal: {exc}"[:200])
+
+
+class _JournalProbe:
+    """A JournalWriter whose record is empty: proves the journal takes a write (readiness)."""
+
+    def prepare(self, conn: Conn, items: list[Any]) -> tuple[list[Any], list[Entry]]:
+        return [None] * len(items), [Entry(rows=[]) for _ in items]
+
+    def undo(self) -> None:
+        """Nothing is kept in memory."""
+
+
+_PROBE = _JournalProbe()

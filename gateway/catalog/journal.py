@@ -8,24 +8,44 @@ the catalog writer moves the journal's entries into DuckDB in large batches (a f
 batch instead of per group) and empties the file once DuckDB has committed them.
 
 File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | msgpack(Entry)`. A frame cut
-short or failing its CRC ends the journal: it is the tail of a write that never returned, so its
-upload was never acknowledged. Replaying an entry twice is harmless (rows are inserted with
+short or failing its CRC with no whole frame after it is a torn tail: the write that never
+returned, so its upload was never acknowledged. It is cut off, and its bytes kept aside in
+`<journal>.torn-<time>`. A bad frame with whole frames after it is damage, not a torn write: those
+later frames were acknowledged, so `open` refuses (`JournalDamaged`) and leaves the file as it is.
+Replaying an entry twice is harmless (rows are inserted with
 `INSERT OR IGNORE`, updates and statements are idempotent), so a crash between DuckDB's commit and the
 journal's reset loses nothing and doubles nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from gateway.errors import StartRefused
+
 _HEAD = struct.Struct("<II")
 _MAX_FRAME = 64 * 1024 * 1024
+log = logging.getLogger("gateway.catalog")
+
+
+class JournalDamaged(StartRefused):
+    """A bad record with whole records after it: acknowledged writes would be lost by cutting."""
+
+    def __init__(self, path: Path, offset: int, later: int) -> None:
+        self.path, self.offset = path, offset
+        super().__init__(
+            f"catalog journal {path} is damaged at byte {offset}: a record there is unreadable and a whole "
+            f"record follows at byte {later}, so this is not a torn end. The file is left as it is. Keep a "
+            f"copy of it; to start anyway, move it aside (the acknowledged writes from byte {offset} on "
+            f"are then not in the catalog)")
 
 
 class Rows(msgspec.Struct, array_like=True, frozen=True):
@@ -76,22 +96,37 @@ class Journal:
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if created:  # the file's own name must survive a power cut too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(self.path.parent)
         chunks = []
         while chunk := os.read(self._fd, 1024 * 1024):
             chunks.append(chunk)
         data = b"".join(chunks)
         entries, good = parse(data)
-        if good != len(data):  # drop a torn tail, so that new frames follow the last whole one
-            os.ftruncate(self._fd, good)
+        if good != len(data):
+            later = next_whole_frame(data, good)
+            if later is not None:
+                os.close(self._fd)
+                self._fd = -1
+                raise JournalDamaged(self.path, good, later)
+            self._keep_torn_tail(data[good:])
+            os.ftruncate(self._fd, good)  # new frames follow the last whole one
             os.fsync(self._fd)
         self.size = good
         os.lseek(self._fd, good, os.SEEK_SET)
         return entries
+
+    def _keep_torn_tail(self, tail: bytes) -> None:
+        """The bytes of a write that never returned, kept beside the journal before they are cut."""
+        aside = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, tail)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.path.parent)
+        log.warning("catalog journal %s: a torn tail of %d byte(s) was cut (a write that never returned); "
+                    "its bytes are kept in %s", self.path, len(tail), aside)
 
     def append(self, frames: list[bytes]) -> None:
         """Write the frames and fsync; on failure the file is cut back to where it was."""
@@ -142,3 +177,30 @@ def parse(data: bytes) -> tuple[list[Entry], int]:
             break
         pos = end
     return entries, pos
+
+
+def next_whole_frame(data: bytes, start: int) -> int | None:
+    """The offset of the first whole, valid frame after the bad one at `start`, if any. Every
+    offset is tried, since the bad frame's own length field may be what is damaged."""
+    for pos in range(start + 1, len(data) - _HEAD.size + 1):
+        length, crc = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + length
+        if length == 0 or length > _MAX_FRAME or end > len(data):
+            continue
+        body = data[pos + _HEAD.size : end]
+        if zlib.crc32(body) != crc:
+            continue
+        try:
+            _decode(body)
+        except msgspec.DecodeError:
+            continue
+        return pos
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

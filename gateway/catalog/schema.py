@@ -90,6 +90,14 @@ MIGRATIONS: list[str] = [
         revoked_at   DOUBLE
     );
     """,
+    # 4: facts about this gateway checked at start, e.g. the fingerprint of the key secret that
+    # sealed the device keys (gateway.keysecret): a start with another secret is refused.
+    """
+    CREATE TABLE gateway_facts (
+        name  VARCHAR PRIMARY KEY,
+        value VARCHAR NOT NULL
+    );
+    """,
 ]
 
 

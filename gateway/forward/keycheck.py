@@ -216,7 +216,10 @@ class KeyChecker:
     async def recheck(self, device: Device) -> str:
         """Ask the cloud about one quarantined device; returns what became of it."""
         assert self.client is not None
-        key = self.registry.key_of(device.device_id)
+        try:
+            key = self.registry.key_of(device.device_id)
+        except keys.KeyUnreadable:
+            return "key-unreadable"
         if key is None:
             return "no-key"
         answer = await self.client.device_self(key)

@@ -7,6 +7,7 @@
     held    --(the cloud confirms a quarantined device's key)--------> pending
     held    --(the cloud refuses the key)----------------------------> dead
     dead    --(`gateway outbox retry`)-------------------------------> pending
+    dead    --(`gateway outbox retry`, device still in quarantine)----> held
 
 Entries are sent oldest first (`seq`) within each device. Nothing is ever deleted from here
 while undelivered; an entry in flight when the process died is simply still `pending`. The
@@ -162,19 +163,16 @@ def release_held(conn: Conn, device_id: str, now: float) -> int:
 
 
 def retry_dead(conn: Conn, image_ids: list[str] | None, now: float) -> int:
-    """dead -> pending with attempts reset: every dead entry (`image_ids` None) or the ones named."""
-    if image_ids is None:
-        rows = conn.execute(
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? WHERE state = 'dead' "
-            "RETURNING image_id",
-            [now],
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? "
-            "WHERE state = 'dead' AND image_id IN (SELECT unnest(?::VARCHAR[])) RETURNING image_id",
-            [now, image_ids],
-        ).fetchall()
+    """dead -> pending with attempts reset: every dead entry (`image_ids` None) or the ones named.
+    A device still in quarantine (its key never confirmed by the cloud) gets them back as held:
+    only the cloud's word about the key may release them."""
+    chosen = "" if image_ids is None else " AND image_id IN (SELECT unnest(?::VARCHAR[]))"
+    rows = conn.execute(
+        "UPDATE outbox SET attempts = 0, next_attempt_at = ?, state = CASE WHEN device_id IN "
+        "(SELECT device_id FROM devices WHERE origin = 'quarantine') THEN 'held' ELSE 'pending' END "
+        f"WHERE state = 'dead'{chosen} RETURNING image_id",
+        [now] if image_ids is None else [now, image_ids],
+    ).fetchall()
     return len(rows)
 
 

@@ -36,6 +36,7 @@ from gateway.forward.client import (
     MultipartUpload,
     Outcome,
 )
+from gateway.keys import KeyUnreadable
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -47,6 +48,8 @@ REFILL_EVERY_S = 15.0
 MIN_REFILL_GAP_S = 1.0
 MAX_IDLE_S = 5.0
 KEY_REFUSED = (401, 403)
+# The reason of a dead letter whose device key does not open under the key secret (status, metrics).
+KEY_UNREADABLE = "KEY_UNREADABLE"
 CHECKIN_TIMEOUT_S = 5.0  # the device waits for this answer
 
 
@@ -270,7 +273,11 @@ class Forwarder:
         request and its connection."""
         key = self.registry.cached_key_of(entry.device_id)
         if key is None:
-            key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
+            try:
+                key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
+            except KeyUnreadable as exc:
+                return Outcome(kind=REJECT, error=f"{KEY_UNREADABLE}: device key cannot be opened ({exc}); "
+                                                  "check keys.secret_file, then `gateway outbox retry`"), False
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
         image: bytes | bytearray | AsyncIterable[bytes] | None = None
@@ -359,12 +366,14 @@ class Forwarder:
         if cloud_answered:
             self.gate.on_success()  # the cloud answered promptly: it is up
         doomed = [entry.image_id]
-        if outcome.status in KEY_REFUSED:
+        if outcome.status in KEY_REFUSED or outcome.error.startswith(KEY_UNREADABLE):  # all the device's uploads
             doomed += [e.image_id for e in self._queues.get(entry.device_id, []) if e.image_id != entry.image_id
                        and e.image_id not in self._in_flight]
             doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
             doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in self._in_flight))
-        reason = outcome.error if len(doomed) == 1 else f"device key refused by the cloud: {outcome.error}"
+        unreadable = outcome.error.startswith(KEY_UNREADABLE)
+        reason = (outcome.error if len(doomed) == 1 or unreadable
+                  else f"device key refused by the cloud: {outcome.error}")
         await self.catalog.write(
             lambda c: outbox.mark_dead_after_attempt(c, entry.image_id, doomed, now, outcome.status, reason))
         log.warning("dead-lettered %d entr%s of device %s: %s", len(doomed), "y" if len(doomed) == 1 else "ies",
@@ -435,7 +444,10 @@ class Forwarder:
 
     def _any_key(self) -> str | None:
         for device_id in list(self._queues):
-            key = self.registry.key_of(device_id)
+            try:
+                key = self.registry.key_of(device_id)
+            except KeyUnreadable:
+                continue
             if key is not None:
                 return key
         return None

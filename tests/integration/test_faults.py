@@ -241,10 +241,10 @@ def _upload(gw: GatewayProcess, key: str, image: bytes) -> httpx.Response:
                       files={"image": ("f.jpg", image, "image/jpeg")}, timeout=60)
 
 
-def test_catalog_disk_full_is_503_never_an_unrecorded_2xx(tmp_path: Path) -> None:
+def test_catalog_disk_full_is_507_never_an_unrecorded_2xx(tmp_path: Path) -> None:
     """The catalog's file system fills up while the spool and objects still have room: once the
-    DuckDB commit fails the device gets a 503 with nothing stored, and no 2xx is ever sent for
-    an upload whose row is not committed (checked after a restart)."""
+    journal or DuckDB commit fails the device gets a 507 with nothing stored, readiness is 503,
+    and no 2xx is ever sent for an upload whose row is not committed (checked after a restart)."""
     work = tmp_path / "gw"
     data = work / "data"
     with tmpfs(data, "24m"), tmpfs(data / "spool", "64m"), tmpfs(data / "objects", "64m"):
@@ -274,15 +274,17 @@ def test_catalog_disk_full_is_503_never_an_unrecorded_2xx(tmp_path: Path) -> Non
                 assert resp.status_code in (503, 507), resp.text
                 assert resp.headers.get("retry-after"), resp.headers
                 refused_images.append(image)
-            assert answers[(503, "SERVICE_UNAVAILABLE")] >= 1, answers
+            # A full disk is 507 (issue 23, item 7: it was 503, so devices retried on a short cadence).
+            assert answers[(507, "INSUFFICIENT_STORAGE")] >= 1, answers
             assert set(stored_objects(gw)) == before_objects, "refused uploads left objects behind"
             assert spool_files(gw) == []
             ready = httpx.get(f"{gw.url}/api/ready", timeout=10)
+            assert ready.status_code == 503, ready.text  # issue 23, item 13: it stayed 200
             ballast.unlink()
-            # Room again: the gateway either carries on or stays 503 until restarted (DuckDB may
+            # Room again: the gateway either carries on or refuses until restarted (DuckDB may
             # refuse to write after a failed WAL write); it must never acknowledge without a row.
             after = _upload(gw, key, jpeg_bytes(4000))
-            assert after.status_code in (201, 503), after.text
+            assert after.status_code in (201, 503, 507), after.text
             if after.status_code == 201:
                 acked[after.json()["data"]["image_id"]] = None
             gw.stop(timeout=60)

@@ -384,3 +384,25 @@ def test_a_deep_backlog_drains_in_order_once_each_with_no_resend(
     for device_id, _ in devices:
         assert arrivals[device_id] == order[device_id]
     assert admin_status(gw)["backlog_count"] == 0
+
+
+def test_retrying_a_quarantined_devices_dead_letters_keeps_them_held(
+    start_gateway: Callable[..., GatewayProcess], cloud: FakeCloud
+) -> None:
+    """Issue 23, item 13: `outbox retry` put a quarantined device's dead letters back as pending,
+    so images of a key the cloud never confirmed were forwarded."""
+    gw = forwarding_gateway(start_gateway, cloud, GATEWAY_CLOUD_ACCEPT_UNKNOWN_KEYS_OFFLINE="true")
+    bad = "adk_" + "7" * 32
+    cloud.refuse_connections()
+    for i in range(2):
+        assert upload(gw, bad, jpeg_bytes(6200 + i)).status_code == 201
+    cloud.accept_connections()
+    wait_for("quarantine dead letters", lambda: len(outbox_rows(gw, "--dead")) == 2)
+    cloud.add_device(bad, device_id="cloud-bad")  # even were the cloud to take its uploads now
+
+    assert "2 dead letter(s)" in gw.cli("outbox", "retry", "--all-dead").stdout
+    rows = outbox_rows(gw, "--state", "all")
+    assert sorted(r["state"] for r in rows) == ["held", "held"]
+    time.sleep(2)  # forwarder rounds
+    assert cloud.stored == {} and cloud.count_requests(UPLOAD_PATH) == 0
+    assert admin_status(gw)["held_count"] == 2

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from gateway.ingest.filenames import MAX_NAME_CHARS, safe_filename
+from gateway.ingest.filenames import MAX_NAME_BYTES, MAX_NAME_CHARS, safe_filename
 from gateway.ingest.form import MAX_PARTS, UploadForm, read_upload_form
 from gateway.ingest.metadata import validate_metadata
 
@@ -104,6 +104,7 @@ def _depth(value: Any) -> int:
 def test_safe_filename_is_always_safe(raw: str | None, content_type: str) -> None:
     name = safe_filename(raw, content_type)
     assert 0 < len(name) <= MAX_NAME_CHARS
+    assert len(name.encode()) <= MAX_NAME_BYTES  # issue 23: 255-byte file name limits
     assert "/" not in name and "\\" not in name and ".." not in name and not name.startswith(".")
     assert all(ch.isprintable() and ch not in "\"'\r\n\t;" for ch in name)
 

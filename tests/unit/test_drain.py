@@ -33,3 +33,15 @@ def test_rates() -> None:
     assert parse_rate("1.5MiB") == int(1.5 * 1024 * 1024)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_rate("fast")
+
+
+def test_local_names_are_capped_in_utf8_bytes() -> None:
+    """Issue 23, item 3: 90 CJK characters (270 bytes) made `<image_id>_<name>.part` longer than
+    the 255 bytes a file name may have, and the batch failed on every run."""
+    image_id = "img_" + "0" * 8 + "-0000-0000-0000-" + "0" * 12
+    for raw in ("图" * 90 + ".jpg", "\U0001d400" * 70 + ".jpg", "x" * 400):
+        name = local_name(image_id, raw)
+        assert len((name + ".part").encode()) <= 255, raw
+        assert name.startswith(image_id + "_")
+        assert name.encode().decode() == name
+    assert local_name(image_id, "图" * 90 + ".jpg").endswith(".jpg")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.catalog.journal import Entry, Journal, Rows, frame, parse
+import pytest
+
+from gateway.catalog.journal import Entry, Journal, JournalDamaged, Rows, frame, parse
 
 
 def _entry(n: int) -> Entry:
@@ -52,3 +54,44 @@ def test_reset_empties_the_file(tmp_path: Path) -> None:
     j.append([frame(_entry(2))])
     j.close()
     assert Journal(tmp_path / "j").open() == [_entry(2)]
+
+
+# Issue 23, item 4: only a torn tail is cut. Five records, one byte flipped in the first: open()
+# used to return no entry after it and cut the file from 105 to 21 bytes, silently.
+def test_a_damaged_record_followed_by_whole_ones_stops_the_open_and_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    frames = [frame(_entry(n)) for n in range(1, 6)]
+    data = bytearray(b"".join(frames))
+    data[len(frames[0]) // 2] ^= 0x01  # one byte flipped in the first record's body
+    path.write_bytes(bytes(data))
+    j = Journal(path)
+    with pytest.raises(JournalDamaged) as info:
+        j.open()
+    j.close()
+    assert info.value.offset == 0 and info.value.path == path
+    assert str(path) in str(info.value) and "byte 0" in str(info.value)
+    assert path.read_bytes() == bytes(data)  # byte for byte
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_damaged_length_field_mid_file_is_found_too(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    frames = [frame(_entry(n)) for n in range(1, 6)]
+    data = bytearray(b"".join(frames))
+    at = len(frames[0]) + len(frames[1])
+    data[at + 1] ^= 0x40  # the third record's length now points past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalDamaged) as info:
+        Journal(path).open()
+    assert info.value.offset == at and path.read_bytes() == bytes(data)
+
+
+def test_a_torn_tail_is_kept_aside_beside_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    whole = frame(_entry(1)) + frame(_entry(2))
+    torn = frame(_entry(3))[:-5]
+    path.write_bytes(whole + torn)
+    assert Journal(path).open() == [_entry(1), _entry(2)]
+    assert path.read_bytes() == whole
+    (aside,) = [p for p in tmp_path.iterdir() if p != path]
+    assert aside.name.startswith("j.torn-") and aside.read_bytes() == torn
