@@ -30,6 +30,7 @@ class Device(msgspec.Struct, kw_only=True):
     created_at: float = 0.0
     last_seen_at: float | None = None
     last_status: str | None = None
+    near_dup_exempt: bool = False  # its frames are never compared (e.g. different parts on one background)
 
     def public(self) -> dict[str, Any]:
         """The `GET /device/self` view."""
@@ -42,13 +43,14 @@ class Device(msgspec.Struct, kw_only=True):
         }
 
 
-_COLUMNS = "device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status"
+_COLUMNS = ("device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status, "
+            "near_dup_exempt")
 
 
 def _row_to_device(row: tuple[Any, ...]) -> Device:
     return Device(
         device_id=row[0], name=row[1], organization_id=row[2], status=row[3], revoked=bool(row[4]),
-        origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8],
+        origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8], near_dup_exempt=bool(row[9]),
     )
 
 
@@ -186,6 +188,14 @@ class DeviceRegistry:
             )
         )
         device.origin, device.organization_id = origin, org
+
+    async def set_near_dup(self, ref: str, on: bool) -> Device:
+        """Switch the near-duplicate filter on or off for one device (off: exempt)."""
+        device = self.resolve(ref)
+        await self.catalog.write(lambda c: c.execute(
+            "UPDATE devices SET near_dup_exempt = ? WHERE device_id = ?", [not on, device.device_id]))
+        device.near_dup_exempt = not on
+        return device
 
     async def revoke(self, ref: str) -> Device:
         device = self.resolve(ref)

@@ -20,6 +20,8 @@ class StatusReport(msgspec.Struct, kw_only=True):
     oldest_pending_at: float | None = None
     oldest_pending_age_s: float | None = None
     dead_count: int = 0
+    skipped_count: int = 0  # near-duplicates held at the edge (outbox `skipped`)
+    skipped_bytes: int = 0
     delivered_count: int = 0
     last_success_at: float | None = None
     last_error: str | None = None
@@ -62,6 +64,8 @@ def read_status(conn: Conn, now: float) -> StatusReport:
         oldest_pending_at=oldest,
         oldest_pending_age_s=None if oldest is None else max(0.0, now - oldest),
         dead_count=int(outbox.get("dead", (0,))[0]),
+        skipped_count=int(outbox.get("skipped", (0,))[0]),
+        skipped_bytes=int(outbox.get("skipped", (0, 0))[1]),
         delivered_count=int(delivered[0]),
         last_success_at=delivered[3],
         last_error=err[0] if err else None,

@@ -71,6 +71,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN manifest_cloud_ids INTEGER;
     """,
+    # 3: near-duplicate frames (gateway.ingest.neardup): the frame's 64-bit difference hash (NULL when
+    # it could not be decoded), the earlier frame it nearly repeats, and devices exempt from the filter.
+    """
+    ALTER TABLE images ADD COLUMN fingerprint UBIGINT;
+    ALTER TABLE images ADD COLUMN near_duplicate_of VARCHAR;
+    ALTER TABLE devices ADD COLUMN near_dup_exempt BOOLEAN DEFAULT false;
+    """,
 ]
 
 
