@@ -30,6 +30,7 @@ import httpx  # noqa: E402
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
 from scripts.benchlib.cpu import CpuMeter  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put  # noqa: E402
+from scripts.benchlib.neardup import neardup_section, print_rows  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
 from tests.support.s3server import S3Server  # noqa: E402
@@ -331,13 +332,15 @@ def print_table(report: dict[str, Any]) -> None:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
               f"outbox rows (empty catalog: {s['empty']['ready_s']} s)")
+    if "neardup" in report:
+        print_rows(report["neardup"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute), as CI runs it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
+    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup,neardup",
                         help="comma-separated sections to run")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -361,6 +364,8 @@ def main() -> int:
                 report["forward"] = forward_section(s3, work, args.quick)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
+            if "neardup" in only:
+                report["neardup"] = neardup_section(s3, work, args.quick, metered, requests_for)
         finally:
             s3.stop()
     if args.json:

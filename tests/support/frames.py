@@ -125,3 +125,41 @@ def labelled_pairs(count: int = 40, seed: int = 19) -> list[Pair]:
             changed = replace(base, scratches=(_scratch(rng, part),))
         pairs.append(Pair(*_two_captures(img, draw(changed), rng), False, kind))
     return pairs
+
+
+def scores(pairs: list[Pair]) -> list[tuple[Pair, int, int | None]]:
+    """Each pair with its difference-hash distance and region difference."""
+    from gateway.ingest.fingerprint import fingerprint, hamming, region_difference
+
+    out = []
+    for p in pairs:
+        a, b = fingerprint(p.earlier), fingerprint(p.later)
+        assert a is not None and b is not None
+        out.append((p, hamming(a.dhash, b.dhash), region_difference(a, b)))
+    return out
+
+
+def precision_recall(scored: list[tuple[Pair, int, int | None]], max_distance: int,
+                     max_region: int) -> tuple[float, float]:
+    """Of the pairs called near-duplicates, the share that are (precision); of the near-duplicates,
+    the share called so (recall)."""
+    called = [p.near_duplicate for p, d, r in scored if d <= max_distance and r is not None and r <= max_region]
+    true_pos = sum(called)
+    positives = sum(p.near_duplicate for p, _, _ in scored)
+    return (true_pos / len(called) if called else 1.0), (true_pos / positives if positives else 1.0)
+
+
+if __name__ == "__main__":  # the threshold sweep in docs/design.md: python -m tests.support.frames [COUNT]
+    import sys
+
+    scored = scores(labelled_pairs(int(sys.argv[1]) if len(sys.argv) > 1 else 100))
+    for kind in ("noise+shift+jpeg", "moved", "appeared", "scratch"):
+        dist = sorted(d for p, d, _ in scored if p.kind == kind)
+        region = sorted(r or 0 for p, _, r in scored if p.kind == kind)
+        print(f"{kind:18} dhash {dist[0]}..{dist[-1]}  region {region[0]}..{region[-1]}")
+    for max_distance in (6, 8, 10, 12, 14, 16, 64):
+        row = []
+        for max_region in (20, 24, 26, 28, 30, 32, 36, 40):
+            p, r = precision_recall(scored, max_distance, max_region)
+            row.append(f"{max_region}:{p:.3f}/{r:.3f}")
+        print(f"dhash<={max_distance:2}  " + "  ".join(row))
