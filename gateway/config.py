@@ -99,7 +99,7 @@ class DedupSettings(_Section):
     ] = "keep"
     near_max_distance: Annotated[
         int, _help("Largest difference-hash distance (bits of 64) between near-duplicates.", ge=0, le=64)
-    ] = 10
+    ] = 12
     near_max_region_diff: Annotated[
         int, _help("Largest local difference (gray levels) between near-duplicates: a scratch or a moved part "
                    "exceeds it.", ge=0, le=255)
