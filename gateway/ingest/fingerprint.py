@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from PIL import Image, ImageChops
 
 log = logging.getLogger("gateway.ingest.fingerprint")
 REGION_SIDE = 240  # the region image's short side is at least this (and under twice this)
-MAX_FULL_DECODE_PIXELS = 40_000_000  # a PNG (no reduced-scale decode) larger than this is not fingerprinted
+MAX_FULL_DECODE_PIXELS = 40_000_000  # frames that would decode to more pixels are not fingerprinted
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +37,7 @@ class Fingerprint:
 def fingerprint(source: bytes | Path) -> Fingerprint | None:
     """The frame's fingerprint, or None when it cannot be decoded (it is then stored without one)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _fingerprint(source)
+        return _fingerprint(source)
     except Exception as exc:  # any decode failure: truncated, corrupt, odd formats, bombs
         log.debug("no fingerprint: %s", exc)
         return None
@@ -52,10 +49,11 @@ def _fingerprint(source: bytes | Path) -> Fingerprint | None:
         short = min(width, height)
         if short < 8:
             return None
+        # Memory stays bounded: a JPEG decodes at 1/8 scale or less, anything else whole.
+        if width * height // (64 if im.format == "JPEG" else 1) > MAX_FULL_DECODE_PIXELS:
+            return None
         if im.format == "JPEG":  # DCT scaling: the smallest of 1/1..1/8 still >= REGION_SIDE
             im.draft("L", (max(1, width * REGION_SIDE // short), max(1, height * REGION_SIDE // short)))
-        elif width * height > MAX_FULL_DECODE_PIXELS:
-            return None
         gray = im.convert("L")
     factor = min(gray.size) // REGION_SIDE
     if factor > 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import secrets
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -13,6 +15,7 @@ from PIL import Image
 from gateway.config import DedupSettings
 from gateway.ingest.fingerprint import fingerprint, region_difference
 from gateway.ingest.neardup import has_annotations
+from tests.conftest import png_bytes
 from tests.support.frames import Pair, labelled_pairs, precision_recall, scores
 
 
@@ -42,6 +45,13 @@ def test_undecodable_frames_get_no_fingerprint() -> None:
     Image.new("RGB", (640, 480), (90, 90, 90)).save(good, "JPEG")
     assert fingerprint(good.getvalue()) is not None
     assert fingerprint(good.getvalue()[: len(good.getvalue()) // 2]) is None  # truncated
+
+
+def test_a_png_too_large_to_decode_whole_is_not_decoded() -> None:
+    header = png_bytes()  # 1x1; its IHDR is made to claim 9000x9000 (81 Mpx) with a matching CRC
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0)
+    bomb = header[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + header[33:]
+    assert fingerprint(bomb) is None
 
 
 def test_png_frames_are_fingerprinted_and_sizes_must_match() -> None:
