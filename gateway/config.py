@@ -117,6 +117,10 @@ class DedupSettings(_Section):
         int, _help("Worker threads computing fingerprints; a frame arriving while 4 per thread are queued is "
                    "stored unchecked, so fingerprints never slow ingest down.", ge=1, le=16)
     ] = 1
+    near_cpu_share: Annotated[
+        float, _help("CPU (in cores) fingerprints may use on average; beyond it frames are stored unchecked. A JPEG "
+                     "costs about half its full decode (docs/design.md).", gt=0, le=64)
+    ] = 0.1
 
 
 class BatchSettings(_Section):

@@ -10,8 +10,9 @@ would mean keeping thumbnails in the catalog, for the saving of one frame per de
 
 A frame is a near-duplicate of a reference when their difference hashes are within
 `near_max_distance` bits and no region differs by more than `near_max_region_diff` gray levels
-(`gateway.ingest.fingerprint`). Fingerprints run in worker threads; when those are busy the frame
-is stored unchecked rather than slowing ingest down.
+(`gateway.ingest.fingerprint`). Fingerprints run in worker threads, within a CPU budget
+(`near_cpu_share` of a core on average, a token bucket); when the budget is spent or the workers
+are busy, the frame is stored unchecked rather than slowing ingest down.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, region
 from gateway.metrics import Metrics
 
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
+BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class NearDuplicates:
         self._windows: dict[str, deque[Reference]] = {}
         self._limiter = anyio.CapacityLimiter(settings.near_fingerprint_threads)
         self._admitted = 0
+        self._budget = BURST_CPU_S  # CPU seconds fingerprints may spend now
+        self._budget_at = time.monotonic()
 
     @property
     def enabled(self) -> bool:
@@ -91,15 +95,17 @@ class NearDuplicates:
 
     async def judge(self, device_id: str, source: bytes | Path, metadata: bytes | None, size: int) -> Verdict:
         """Fingerprint a frame (in a worker thread) and compare it with its device's references."""
-        if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
+        if not self._may_start():
             self.metrics.fingerprints.labels("busy").inc()
             return UNCHECKED
         refs = self._recent(device_id)
         self._admitted += 1
         try:
-            fp, ref = await anyio.to_thread.run_sync(self._compare, source, refs, limiter=self._limiter)
+            fp, ref, cpu = await anyio.to_thread.run_sync(self._compare, source, refs, limiter=self._limiter)
         finally:
             self._admitted -= 1
+        self._budget -= cpu
+        self.metrics.fingerprint_cpu_seconds.inc(cpu)
         self.metrics.fingerprints.labels("undecodable" if fp is None else "done").inc()
         if ref is None:
             return Verdict(fingerprint=fp)
@@ -111,23 +117,31 @@ class NearDuplicates:
             self.metrics.near_duplicate_bytes_not_sent.inc(size)
         return Verdict(fingerprint=fp, of=ref, action=action)
 
+    def _may_start(self) -> bool:
+        """Room for one more fingerprint: a worker slot free or nearly, and CPU budget left."""
+        if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
+            return False
+        now = time.monotonic()
+        self._budget = min(BURST_CPU_S, self._budget + (now - self._budget_at) * self.settings.near_cpu_share)
+        self._budget_at = now
+        return self._budget > 0
+
     def _compare(
         self, source: bytes | Path, refs: tuple[Reference, ...]
-    ) -> tuple[Fingerprint | None, Reference | None]:
+    ) -> tuple[Fingerprint | None, Reference | None, float]:
+        """The frame's fingerprint, the reference it nearly repeats, and the CPU seconds spent."""
         started = time.thread_time()
-        try:
-            fp = fingerprint(source)
-            if fp is None:
-                return None, None
+        fp = fingerprint(source)
+        match = None
+        if fp is not None:
             for ref in reversed(refs):  # newest first
                 if hamming(fp.dhash, ref.fingerprint.dhash) > self.settings.near_max_distance:
                     continue
                 diff = region_difference(fp, ref.fingerprint)
                 if diff is not None and diff <= self.settings.near_max_region_diff:
-                    return fp, ref
-            return fp, None
-        finally:
-            self.metrics.fingerprint_cpu_seconds.inc(time.thread_time() - started)
+                    match = ref
+                    break
+        return fp, match, time.thread_time() - started
 
     def _recent(self, device_id: str) -> tuple[Reference, ...]:
         window = self._windows.get(device_id)

@@ -36,15 +36,17 @@ def real_jpeg(target: int) -> bytes:
         frames.WIDTH, frames.HEIGHT = 1024, 768
 
 
-def fingerprint_figures(url: str) -> tuple[float, float]:
-    """(fingerprints done, their CPU seconds) from the gateway's /metrics."""
-    done = cpu = 0.0
+def fingerprint_figures(url: str) -> tuple[float, float, float]:
+    """(fingerprints done, frames left unchecked as busy, fingerprint CPU seconds) from /metrics."""
+    done = busy = cpu = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
         if line.startswith('acusight_gateway_fingerprints_total{result="done"}'):
             done = float(line.split()[-1])
+        elif line.startswith('acusight_gateway_fingerprints_total{result="busy"}'):
+            busy = float(line.split()[-1])
         elif line.startswith("acusight_gateway_fingerprint_cpu_seconds_total "):
             cpu = float(line.split()[-1])
-    return done, cpu
+    return done, busy, cpu
 
 
 def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[..., Round],
@@ -58,7 +60,7 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
             jpeg = real_jpeg(size)
             n, conc = requests_for(len(jpeg), 8, quick), 8
             got: dict[str, list[Round]] = {"off": [], "keep": [], "s3": []}
-            fp_cpu_ms = []
+            counts = [0.0, 0.0, 0.0]  # fingerprints done, unchecked (busy), CPU seconds: this size's rounds
             for _ in range(1 if quick else 2):
                 for mode, gw in gws.items():
                     before = fingerprint_figures(gw.url)
@@ -66,20 +68,20 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                                              functools.partial(multipart_upload, jpeg=jpeg),
                                              gw.port, UPLOAD, keys[mode], len(jpeg), conc, n))
                     after = fingerprint_figures(gw.url)
-                    if mode == "keep" and after[0] > before[0]:
-                        fp_cpu_ms.append(1000 * (after[1] - before[1]) / (after[0] - before[0]))
+                    if mode == "keep":
+                        counts = [c + a - b for c, a, b in zip(counts, after, before, strict=True)]
                 got["s3"].append(metered({"s3": s3.pid, "client": os.getpid()}, None,
                                          functools.partial(s3_put, jpeg=jpeg),
                                          s3.endpoint, s3.access_key, s3.secret_key, "bench-nd", len(jpeg), conc, n))
             off, on, direct = (max(got[k], key=lambda r: r.rps) for k in ("off", "keep", "s3"))
-            done, _ = fingerprint_figures(gws["keep"].url)
+            done, busy, cpu = counts
             rows.append({
                 "size": len(jpeg), "concurrency": conc, "requests": n,
                 "off_rps": round(off.rps, 1), "on_rps": round(on.rps, 1), "s3_rps": round(direct.rps, 1),
                 "ratio_off": round(off.rps / direct.rps, 3), "ratio_on": round(on.rps / direct.rps, 3),
                 "ratio_drop": round((off.rps - on.rps) / direct.rps, 3),
-                "fingerprint_cpu_ms": round(sum(fp_cpu_ms) / len(fp_cpu_ms), 2) if fp_cpu_ms else None,
-                "fingerprinted_share": round(done / max(1, n * (1 if quick else 2)), 3),
+                "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
+                "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
                 "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
             })
     finally:
@@ -98,5 +100,5 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f"{r['ratio_off']:>6} {r['ratio_on']:>6} {r['ratio_drop']:>6} {r['fingerprint_cpu_ms']!s:>9} "
               f"{r['fingerprinted_share']:>8} {cpu['off']!s:>7}/{cpu['on']!s:<8}")
     print("   (fp CPU ms: fingerprint and comparison CPU per fingerprinted upload; fp share: uploads fingerprinted,"
-          " the rest found the fingerprint workers busy and went unchecked)")
+          " the rest found the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked)")
 

@@ -12,11 +12,12 @@ import httpx
 import pytest
 import xxhash
 
+from gateway.humanize import human_bytes
 from tests.conftest import BACKENDS, jpeg_bytes
 from tests.support.client import admin_status, metrics, spool_files, stored_objects, upload, wait_for
 from tests.support.fakecloud import FakeCloud
 from tests.support.frames import Scene, capture, draw
-from tests.support.gateway_proc import SYNC_TOKEN, GatewayProcess
+from tests.support.gateway_proc import ADMIN_TOKEN, SYNC_TOKEN, GatewayProcess
 
 FAST = {"GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2", "GATEWAY_FORWARD_BACKOFF_MAX_S": "1.0",
         "GATEWAY_CLOUD_TIMEOUT_S": "10", "GATEWAY_BATCHES_MAX_IMAGES": "1000"}
@@ -127,6 +128,9 @@ def test_hold_keeps_near_duplicates_at_the_edge_until_released(
     assert rows[annotated["image_id"]]["near_duplicate_of"] == first["image_id"]
     size = len(frames["again"])
     assert metrics(gw)["acusight_gateway_near_duplicate_bytes_not_sent_total"] == size
+    page = httpx.get(f"{gw.url}/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
+    saved = page.split('data-figure="uplink-saved">', 1)[1]
+    assert saved.startswith(human_bytes(size)), saved[:80]  # the status page shows the uplink saved
     # The batch counts as forwarded: its held frame is settled, not waiting.
     wait_for("batch forwarded", lambda: _batch_state(gw, first["batch_id"]) == "forwarded")
 
