@@ -120,7 +120,11 @@ class DedupSettings(_Section):
     near_cpu_share: Annotated[
         float, _help("CPU (in cores) fingerprints may use on average; beyond it frames are stored unchecked. A JPEG "
                      "costs about half its full decode (docs/design.md).", gt=0, le=64)
-    ] = 0.1
+    ] = 0.5
+    near_busy_uploads: Annotated[
+        int, _help("While more uploads than this are in progress the gateway is saturated: frames are stored "
+                   "unchecked, ingest keeps the CPU; 0 = check whatever the load.", ge=0)
+    ] = 4
 
 
 class BatchSettings(_Section):

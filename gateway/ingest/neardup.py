@@ -11,8 +11,9 @@ would mean keeping thumbnails in the catalog, for the saving of one frame per de
 A frame is a near-duplicate of a reference when their difference hashes are within
 `near_max_distance` bits and no region differs by more than `near_max_region_diff` gray levels
 (`gateway.ingest.fingerprint`). Fingerprints run in worker threads, within a CPU budget
-(`near_cpu_share` of a core on average, a token bucket); when the budget is spent or the workers
-are busy, the frame is stored unchecked rather than slowing ingest down.
+(`near_cpu_share` of a core on average, a token bucket), and only while the gateway is not
+saturated (at most `near_busy_uploads` uploads in progress); otherwise the frame is stored
+unchecked rather than slowing ingest down.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def has_annotations(metadata: bytes | None) -> bool:
 class NearDuplicates:
     """The per-device windows of reference frames, and the fingerprint workers."""
 
-    def __init__(self, settings: DedupSettings, metrics: Metrics, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: DedupSettings, metrics: Metrics, clock: Callable[[], float],
+                 uploads_in_progress: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
+        self.uploads_in_progress = uploads_in_progress
         self.metrics = metrics
         self.clock = clock
         self._windows: dict[str, deque[Reference]] = {}
@@ -118,8 +121,12 @@ class NearDuplicates:
         return Verdict(fingerprint=fp, of=ref, action=action)
 
     def _may_start(self) -> bool:
-        """Room for one more fingerprint: a worker slot free or nearly, and CPU budget left."""
+        """Room for one more fingerprint: a worker slot free or nearly, the gateway not saturated,
+        and CPU budget left."""
         if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
+            return False
+        busy = self.settings.near_busy_uploads
+        if busy and self.uploads_in_progress() > busy:
             return False
         now = time.monotonic()
         self._budget = min(BURST_CPU_S, self._budget + (now - self._budget_at) * self.settings.near_cpu_share)

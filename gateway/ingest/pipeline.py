@@ -100,7 +100,7 @@ class Ingestor:
         self._undo_state: tuple[int, object] = (0, None)
         self.on_sealed: Callable[[str], None] | None = None
         self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
-        self.near = NearDuplicates(settings.dedup, metrics, clock)
+        self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
 
     @property
     def active_intents(self) -> set[str]:

@@ -60,3 +60,11 @@ def test_frames_go_unchecked_once_the_cpu_budget_is_spent(shots: list[bytes],
     assert judge(nd, shots[0]).fingerprint is not None  # within the initial burst
     assert judge(nd, shots[1]).fingerprint is None  # budget spent: stored unchecked
     assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
+
+
+def test_a_saturated_gateway_stores_frames_unchecked(shots: list[bytes]) -> None:
+    in_progress = [5]
+    nd = NearDuplicates(DedupSettings(near_busy_uploads=4), Metrics(), Clock(), lambda: in_progress[0])
+    assert judge(nd, shots[0]).fingerprint is None  # 5 uploads in progress: ingest keeps the CPU
+    in_progress[0] = 4
+    assert judge(nd, shots[0]).fingerprint is not None
