@@ -2,7 +2,7 @@
 leaves no catalog row and no spool file, and the server stays healthy afterwards.
 
 Requests go over raw sockets (httpx would tidy them up). The figures table printed at the end is
-the one the README's Reliability section quotes.
+the one docs/reliability.md quotes.
 """
 
 from __future__ import annotations

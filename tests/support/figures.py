@@ -1,6 +1,6 @@
 """Figures from test runs: printed as a table in the pytest output, and kept as JSON when asked.
 
-The README's Reliability section quotes these tables; set `GATEWAY_FIGURES_DIR` to a folder to
+docs/reliability.md quotes these tables; set `GATEWAY_FIGURES_DIR` to a folder to
 also get one `<name>.json` per table there.
 """
 
@@ -53,7 +53,7 @@ def _load(folder: Path, name: str) -> dict[str, Any] | None:
 
 
 def readme_section(folder: Path) -> str:
-    """The README's Reliability tables, from the JSON files a run left in `folder`."""
+    """The tables of docs/reliability.md, from the JSON files a run left in `folder`."""
     out: list[str] = []
     bad = _load(folder, "bad_input")
     if bad:
