@@ -19,7 +19,7 @@ BATCH_FIELDS = (
 )
 ROW_FIELDS = (
     "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
-    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key",
+    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key", "near_duplicate_of",
 )
 _BATCH_SELECT = f"SELECT {', '.join(BATCH_FIELDS)} FROM batches"
 MAX_LIMIT = 1000
@@ -74,7 +74,7 @@ def manifest_rows(conn: Conn, batch_id: str) -> list[dict[str, Any]]:
     """The batch's images in upload order: the manifest's rows, as JSON-ready dicts."""
     rows = conn.execute(
         "SELECT image_id, batch_id, device_id, filename, size, content_type, xxh3_128, storage_key, "
-        "decode(metadata), received_at, cloud_image_id, cloud_batch_id, cloud_storage_key "
+        "decode(metadata), received_at, cloud_image_id, cloud_batch_id, cloud_storage_key, near_duplicate_of "
         "FROM images WHERE batch_id = ? ORDER BY seq",
         [batch_id],
     ).fetchall()

@@ -180,7 +180,7 @@ def mark_forwarded_when_delivered(conn: Conn, now: float, forwarding_on: bool) -
         UPDATE batches SET state = 'forwarded', forwarded_at = ?
         WHERE state = 'sealed' AND NOT EXISTS (
             SELECT 1 FROM images i JOIN outbox o ON o.image_id = i.image_id
-            WHERE i.batch_id = batches.batch_id AND o.state <> 'delivered')
+            WHERE i.batch_id = batches.batch_id AND o.state NOT IN ('delivered', 'skipped'))
         RETURNING batch_id
         """,
         [now],

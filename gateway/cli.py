@@ -72,13 +72,20 @@ async def cmd_devices(ctl: Control, args: argparse.Namespace) -> int:
             for r in rows:
                 r["state"] = "revoked" if r["revoked"] else r["status"]
                 r["requests"] = len(r["pending_requests"])
+                r["near_dup"] = "off" if r.get("near_dup_exempt") else "on"
             print(_table(rows, [("device_id", "DEVICE"), ("name", "NAME"), ("state", "STATUS"),
-                                ("origin", "ORIGIN"), ("last_seen_at", "LAST SEEN"), ("last_model_id", "MODEL"),
-                                ("last_ip", "IP"), ("requests", "PENDING REQ")]))
+                                ("origin", "ORIGIN"), ("near_dup", "NEAR-DUP"), ("last_seen_at", "LAST SEEN"),
+                                ("last_model_id", "MODEL"), ("last_ip", "IP"), ("requests", "PENDING REQ")]))
         return 0
-    data = await ctl.call("POST", f"/devices/{args.action}", {"ref": args.ref})
+    change: dict[str, Any] = {"ref": args.ref}
+    if args.action == "near-dup":
+        change["on"] = args.switch == "on"
+    data = await ctl.call("POST", f"/devices/{args.action}", change)
     if args.json:
         print(json.dumps(data, indent=2))
+    elif args.action == "near-dup":
+        state = "off (exempt)" if data["near_dup_exempt"] else "on"
+        print(f"device {data['device_id']} ({data['name']}): near-duplicate filter {state}")
     else:
         state = "revoked" if data["revoked"] else data["status"]
         print(f"device {data['device_id']} ({data['name']}): {state}")
@@ -270,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("approve", "reject", "revoke"):
         a = dsub.add_parser(action, help=f"{action} a device, by device id or key")
         a.add_argument("ref", metavar="DEVICE_ID_OR_KEY")
+    nd = dsub.add_parser("near-dup", help="switch a device's near-duplicate filter on or off (off: exempt)")
+    nd.add_argument("ref", metavar="DEVICE_ID_OR_KEY")
+    nd.add_argument("switch", choices=("on", "off"))
 
     sub.add_parser("status", help="backlog, connectivity, last success and error, disk")
 

@@ -14,13 +14,14 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
     """Add `outbox` and its actions to the CLI; returns the parsers that take `--json`."""
     out = sub.add_parser("outbox", help="per-image delivery state: list entries, retry dead letters")
     osub = out.add_subparsers(dest="action", required=True, metavar="ACTION")
-    olist = osub.add_parser("list", help="undelivered entries (pending, held, dead), oldest first")
+    olist = osub.add_parser("list", help="undelivered entries (pending, held, dead, skipped), oldest first")
     olist.add_argument("--dead", action="store_true", help="only dead letters")
-    olist.add_argument("--state", help="comma-separated states, or 'all' (default: pending,held,dead)")
+    olist.add_argument("--state", help="comma-separated states, or 'all' (default: pending,held,dead,skipped)")
     olist.add_argument("--device", metavar="ID", help="only this device's entries")
     olist.add_argument("--limit", type=int, default=100, help="at most this many (1..10000)")
-    retry = osub.add_parser("retry", help="send dead letters again (attempts reset)")
+    retry = osub.add_parser("retry", help="send dead letters (attempts reset) or held near-duplicates")
     retry.add_argument("--all-dead", action="store_true", help="every dead letter")
+    retry.add_argument("--all-skipped", action="store_true", help="every near-duplicate held at the edge")
     retry.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
     return [olist, retry]  # `outbox` itself is among the subcommands already
 
@@ -29,14 +30,17 @@ async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
     from gateway.cli import _cell, _table
 
     if args.action == "retry":
-        if args.all_dead == bool(args.image_ids):
-            print("gateway outbox retry: give --all-dead or one or more IMAGE_IDs", file=sys.stderr)
+        if args.all_dead + args.all_skipped + bool(args.image_ids) != 1:
+            print("gateway outbox retry: give --all-dead, --all-skipped or one or more IMAGE_IDs", file=sys.stderr)
             return 2
-        body = {"all_dead": True} if args.all_dead else {"image_ids": args.image_ids}
+        body: dict[str, object] = {"image_ids": args.image_ids}
+        if args.all_dead or args.all_skipped:
+            body = {"all_dead": True} if args.all_dead else {"all_skipped": True}
         data = await ctl.call("POST", "/outbox/retry", body)
-        print(json.dumps(data, indent=2) if args.json else f"{data['retried']} dead letter(s) queued again")
+        released = f", {data['released']} held near-duplicate(s) released" if data.get("released") else ""
+        print(json.dumps(data, indent=2) if args.json else f"{data['retried']} dead letter(s) queued again{released}")
         return 0
-    state = "dead" if args.dead else (args.state or "pending,held,dead")
+    state = "dead" if args.dead else (args.state or "pending,held,dead,skipped")
     params: dict[str, object] = {"state": state, "limit": args.limit}
     if args.device:
         params["device"] = args.device

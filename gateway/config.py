@@ -119,6 +119,40 @@ class DedupSettings(_Section):
         Literal["reject", "accept"],
         _help("reject: 409 DUPLICATE_IMAGE; accept: 2xx with the existing image's ids."),
     ] = "reject"
+    near_duplicates: Annotated[
+        Literal["off", "keep", "hold", "reject"],
+        _help("A frame nearly equal to a recent frame of its device: keep (store, forward, record the relation), "
+              "hold (store, do not forward: outbox entry skipped), reject (409 NEAR_DUPLICATE_IMAGE); off: no "
+              "fingerprints at all."),
+    ] = "keep"
+    near_max_distance: Annotated[
+        int, _help("Largest difference-hash distance (bits of 64) between near-duplicates.", ge=0, le=64)
+    ] = 12
+    near_max_region_diff: Annotated[
+        int, _help("Largest local difference (gray levels) between near-duplicates: a scratch or a moved part "
+                   "exceeds it.", ge=0, le=255)
+    ] = 30
+    near_window: Annotated[
+        int, _help("A frame is compared with this many recent distinct frames of its device.", ge=1, le=64)
+    ] = 4
+    near_window_s: Annotated[
+        float, _help("...no older than this many seconds; so a changed scene is forwarded at least this often.", gt=0)
+    ] = 60.0
+    near_duplicates_include_annotated: Annotated[
+        bool, _help("Hold or reject frames whose metadata carries annotations too (off: they always go through).")
+    ] = False
+    near_fingerprint_threads: Annotated[
+        int, _help("Worker threads computing fingerprints; a frame arriving while 4 per thread are queued is "
+                   "stored unchecked, so fingerprints never slow ingest down.", ge=1, le=16)
+    ] = 1
+    near_cpu_share: Annotated[
+        float, _help("CPU (in cores) fingerprints may use on average; beyond it frames are stored unchecked. A JPEG "
+                     "costs about half its full decode (docs/design.md).", gt=0, le=64)
+    ] = 0.5
+    near_busy_uploads: Annotated[
+        int, _help("While more uploads than this are in progress the gateway is saturated: frames are stored "
+                   "unchecked, ingest keeps the CPU; 0 = check whatever the load.", ge=0)
+    ] = 4
 
 
 class BatchSettings(_Section):

@@ -43,6 +43,7 @@ class Device(msgspec.Struct, kw_only=True):
     last_ip: str | None = None
     pending_requests: list[Any] = msgspec.field(default_factory=list)
     device_info: dict[str, Any] | None = None  # what the device said of itself when provisioned
+    near_dup_exempt: bool = False  # its frames are never compared (e.g. different parts on one background)
 
     def public(self) -> dict[str, Any]:
         """The `GET /device/self` view."""
@@ -56,7 +57,7 @@ class Device(msgspec.Struct, kw_only=True):
 
 
 _COLUMNS = ("device_id, name, organization_id, status, revoked, origin, created_at, last_seen_at, last_status, "
-            "last_model_id, last_ip, pending_requests, device_info")
+            "last_model_id, last_ip, pending_requests, device_info, near_dup_exempt")
 
 
 def _row_to_device(row: tuple[Any, ...]) -> Device:
@@ -65,6 +66,7 @@ def _row_to_device(row: tuple[Any, ...]) -> Device:
         origin=row[5], created_at=row[6], last_seen_at=row[7], last_status=row[8], last_model_id=row[9],
         last_ip=row[10], pending_requests=json.loads(row[11]) if row[11] else [],
         device_info=json.loads(row[12]) if row[12] else None,
+        near_dup_exempt=bool(row[13]),
     )
 
 
@@ -204,6 +206,14 @@ class DeviceRegistry:
             )
         )
         device.origin, device.organization_id = origin, org
+
+    async def set_near_dup(self, ref: str, on: bool) -> Device:
+        """Switch the near-duplicate filter on or off for one device (off: exempt)."""
+        device = self.resolve(ref)
+        await self.catalog.write(lambda c: c.execute(
+            "UPDATE devices SET near_dup_exempt = ? WHERE device_id = ?", [not on, device.device_id]))
+        device.near_dup_exempt = not on
+        return device
 
     async def revoke(self, ref: str) -> Device:
         device = self.resolve(ref)

@@ -110,6 +110,12 @@ class DuplicateImage(GatewayError):
     default_message = "An identical image is already stored"
 
 
+class NearDuplicateImage(GatewayError):
+    status = 409
+    code = "NEAR_DUPLICATE_IMAGE"
+    default_message = "A nearly identical frame of this device was stored moments ago"
+
+
 class RequestTimeout(GatewayError):
     status = 408
     code = "REQUEST_TIMEOUT"
@@ -177,6 +183,7 @@ ALL_ERRORS: tuple[type[GatewayError], ...] = (
     TokenExpired,
     DeviceExists,
     DuplicateImage,
+    NearDuplicateImage,
     RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType,

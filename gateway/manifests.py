@@ -37,14 +37,15 @@ log = logging.getLogger("gateway.manifests")
 CONTENT_TYPE = "application/vnd.apache.parquet"
 COLUMNS = (
     "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
-    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key",
+    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key", "near_duplicate_of",
 )
 # metadata: the JSON text exactly as received (validated UTF-8 JSON at upload, so decode() is safe);
-# received_at: TIMESTAMP WITH TIME ZONE (UTC instants).
+# received_at: TIMESTAMP WITH TIME ZONE (UTC instants); near_duplicate_of: the earlier frame of the
+# device this one nearly repeats (gateway.ingest.neardup), else NULL.
 _MANIFEST_SELECT = """
     SELECT image_id, batch_id, device_id, filename, size, content_type, xxh3_128, storage_key,
            decode(metadata) AS metadata, to_timestamp(received_at) AS received_at,
-           cloud_image_id, cloud_batch_id, cloud_storage_key
+           cloud_image_id, cloud_batch_id, cloud_storage_key, near_duplicate_of
     FROM images WHERE batch_id = ? ORDER BY seq
 """
 # Sealed and forwarded batches only: cloud ids are final once a batch is forwarded, and a drained

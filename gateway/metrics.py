@@ -49,6 +49,17 @@ class Metrics:
                                  ["outcome"], registry=r)
         self.sync_image_bytes = Counter(f"{PREFIX}_sync_image_bytes", "Image bytes served to sync jobs.",
                                         registry=r)
+        self.near_duplicates = Counter(f"{PREFIX}_near_duplicates",
+                                       "Frames found nearly equal to a recent frame of their device, by device and "
+                                       "action taken (keep, hold, reject).", ["device_id", "action"], registry=r)
+        self.near_duplicate_bytes_not_sent = Counter(f"{PREFIX}_near_duplicate_bytes_not_sent",
+                                                     "Image bytes of near-duplicates held or rejected: uplink saved.",
+                                                     registry=r)
+        self.fingerprints = Counter(f"{PREFIX}_fingerprints",
+                                    "Frames fingerprinted, by result (done, undecodable, busy: stored unchecked).",
+                                    ["result"], registry=r)
+        self.fingerprint_cpu_seconds = Counter(f"{PREFIX}_fingerprint_cpu_seconds",
+                                               "CPU time spent fingerprinting and comparing frames.", registry=r)
         # State gauges, refreshed on scrape.
         self.backlog_count = Gauge(f"{PREFIX}_backlog_images", "Images not yet delivered to the cloud.", registry=r)
         self.backlog_bytes = Gauge(f"{PREFIX}_backlog_bytes", "Bytes not yet delivered to the cloud.", registry=r)
@@ -82,6 +93,8 @@ class Metrics:
         for reason in ("disk_floor", "pending_bytes"):  # capacity.CapacityGuard's refusals
             self.storage_refusals.labels(reason)
         self.uploads.labels("accepted")
+        for result in ("done", "undecodable", "busy"):
+            self.fingerprints.labels(result)
 
     def watch_catalog(self, figures: Callable[[], tuple[int, int]]) -> None:
         """Export the catalog writer's committed transactions and writes, read at scrape time:

@@ -22,6 +22,8 @@ class StatusReport(msgspec.Struct, kw_only=True):
     dead_count: int = 0
     key_unreadable_count: int = 0  # dead letters whose device key does not open under the key secret
     journal_quarantined: int = 0  # journal records DuckDB refused, set aside (`gateway journal quarantine`)
+    skipped_count: int = 0  # near-duplicates held at the edge (outbox `skipped`)
+    skipped_bytes: int = 0
     delivered_count: int = 0
     last_success_at: float | None = None
     last_error: str | None = None
@@ -68,6 +70,8 @@ def read_status(conn: Conn, now: float) -> StatusReport:
         oldest_pending_age_s=None if oldest is None else max(0.0, now - oldest),
         dead_count=int(outbox.get("dead", (0,))[0]),
         key_unreadable_count=int(unreadable),
+        skipped_count=int(outbox.get("skipped", (0,))[0]),
+        skipped_bytes=int(outbox.get("skipped", (0, 0))[1]),
         delivered_count=int(delivered[0]),
         last_success_at=delivered[3],
         last_error=err[0] if err else None,

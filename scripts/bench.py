@@ -31,6 +31,7 @@ import httpx  # noqa: E402
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
 from scripts.benchlib.cpu import CpuMeter  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put, s3_put_presigned  # noqa: E402
+from scripts.benchlib.neardup import neardup_section, print_rows  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
 from tests.support.s3cluster import S3Cluster  # noqa: E402
@@ -354,6 +355,8 @@ def print_table(report: dict[str, Any]) -> None:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
               f"outbox rows (empty catalog: {s['empty']['ready_s']} s)")
+    if "neardup" in report:
+        print_rows(report["neardup"])
 
 
 def main() -> int:
@@ -362,7 +365,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--store", choices=["single", "cluster"], default="single",
                         help="the S3 store: one `weed mini` (single) or a replicated SeaweedFS cluster")
-    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup",
+    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup,neardup",
                         help="comma-separated sections to run")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
     parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
@@ -390,6 +393,8 @@ def main() -> int:
                 report["forward"] = forward_section(s3, work, args.quick, args.forward_images)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
+            if "neardup" in only:
+                report["neardup"] = neardup_section(s3, work, args.quick, metered, requests_for)
         finally:
             s3.stop()
     if args.json:

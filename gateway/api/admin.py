@@ -35,6 +35,7 @@ class NewDevice(msgspec.Struct, kw_only=True):
 
 class DeviceRef(msgspec.Struct):
     ref: str
+    on: bool | None = None  # near-dup: switch the device's near-duplicate filter on or off
 
 
 def _decode(raw: bytes, kind: type[Any]) -> Any:
@@ -63,8 +64,12 @@ async def change_device(action: str, request: Request[Any, Any, Any], gw: Gatewa
         device = await gw.registry.revoke(body.ref)
     elif action in ("approve", "reject"):
         device = await gw.registry.set_status(body.ref, "approved" if action == "approve" else "rejected")
+    elif action == "near-dup":
+        if body.on is None:
+            raise ValidationFailed("Missing field", "near-dup needs `on`: true or false")
+        device = await gw.registry.set_near_dup(body.ref, body.on)
     else:
-        raise ValidationFailed("Unknown action", "one of approve, reject, revoke")
+        raise ValidationFailed("Unknown action", "one of approve, reject, revoke, near-dup")
     return ok(msgspec.to_builtins(device))
 
 

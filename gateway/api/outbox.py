@@ -15,18 +15,19 @@ from gateway.errors import ValidationFailed
 from gateway.forward import outbox
 from gateway.runtime import Gateway
 
-STATES = (outbox.PENDING, outbox.HELD, outbox.DELIVERED, outbox.DEAD)
+STATES = (outbox.PENDING, outbox.HELD, outbox.DELIVERED, outbox.DEAD, outbox.SKIPPED)
 
 
 class RetryRequest(msgspec.Struct, kw_only=True):
     all_dead: bool = False
+    all_skipped: bool = False  # release every near-duplicate held at the edge
     image_ids: list[str] = msgspec.field(default_factory=list)
 
 
 @get("/")
 async def list_outbox(
     gw: Gateway,
-    wanted: str = Parameter(query="state", default="pending,held,dead"),  # `state` is reserved by Litestar
+    wanted: str = Parameter(query="state", default="pending,held,dead,skipped"),  # `state` is reserved by Litestar
     device: str | None = None,
     limit: int = 100,
 ) -> Response[bytes]:
@@ -45,14 +46,18 @@ async def retry_outbox(request: Request[Any, Any, Any], gw: Gateway) -> Response
         body = msgspec.json.decode(await read_json_body(request, gw.settings) or b"{}", type=RetryRequest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
-    if body.all_dead == bool(body.image_ids):
-        raise ValidationFailed("Say what to retry", "either all_dead or a list of image_ids")
+    if body.all_dead + body.all_skipped + bool(body.image_ids) != 1:
+        raise ValidationFailed("Say what to retry", "either all_dead, all_skipped or a list of image_ids")
     now = gw.clock()
     ids = None if body.all_dead else body.image_ids
-    retried = await gw.catalog.write(lambda c: outbox.retry_dead(c, ids, now))
+    retried = 0 if body.all_skipped else await gw.catalog.write(lambda c: outbox.retry_dead(c, ids, now))
+    # Held near-duplicates are released by name, or all at once with all_skipped.
+    released = 0 if body.all_dead else await gw.catalog.write(
+        lambda c: outbox.release_skipped(c, None if body.all_skipped else ids, now))
     if gw.forwarder is not None:
         gw.forwarder.notify()
-    return ok({"retried": retried, "asked": "all dead" if ids is None else len(ids)})
+    asked = "all dead" if body.all_dead else "all skipped" if body.all_skipped else len(body.image_ids)
+    return ok({"retried": retried, "released": released, "asked": asked})
 
 
 router = Router(path="/api/admin/outbox", route_handlers=[list_outbox, retry_outbox], guards=[admin_guard])

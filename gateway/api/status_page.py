@@ -23,6 +23,7 @@ from litestar.response import Redirect
 
 from gateway import __version__
 from gateway.api.status_render import PageFigures, render_login, render_page
+from gateway.metrics import PREFIX
 from gateway.runtime import Gateway
 from gateway.status import dead_letters, device_activity, recent_uploads
 
@@ -129,7 +130,14 @@ async def gather(gw: Gateway) -> PageFigures:
         errors=gw.recent_errors.latest(RECENT_ROWS), minutes=gw.throughput.last_minutes(THROUGHPUT_MINUTES),
         now=gw.clock(), uptime_s=gw.clock() - gw.started_at, version=__version__,
         forwarding_on=gw.forwarding_on, cloud_url=gw.settings.cloud.url,
+        near_dup_saved_bytes=int(_sample(gw, "near_duplicate_bytes_not_sent_total")),
+        near_dup_count=int(sum(s.value for m in gw.metrics.near_duplicates.collect() for s in m.samples
+                               if s.name.endswith("_total"))),
     )
+
+
+def _sample(gw: Gateway, name: str) -> float:
+    return gw.metrics.registry.get_sample_value(f"{PREFIX}_{name}") or 0.0
 
 
 ROUTES = [status_page]

@@ -35,6 +35,8 @@ class PageFigures(msgspec.Struct, kw_only=True):
     version: str
     forwarding_on: bool
     cloud_url: str
+    near_dup_saved_bytes: int = 0  # near-duplicates held or refused since start: uplink saved
+    near_dup_count: int = 0  # near-duplicates found since start, whatever the action
 
 
 def e(value: object) -> str:
@@ -106,6 +108,10 @@ def _cards(f: PageFigures) -> str:
               + (f"<br>{e(r.key_unreadable_count)} device key unreadable: check keys.secret_file"
                  if r.key_unreadable_count else ""),
               "dead-letters", "bad" if r.dead_count else "ok"),
+        _card("Uplink saved", human_bytes(f.near_dup_saved_bytes),
+              f"{e(f.near_dup_count)} near-duplicate frame(s) since start<br>"
+              f"{e(r.skipped_count)} held ({e(human_bytes(r.skipped_bytes))}): <code>gateway outbox retry</code> "
+              "sends them", "uplink-saved"),
         _card("Disk free", human_bytes(r.disk_free_bytes),
               f'catalog <span data-figure="catalog-size">{e(human_bytes(r.catalog_bytes))}</span>'
               + (f"<br>{e(r.journal_quarantined)} journal record(s) quarantined: "

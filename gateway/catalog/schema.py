@@ -98,6 +98,13 @@ MIGRATIONS: list[str] = [
         value VARCHAR NOT NULL
     );
     """,
+    # 5: near-duplicate frames (gateway.ingest.neardup): the frame's 64-bit difference hash (NULL when
+    # it could not be decoded), the earlier frame it nearly repeats, and devices exempt from the filter.
+    """
+    ALTER TABLE images ADD COLUMN fingerprint UBIGINT;
+    ALTER TABLE images ADD COLUMN near_duplicate_of VARCHAR;
+    ALTER TABLE devices ADD COLUMN near_dup_exempt BOOLEAN DEFAULT false;
+    """,
 ]
 
 

@@ -8,6 +8,10 @@
     held    --(the cloud refuses the key)----------------------------> dead
     dead    --(`gateway outbox retry`)-------------------------------> pending
     dead    --(`gateway outbox retry`, device still in quarantine)----> held
+    skipped --(`gateway outbox retry`: a held near-duplicate released)-> pending
+
+A `skipped` entry is a near-duplicate frame kept at the edge (`dedup.near_duplicates = "hold"`):
+never sent unless released, and settled as far as its batch is concerned.
 
 Entries are sent oldest first (`seq`) within each device. Nothing is ever deleted from here
 while undelivered; an entry in flight when the process died is simply still `pending`. The
@@ -24,14 +28,16 @@ from gateway.catalog import Conn, journal
 from gateway.catalog.journal import Update
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
+SKIPPED = "skipped"
 
 
 ENQUEUE_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
 
 
-def enqueue_row(image_id: str, seq: int, device_id: str, size: int, now: float, held: bool) -> tuple[object, ...]:
+def enqueue_row(image_id: str, seq: int, device_id: str, size: int, now: float, held: bool,
+                skipped: bool = False) -> tuple[object, ...]:
     """A new outbox entry's values, in ENQUEUE_COLUMNS order."""
-    return (image_id, seq, device_id, size, HELD if held else PENDING, now, now)
+    return (image_id, seq, device_id, size, SKIPPED if skipped else HELD if held else PENDING, now, now)
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -174,6 +180,16 @@ def retry_dead(conn: Conn, image_ids: list[str] | None, now: float) -> int:
         [now] if image_ids is None else [now, image_ids],
     ).fetchall()
     return len(rows)
+
+
+def release_skipped(conn: Conn, image_ids: list[str] | None, now: float) -> int:
+    """skipped -> pending: every held near-duplicate (`image_ids` None) or the ones named."""
+    sql = "UPDATE outbox SET state = 'pending', next_attempt_at = ? WHERE state = 'skipped'"
+    params: list[Any] = [now]
+    if image_ids is not None:
+        sql += " AND image_id IN (SELECT unnest(?::VARCHAR[]))"
+        params.append(image_ids)
+    return len(conn.execute(sql + " RETURNING image_id", params).fetchall())
 
 
 LIST_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "attempts", "next_attempt_at", "last_status",

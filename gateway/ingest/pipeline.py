@@ -25,12 +25,13 @@ from gateway.catalog import Catalog, Conn
 from gateway.catalog.journal import Entry, Rows
 from gateway.config import Settings
 from gateway.devices import Device
-from gateway.errors import DuplicateImage, GatewayError
+from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
 from gateway.forward import outbox
 from gateway.forward.cache import ForwardCache
 from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
+from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
 from gateway.metrics import Metrics
 from gateway.storage import ObjectStore
@@ -41,7 +42,7 @@ LARGE_PUT_BYTES = 8 * 1024 * 1024
 MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
 MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
 _IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "content_type", "size", "xxh3_128",
-                  "storage_key", "metadata", "received_at")
+                  "storage_key", "metadata", "received_at", "fingerprint", "near_duplicate_of")
 
 
 class UploadResult(msgspec.Struct, kw_only=True):
@@ -64,6 +65,9 @@ class _NewImage(msgspec.Struct, kw_only=True):
     metadata: bytes | None
     received_at: float
     held: bool
+    fingerprint: int | None = None
+    near_duplicate_of: str | None = None
+    skipped: bool = False  # a near-duplicate held at the edge: its outbox entry is `skipped`
 
 
 class Ingestor:
@@ -98,6 +102,7 @@ class Ingestor:
         self._undo_state: tuple[int, object] = (0, None)
         self.on_sealed: Callable[[str], None] | None = None
         self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
+        self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
 
     @property
     def active_intents(self) -> set[str]:
@@ -194,9 +199,11 @@ class Ingestor:
                 existing = await self.find_duplicate(device.device_id, image.xxh3_128)
                 if existing is not None:
                     return self._duplicate(existing)
+                verdict = await self._near_verdict(device, image, form.metadata)
                 self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
-                result = await self._store_and_record(uid, device, image, form.metadata, held)
+                result = await self._store_and_record(uid, device, image, form.metadata, held, verdict)
+                self.near.remember(device.device_id, verdict, result.image_id, result.batch_id, result.storage_key)
             finally:
                 del self._inflight[key]
                 done.set()
@@ -209,6 +216,21 @@ class Ingestor:
                 _unlink(spool_path)
             if in_memory and self.memory is not None:
                 self.memory.give_back(in_memory)
+
+    async def _near_verdict(self, device: Device, image: SpooledImage, metadata: bytes | None) -> Verdict:
+        """Is this frame a near-duplicate of a recent one of its device? Refused here when the
+        action is `reject` (nothing stored yet)."""
+        if not self.near.enabled or device.near_dup_exempt:
+            return UNCHECKED
+        source = image.data if image.data is not None else image.path
+        verdict = await self.near.judge(device.device_id, source, metadata, image.size)
+        if verdict.action == "reject" and verdict.of is not None:
+            of = verdict.of
+            raise NearDuplicateImage(
+                details=f"near-duplicate of image {of.image_id}",
+                data={"image_id": of.image_id, "batch_id": of.batch_id, "storage_key": of.storage_key},
+            )
+        return verdict
 
     def _duplicate(self, existing: UploadResult) -> UploadResult:
         self.metrics.dedup_hits.inc()
@@ -244,7 +266,8 @@ class Ingestor:
         return UploadResult(image_id=row[0], batch_id=row[1], storage_key=row[2], duplicate=True)
 
     async def _store_and_record(
-        self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool
+        self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool,
+        verdict: Verdict = UNCHECKED,
     ) -> UploadResult:
         filename = safe_filename(image.filename, image.content_type)
         new = _NewImage(
@@ -258,6 +281,10 @@ class Ingestor:
             metadata=metadata,
             received_at=self.clock(),
             held=held,
+            fingerprint=verdict.dhash,
+            near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
+            # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
+            skipped=verdict.action == "hold" and verdict.of is not None and not held,
         )
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:
@@ -281,7 +308,7 @@ class Ingestor:
             # (On cancellation we cannot know; the intent stays for reconciliation.)
             await self._discard_object(new.storage_key, image.path)
             raise
-        self._keep_for_forwarding(new.image_id, image, held)
+        self._keep_for_forwarding(new.image_id, image, held or new.skipped)
         if result.batch_sealed and self.on_sealed is not None:
             self.on_sealed(result.batch_id)
         return result
@@ -330,10 +357,10 @@ class Ingestor:
                 rows.append(Rows(table="batches", columns=batches.OPEN_COLUMNS, values=[batch]))
             rows.append(Rows(table="images", columns=_IMAGE_COLUMNS, values=[(
                 n.image_id, self._seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128,
-                n.storage_key, n.metadata, n.received_at)]))
+                n.storage_key, n.metadata, n.received_at, n.fingerprint, n.near_duplicate_of)]))
             rows.append(Rows(table="outbox", columns=outbox.ENQUEUE_COLUMNS,
                              values=[outbox.enqueue_row(n.image_id, self._seq, n.device_id, n.size, n.received_at,
-                                                        n.held)]))
+                                                        n.held, n.skipped)]))
             seal = [(batches.SEAL_SQL, sealed.pop(batch_id))] if full else []
             entries.append(Entry(rows=rows, statements=seal))
             results.append(UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key,

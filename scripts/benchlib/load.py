@@ -81,17 +81,31 @@ def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int,
     return Round(kind, size, concurrency, len(latencies), time.perf_counter() - t0, latencies, errors[0])
 
 
+# A JPEG comment segment of 16 bytes: with a real JPEG as the tail, each upload's 16 random bytes go
+# here, so every body is new to the exact dedup and still decodes (scripts/benchlib/neardup.py).
+COMMENT16 = b"\xfe\x00\x12"
+
+
+def _stamp_and_tail(size: int, jpeg: bytes | None) -> tuple[bytes, bytes]:
+    """What follows JPEG in each body before its 16 random bytes, and the bytes shared by all bodies."""
+    if jpeg is None:
+        return b"", secrets.token_bytes(max(0, size - len(JPEG) - 16))
+    return COMMENT16, jpeg[2:]
+
+
 def multipart_upload(port: int, path: str, key: str | None, size: int, concurrency: int, total: int,
-                     expect: tuple[int, ...] = (200, 201)) -> Round:
-    """POST multipart uploads (the device contract) to 127.0.0.1:port."""
-    tail = secrets.token_bytes(max(0, size - len(JPEG) - 16))
+                     expect: tuple[int, ...] = (200, 201), jpeg: bytes | None = None) -> Round:
+    """POST multipart uploads (the device contract) to 127.0.0.1:port; with `jpeg`, each body is
+    that real JPEG with a fresh comment, else JPEG magic and random bytes."""
+    stamp, tail = _stamp_and_tail(size, jpeg)
+    size = len(JPEG) + len(stamp) + 16 + len(tail)
     boundary = "benchb0undary" + secrets.token_hex(4)
     epilogue = f"\r\n--{boundary}--\r\n".encode()
 
     def one(n: int, conn: object) -> None:
         assert isinstance(conn, http.client.HTTPConnection)
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f{n}.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode() + JPEG + secrets.token_bytes(16)
+                "Content-Type: image/jpeg\r\n\r\n").encode() + JPEG + stamp + secrets.token_bytes(16)
         conn.putrequest("POST", path, skip_accept_encoding=True)
         if key:
             conn.putheader("X-Device-Key", key)
@@ -132,18 +146,19 @@ class _Body(io.RawIOBase):
 
 
 def s3_put(endpoint: str, access_key: str, secret_key: str, bucket: str, size: int, concurrency: int,
-           total: int) -> Round:
+           total: int, jpeg: bytes | None = None) -> Round:
     """PUT objects of fresh bytes straight to S3 with the minio client (the ceiling)."""
     import urllib3
 
-    tail = secrets.token_bytes(max(0, size - len(JPEG) - 16))
+    stamp, tail = _stamp_and_tail(size, jpeg)
+    size = len(JPEG) + len(stamp) + 16 + len(tail)
     http = urllib3.PoolManager(maxsize=concurrency + 4)
     client = Minio(endpoint, access_key, secret_key, secure=False, http_client=http)
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
 
     def one(n: int, _: object) -> None:
-        prefix = JPEG + secrets.token_bytes(16)
+        prefix = JPEG + stamp + secrets.token_bytes(16)
         key = f"raw-data/{secrets.token_hex(16)}_f{n}.jpg"
         client.put_object(bucket, key, cast(BinaryIO, _Body(prefix, tail)), size, content_type="image/jpeg",
                           part_size=8 * 1024 * 1024, num_parallel_uploads=1)

@@ -112,7 +112,8 @@ def test_sealing_by_count_then_by_time_and_the_manifests(
         types, rows = read_manifest(stored, tmp_path)
         assert len(rows) == batch["image_count"]
         assert types == ["VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "BIGINT", "VARCHAR", "VARCHAR", "VARCHAR",
-                         "VARCHAR", "TIMESTAMP WITH TIME ZONE", "VARCHAR", "VARCHAR", "VARCHAR"]
+                         "VARCHAR", "TIMESTAMP WITH TIME ZONE", "VARCHAR", "VARCHAR", "VARCHAR",
+                         "VARCHAR"]  # the last: near_duplicate_of
         for row in rows:
             r = dict(zip(COLUMNS, row, strict=True))
             image, filename, metadata = sent[r["image_id"]]
@@ -123,6 +124,7 @@ def test_sealing_by_count_then_by_time_and_the_manifests(
             assert r["storage_key"].startswith("raw-data/") and r["storage_key"].endswith(filename)
             assert abs(r["received_at"].timestamp() - time.time()) < 600
             assert r["cloud_image_id"] is None and r["cloud_batch_id"] is None and r["cloud_storage_key"] is None
+            assert r["near_duplicate_of"] is None  # 1x1 PNGs: too small to fingerprint
             seen.add(r["image_id"])
     assert seen == set(sent)
 

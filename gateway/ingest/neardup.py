@@ -1,0 +1,170 @@
+"""Near-duplicate frames: a frame nearly equal to a recent frame of the same device is recognised
+at ingest, so that the uplink carries only what changed (`dedup.near_duplicates`).
+
+Each device has a window of reference frames in memory: the last `near_window` frames, no older
+than `near_window_s`, that were not near-duplicates themselves. Comparing with references only,
+never with earlier near-duplicates, means a slow drift cannot creep past the filter one small step
+at a time, and a scene is forwarded at least once per `near_window_s`. The windows start empty at
+each start (the first frame of each device after a restart is always a reference): keeping them
+would mean keeping thumbnails in the catalog, for the saving of one frame per device.
+
+A frame is a near-duplicate of a reference when their difference hashes are within
+`near_max_distance` bits and no region differs by more than `near_max_region_diff` gray levels
+(`gateway.ingest.fingerprint`). Fingerprints run in worker threads, within a CPU budget
+(`near_cpu_share` of a core on average, a token bucket), and only while the gateway is not
+saturated (at most `near_busy_uploads` uploads in progress); otherwise the frame is stored
+unchecked rather than slowing ingest down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from gateway.config import DedupSettings
+from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, region_difference
+from gateway.metrics import Metrics
+
+QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
+BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A stored frame that later frames of its device are compared with."""
+
+    image_id: str
+    batch_id: str
+    storage_key: str
+    at: float
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the filter found: the frame's dHash (None: not fingerprinted), the reference it nearly
+    repeats (None: it does not), and the action (`keep`, `hold`, `reject`)."""
+
+    fingerprint: Fingerprint | None = None
+    of: Reference | None = None
+    action: str = "keep"
+
+    @property
+    def dhash(self) -> int | None:
+        return None if self.fingerprint is None else self.fingerprint.dhash
+
+
+UNCHECKED = Verdict()
+
+
+class _Annotations(msgspec.Struct):
+    annotations: list[object] | None = None
+
+
+def has_annotations(metadata: bytes | None) -> bool:
+    """Whether the (already validated) metadata carries at least one annotation."""
+    if not metadata:
+        return False
+    try:
+        return bool(msgspec.json.decode(metadata, type=_Annotations).annotations)
+    except msgspec.DecodeError:
+        return False
+
+
+class NearDuplicates:
+    """The per-device windows of reference frames, and the fingerprint workers."""
+
+    def __init__(self, settings: DedupSettings, metrics: Metrics, clock: Callable[[], float],
+                 uploads_in_progress: Callable[[], int] = lambda: 0) -> None:
+        self.settings = settings
+        self.uploads_in_progress = uploads_in_progress
+        self.metrics = metrics
+        self.clock = clock
+        self._windows: dict[str, deque[Reference]] = {}
+        self._limiter = anyio.CapacityLimiter(settings.near_fingerprint_threads)
+        self._admitted = 0
+        self._budget = BURST_CPU_S  # CPU seconds fingerprints may spend now
+        self._budget_at = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.near_duplicates != "off"
+
+    async def judge(self, device_id: str, source: bytes | Path, metadata: bytes | None, size: int) -> Verdict:
+        """Fingerprint a frame (in a worker thread) and compare it with its device's references."""
+        if not self._may_start():
+            self.metrics.fingerprints.labels("busy").inc()
+            return UNCHECKED
+        refs = self._recent(device_id)
+        self._admitted += 1
+        try:
+            fp, ref, cpu = await anyio.to_thread.run_sync(self._compare, source, refs, limiter=self._limiter)
+        finally:
+            self._admitted -= 1
+        self._budget -= cpu
+        self.metrics.fingerprint_cpu_seconds.inc(cpu)
+        self.metrics.fingerprints.labels("undecodable" if fp is None else "done").inc()
+        if ref is None:
+            return Verdict(fingerprint=fp)
+        action = self.settings.near_duplicates
+        if action != "keep" and not self.settings.near_duplicates_include_annotated and has_annotations(metadata):
+            action = "keep"  # the device saw something in this frame: it goes through
+        self.metrics.near_duplicates.labels(device_id, action).inc()
+        if action != "keep":
+            self.metrics.near_duplicate_bytes_not_sent.inc(size)
+        return Verdict(fingerprint=fp, of=ref, action=action)
+
+    def _may_start(self) -> bool:
+        """Room for one more fingerprint: a worker slot free or nearly, the gateway not saturated,
+        and CPU budget left."""
+        if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
+            return False
+        busy = self.settings.near_busy_uploads
+        if busy and self.uploads_in_progress() > busy:
+            return False
+        now = time.monotonic()
+        self._budget = min(BURST_CPU_S, self._budget + (now - self._budget_at) * self.settings.near_cpu_share)
+        self._budget_at = now
+        return self._budget > 0
+
+    def _compare(
+        self, source: bytes | Path, refs: tuple[Reference, ...]
+    ) -> tuple[Fingerprint | None, Reference | None, float]:
+        """The frame's fingerprint, the reference it nearly repeats, and the CPU seconds spent."""
+        started = time.thread_time()
+        fp = fingerprint(source)
+        match = None
+        if fp is not None:
+            for ref in reversed(refs):  # newest first
+                if hamming(fp.dhash, ref.fingerprint.dhash) > self.settings.near_max_distance:
+                    continue
+                diff = region_difference(fp, ref.fingerprint)
+                if diff is not None and diff <= self.settings.near_max_region_diff:
+                    match = ref
+                    break
+        return fp, match, time.thread_time() - started
+
+    def _recent(self, device_id: str) -> tuple[Reference, ...]:
+        window = self._windows.get(device_id)
+        if not window:
+            return ()
+        oldest = self.clock() - self.settings.near_window_s
+        while window and window[0].at < oldest:
+            window.popleft()
+        return tuple(window)
+
+    def remember(self, device_id: str, verdict: Verdict, image_id: str, batch_id: str, storage_key: str) -> None:
+        """A stored frame that was not a near-duplicate becomes a reference of its device."""
+        if verdict.fingerprint is None or verdict.of is not None:
+            return
+        window = self._windows.get(device_id)
+        if window is None:
+            window = self._windows[device_id] = deque(maxlen=self.settings.near_window)
+        window.append(Reference(image_id=image_id, batch_id=batch_id, storage_key=storage_key, at=self.clock(),
+                                fingerprint=verdict.fingerprint))

@@ -1,0 +1,104 @@
+"""`scripts/bench --only neardup`: ingest with the near-duplicate filter on (`keep`) and off, with
+real decodable JPEGs, against the direct S3 PUT of the same bytes, rounds alternated."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scripts.benchlib.load import Round, multipart_upload, s3_put
+from tests.support.frames import Scene, capture, draw
+from tests.support.gateway_proc import GatewayProcess, s3_env
+from tests.support.s3server import S3Server
+
+KiB, MiB = 1024, 1024 * 1024
+UPLOAD = "/api/device/images/upload"
+# Frame sizes (pixels, JPEG quality, sensor noise) whose JPEGs come near 100 KiB, 1 MiB and 5 MiB.
+FRAMES = {100 * KiB: (1024, 768, 88, 3.0), 1 * MiB: (2048, 1536, 95, 6.0), 5 * MiB: (4096, 3072, 95, 8.0)}
+
+
+def real_jpeg(target: int) -> bytes:
+    """A camera-like JPEG frame of roughly `target` bytes (the synthetic scene of the tests)."""
+    from tests.support import frames
+
+    width, height, quality, sigma = FRAMES[target]
+    frames.WIDTH, frames.HEIGHT = width, height  # the generator draws at the module's frame size
+    try:
+        scene = draw(Scene(seed=7, parts=((width // 4, height // 4),)))
+        return capture(scene, random.randrange(1 << 30), shift=(0, 0), sigma=sigma, quality=quality)
+    finally:
+        frames.WIDTH, frames.HEIGHT = 1024, 768
+
+
+def fingerprint_figures(url: str) -> tuple[float, float, float]:
+    """(fingerprints done, frames left unchecked as busy, fingerprint CPU seconds) from /metrics."""
+    done = busy = cpu = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith('acusight_gateway_fingerprints_total{result="done"}'):
+            done = float(line.split()[-1])
+        elif line.startswith('acusight_gateway_fingerprints_total{result="busy"}'):
+            busy = float(line.split()[-1])
+        elif line.startswith("acusight_gateway_fingerprint_cpu_seconds_total "):
+            cpu = float(line.split()[-1])
+    return done, busy, cpu
+
+
+def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[..., Round],
+                    requests_for: Callable[[int, int, bool], int]) -> list[dict[str, Any]]:
+    gws = {mode: GatewayProcess(work / f"gw-nd-{mode}", s3_env(s3) | {"GATEWAY_DEDUP_NEAR_DUPLICATES": mode}).start()
+           for mode in ("off", "keep")}
+    keys = {mode: gw.add_device(f"bench-nd-{mode}")[1] for mode, gw in gws.items()}
+    rows = []
+    try:
+        for size in [100 * KiB, 1 * MiB] if quick else [100 * KiB, 1 * MiB, 5 * MiB]:
+            jpeg = real_jpeg(size)
+            n, conc = requests_for(len(jpeg), 8, quick), 8
+            got: dict[str, list[Round]] = {"off": [], "keep": [], "s3": []}
+            counts = [0.0, 0.0, 0.0]  # fingerprints done, unchecked (busy), CPU seconds: this size's rounds
+            for _ in range(1 if quick else 2):
+                for mode, gw in gws.items():
+                    before = fingerprint_figures(gw.url)
+                    got[mode].append(metered({"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
+                                             functools.partial(multipart_upload, jpeg=jpeg),
+                                             gw.port, UPLOAD, keys[mode], len(jpeg), conc, n))
+                    after = fingerprint_figures(gw.url)
+                    if mode == "keep":
+                        counts = [c + a - b for c, a, b in zip(counts, after, before, strict=True)]
+                got["s3"].append(metered({"s3": s3.pid, "client": os.getpid()}, None,
+                                         functools.partial(s3_put, jpeg=jpeg),
+                                         s3.endpoint, s3.access_key, s3.secret_key, "bench-nd", len(jpeg), conc, n))
+            off, on, direct = (max(got[k], key=lambda r: r.rps) for k in ("off", "keep", "s3"))
+            done, busy, cpu = counts
+            rows.append({
+                "size": len(jpeg), "concurrency": conc, "requests": n,
+                "off_rps": round(off.rps, 1), "on_rps": round(on.rps, 1), "s3_rps": round(direct.rps, 1),
+                "ratio_off": round(off.rps / direct.rps, 3), "ratio_on": round(on.rps / direct.rps, 3),
+                "ratio_drop": round((off.rps - on.rps) / direct.rps, 3),
+                "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
+                "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
+                "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
+            })
+    finally:
+        for gw in gws.values():
+            gw.stop()
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print("\n== 7. near-duplicate filter on (keep) vs off, real JPEGs, vs direct S3 PUT (best rounds)")
+    print(f"{'size':>9} {'conc':>4} {'off/s':>7} {'on/s':>7} {'S3/s':>7} {'off/S3':>6} {'on/S3':>6} {'drop':>6} "
+          f"{'fp CPU ms':>9} {'fp share':>8} {'gw CPU ms off/on':>16}")
+    for r in rows:
+        cpu = r["gateway_cpu_ms_per_request"]
+        print(f"{r['size'] // KiB:>5} KiB {r['concurrency']:>4} {r['off_rps']:>7} {r['on_rps']:>7} {r['s3_rps']:>7} "
+              f"{r['ratio_off']:>6} {r['ratio_on']:>6} {r['ratio_drop']:>6} {r['fingerprint_cpu_ms']!s:>9} "
+              f"{r['fingerprinted_share']:>8} {cpu['off']!s:>7}/{cpu['on']!s:<8}")
+    print("   (fp CPU ms: fingerprint and comparison CPU per fingerprinted upload; fp share: uploads fingerprinted,"
+          " the rest found the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked)")
+

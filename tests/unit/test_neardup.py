@@ -1,0 +1,70 @@
+"""The per-device reference windows and the CPU budget of `gateway.ingest.neardup`."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from gateway.config import DedupSettings
+from gateway.ingest import neardup
+from gateway.ingest.neardup import NearDuplicates, Verdict
+from gateway.metrics import Metrics
+from tests.support.frames import Scene, capture, draw
+
+ANNOTATED = json.dumps({"annotations": [{"class_value": "x", "type": "bbox", "geometry": [0.5, 0.5, 0.1, 0.1]}]})
+
+
+@pytest.fixture(scope="module")
+def shots() -> list[bytes]:
+    scene = draw(Scene(seed=3, parts=((200, 200),)))
+    return [capture(scene, i, shift=(i % 2, 0), sigma=4.0, quality=85) for i in range(4)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def judge(nd: NearDuplicates, frame: bytes, metadata: str | None = None) -> Verdict:
+    async def run() -> Verdict:
+        return await nd.judge("dev", frame, None if metadata is None else metadata.encode(), len(frame))
+
+    return anyio.run(run)
+
+
+def test_near_duplicates_point_at_references_which_expire(shots: list[bytes]) -> None:
+    clock = Clock()
+    nd = NearDuplicates(DedupSettings(near_duplicates="hold", near_window_s=60), Metrics(), clock)
+    first = judge(nd, shots[0])
+    assert first.of is None and first.fingerprint is not None
+    nd.remember("dev", first, "img_1", "batch_1", "raw-data/1")
+    again = judge(nd, shots[1])
+    assert again.of is not None and again.of.image_id == "img_1" and again.action == "hold"
+    nd.remember("dev", again, "img_2", "batch_1", "raw-data/2")  # a near-duplicate never becomes a reference
+    assert judge(nd, shots[2]).of.image_id == "img_1"  # type: ignore[union-attr]
+    assert judge(nd, shots[2], ANNOTATED).action == "keep"  # the device saw something: not held
+    clock.now += 61  # the reference is too old now: the frame is forwarded as a new reference
+    assert judge(nd, shots[3]).of is None
+
+
+def test_frames_go_unchecked_once_the_cpu_budget_is_spent(shots: list[bytes],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(neardup, "BURST_CPU_S", 0.0001)
+    metrics = Metrics()
+    nd = NearDuplicates(DedupSettings(near_cpu_share=1e-6), metrics, Clock())
+    assert judge(nd, shots[0]).fingerprint is not None  # within the initial burst
+    assert judge(nd, shots[1]).fingerprint is None  # budget spent: stored unchecked
+    assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
+
+
+def test_a_saturated_gateway_stores_frames_unchecked(shots: list[bytes]) -> None:
+    in_progress = [5]
+    nd = NearDuplicates(DedupSettings(near_busy_uploads=4), Metrics(), Clock(), lambda: in_progress[0])
+    assert judge(nd, shots[0]).fingerprint is None  # 5 uploads in progress: ingest keeps the CPU
+    in_progress[0] = 4
+    assert judge(nd, shots[0]).fingerprint is not None
