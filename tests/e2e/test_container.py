@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "container-test"
 OUTPUT = ROOT / "test-output" / "container"
 SKIP_STATUS = 77  # scripts/container-test: podman cannot run here
+ARM64_COST = "minutes"  # measured in the branch's report; see scripts/container-test's timings
 
 
 def hadolint_path() -> str:
@@ -96,6 +97,12 @@ def test_compose_environment_names_real_settings() -> None:
 def test_image_builds_runs_takes_an_upload_and_stops_cleanly(arch: str, tmp_path: Path) -> None:
     """scripts/container-test --arch ARCH: the lock's wheels for ARCH, the image built and run
     (arm64 under qemu emulation on an x86_64 machine), the same checks for both."""
+    if arch == "arm64" and os.environ.get("GATEWAY_CONTAINER_ARM64") != "1":
+        pytest.skip(
+            "arm64 under qemu emulation is left out of the default suite: its base image and build "
+            f"take {ARM64_COST} on 2 cores, past CI's budget; scripts/container-test runs it "
+            "(or GATEWAY_CONTAINER_ARM64=1 here)"
+        )
     log_path = tmp_path / "container-test.log"  # copied to OUTPUT at the end: runs may overlap
     env = dict(os.environ, GATEWAY_VENV=str(Path(sys.executable).parent.parent))
     started = time.monotonic()
