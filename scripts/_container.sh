@@ -53,14 +53,15 @@ base_of() {
 }
 image_of() { echo "$REPO:$VERSION-$1"; }
 emulated() { [ "$1" != "$(host_arch)" ]; }
-# limit ARCH WHAT: seconds allowed. Emulated (qemu) runs are 5-20x slower: their own limits.
+# limit ARCH WHAT: seconds allowed. Emulated (qemu) runs are 10-20x slower, more on a machine
+# shared with other work: their own limits, against hangs (a slow stop still fails: no SIGKILL).
 limit() {
   local native emulated_s
   case "$2" in
-    build) native=900; emulated_s=2400 ;;
-    healthy) native=30; emulated_s=300 ;;   # from `podman run` to /api/health answering
-    command) native=60; emulated_s=300 ;;   # one CLI command inside the container
-    stop) native=10; emulated_s=30 ;;       # a clean stop: about 1 s natively with tini
+    build) native=900; emulated_s=3000 ;;
+    healthy) native=30; emulated_s=600 ;;   # from `podman run` to /api/health answering
+    command) native=60; emulated_s=600 ;;   # one CLI command inside the container
+    stop) native=10; emulated_s=60 ;;       # a clean stop: about 1 s natively with tini
     *) fail "limit: unknown $2" ;;
   esac
   if emulated "$1"; then echo "$emulated_s"; else echo "$native"; fi
