@@ -1,10 +1,12 @@
 """The container image: hadolint on the Containerfile (always), the compose file's settings, and
 the image built and run with podman by scripts/container-test (skipped where podman cannot run).
 
-The podman test installs podman, runc and mmdebstrap with apt-get when they are missing (root
-only), makes a Debian base image once (kept as localhost/gateway-base), builds the image from a
-wheelhouse, runs it, registers a device and uploads one JPEG through the published port, and
-checks the user and a clean `podman stop`. Its log and timings go to test-output/container/.
+The podman test, once per architecture (amd64, and arm64 under qemu emulation), installs podman,
+runc, mmdebstrap (and qemu-user-static) with apt-get when they are missing (root only), makes a
+Debian base image per architecture once (kept), builds the image from the lock's wheels for that
+architecture, runs it, registers a device and uploads one JPEG through the published port, and
+checks the installed packages against the lock, the user, PID 1 and a clean `podman stop`. Its log
+and timings go to test-output/container/.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "container-test"
 OUTPUT = ROOT / "test-output" / "container"
 SKIP_STATUS = 77  # scripts/container-test: podman cannot run here
+# Measured here (2 cores shared): mmdebstrap base 61 min once, build 10 min, checks 1 min.
+ARM64_COST = "over 10 minutes (the base, once, far more)"
 
 
 def hadolint_path() -> str:
@@ -89,18 +93,27 @@ def test_compose_environment_names_real_settings() -> None:
 
 @pytest.mark.container
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # first run: apt-get podman, mmdebstrap base (both cached afterwards)
-def test_image_builds_runs_takes_an_upload_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.timeout(2400)  # first run: apt-get podman (and qemu), mmdebstrap base (cached afterwards)
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_image_builds_runs_takes_an_upload_and_stops_cleanly(arch: str, tmp_path: Path) -> None:
+    """scripts/container-test --arch ARCH: the lock's wheels for ARCH, the image built and run
+    (arm64 under qemu emulation on an x86_64 machine), the same checks for both."""
+    if arch == "arm64" and os.environ.get("GATEWAY_CONTAINER_ARM64") != "1":
+        pytest.skip(
+            "arm64 under qemu emulation is left out of the default suite: its base image and build "
+            f"take {ARM64_COST} on 2 cores, past CI's budget; scripts/container-test runs it "
+            "(or GATEWAY_CONTAINER_ARM64=1 here)"
+        )
     log_path = tmp_path / "container-test.log"  # copied to OUTPUT at the end: runs may overlap
     env = dict(os.environ, GATEWAY_VENV=str(Path(sys.executable).parent.parent))
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            ["bash", str(SCRIPT), "--podman"],
+            ["bash", str(SCRIPT), "--podman", "--arch", arch],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )
         try:
-            returncode = proc.wait(timeout=1100)
+            returncode = proc.wait(timeout=2300)
         except subprocess.TimeoutExpired:
             proc.terminate()  # SIGTERM: the script's trap removes the container it started
             proc.wait(timeout=120)
@@ -108,15 +121,15 @@ def test_image_builds_runs_takes_an_upload_and_stops_cleanly(tmp_path: Path) -> 
     took = time.monotonic() - started
     output = log_path.read_text(errors="replace")
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(log_path, OUTPUT / "container-test.log")
+    shutil.copyfile(log_path, OUTPUT / f"container-test-{arch}.log")
     print(output)  # the script's own timings, shown with -s or on failure
-    print(f"container-test took {took:.1f}s")
+    print(f"container-test --arch {arch} took {took:.1f}s")
     if returncode == SKIP_STATUS:
         reasons = [ln[len("SKIP: "):] for ln in output.splitlines() if ln.startswith("SKIP: ")]
-        pytest.skip(f"container test skipped: {reasons[-1] if reasons else output[-500:]}")
+        pytest.skip(f"container test ({arch}) skipped: {reasons[-1] if reasons else output[-500:]}")
     tail = output[-4000:]
-    assert returncode == 0, f"scripts/container-test failed:\n{tail}"
-    assert "container-test: PASS" in output
+    assert returncode == 0, f"scripts/container-test --arch {arch} failed:\n{tail}"
+    assert f"container: PASS ({arch})" in output
 
 
 def test_distributed_compose_is_four_erasure_coded_nodes_behind_one_endpoint() -> None:
