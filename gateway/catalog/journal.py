@@ -96,7 +96,7 @@ class Journal:
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if created:  # the file's own name must survive a power cut too
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         chunks = []
         while chunk := os.read(self._fd, 1024 * 1024):
             chunks.append(chunk)
@@ -124,7 +124,7 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         log.warning("catalog journal %s: a torn tail of %d byte(s) was cut (a write that never returned); "
                     "its bytes are kept in %s", self.path, len(tail), aside)
 
@@ -198,7 +198,8 @@ def next_whole_frame(data: bytes, start: int) -> int | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new, renamed or replaced file) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

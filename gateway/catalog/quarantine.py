@@ -26,7 +26,7 @@ from typing import Any
 import duckdb
 import msgspec
 
-from gateway.catalog.journal import Entry
+from gateway.catalog.journal import Entry, fsync_dir
 
 log = logging.getLogger("gateway.catalog")
 _HEAD = struct.Struct("<II")
@@ -95,7 +95,7 @@ class JournalQuarantine:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self.count += 1
         log.error("catalog journal: a record DuckDB refuses was quarantined as %s in %s (%s); it held %s",
                   record.id, self.path, reason[:300], held(entry))
@@ -135,14 +135,6 @@ class JournalQuarantine:
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             self.count = len(kept)
             return gone
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
