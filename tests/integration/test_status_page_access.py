@@ -74,7 +74,16 @@ async def test_remote_needs_the_token_loopback_does_not(gw: Gateway) -> None:
 
 
 @pytest.mark.anyio
-async def test_token_query_sets_an_httponly_cookie_and_drops_the_token_from_the_url(gw: Gateway) -> None:
+async def test_token_query_sets_an_httponly_cookie_and_drops_the_token_from_the_url(tmp_path: Path) -> None:
+    now = 1_796_411_884.9  # a frozen clock: the cookie's issue second must not tick between the two reads
+    gw = await _gateway(tmp_path, clock=lambda: now)
+    try:
+        await _check_token_query_sets_cookie(gw)
+    finally:
+        await gw.stop()
+
+
+async def _check_token_query_sets_cookie(gw: Gateway) -> None:
     async with _client(gw, REMOTE) as remote:
         resp = await remote.get("/", params={"token": TOKEN})
         assert resp.status_code == 303 and resp.headers["location"] == "/"
