@@ -21,11 +21,11 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.activity import ErrorEntry
 from gateway.api import admin, device, journal, ops, outbox, provision, status_page, sync
 from gateway.api.envelope import EXCEPTION_HANDLERS
 from gateway.config import Settings
 from gateway.logs import request_id
+from gateway.ops.activity import ErrorEntry
 from gateway.runtime import Gateway
 
 access_log = logging.getLogger("gateway.access")

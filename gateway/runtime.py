@@ -19,29 +19,29 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.activity import RecentErrors, Throughput
-from gateway.batches import BatchSealer
-from gateway.capacity import CapacityGuard
+from gateway.batches.lifecycle import BatchSealer
+from gateway.batches.manifests import ManifestWriter
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.devices import DeviceRegistry
+from gateway.devices.keycheck import RECHECK_EVERY_S, KeyChecker
+from gateway.devices.keysecret import open_keybox
+from gateway.devices.provisioning import Provisioner
+from gateway.devices.registry import DeviceRegistry
+from gateway.devices.tokens import TokenStore
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.forward.cache import ForwardCache
 from gateway.forward.client import CloudClient
-from gateway.forward.keycheck import RECHECK_EVERY_S, KeyChecker
 from gateway.forward.retention import RetentionSweeper
 from gateway.forward.worker import Forwarder
+from gateway.ingest.capacity import CapacityGuard
 from gateway.ingest.pipeline import Ingestor
 from gateway.ingest.reconcile import ReconcileReport, check_recent_objects, settle_intents
-from gateway.keysecret import open_keybox
-from gateway.manifests import ManifestWriter
-from gateway.metrics import CONNECTIVITY_STATES, Metrics
+from gateway.ops.activity import RecentErrors, Throughput
+from gateway.ops.metrics import CONNECTIVITY_STATES, Metrics
+from gateway.ops.status import StatusReport, read_status
 from gateway.outbound import Outbound
-from gateway.provision_tokens import TokenStore
-from gateway.provisioning import Provisioner
-from gateway.ratelimit import DeviceRateLimiter
-from gateway.status import StatusReport, read_status
 from gateway.storage import ObjectStore, open_store
+from gateway.system.ratelimit import DeviceRateLimiter
 
 log = logging.getLogger("gateway")
 RECONCILE_EVERY_S = 600.0

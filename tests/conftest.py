@@ -124,7 +124,5 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
     yield start
     for proc in started:
-        try:
+        with contextlib.suppress(Exception):
             proc.stop(timeout=30)
-        except Exception:
-            pass

@@ -9,12 +9,12 @@ from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from gateway import batch_queries
 from gateway.api import admin_verify, provision
 from gateway.api.auth import require_bearer
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.api.sync import list_batches, show_batch  # the same views, behind the admin token here
+from gateway.batches import queries as batch_queries
 from gateway.errors import ValidationFailed
 from gateway.runtime import Gateway
 

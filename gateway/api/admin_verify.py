@@ -17,10 +17,10 @@ from litestar import Request, Response, get, post
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.errors import Conflict, ValidationFailed
+from gateway.ops.verify import Verifier, VerifyProgress
 from gateway.runtime import Gateway
-from gateway.verify import Verifier, VerifyProgress
 
-log = logging.getLogger("gateway.verify")
+log = logging.getLogger("gateway.ops.verify")
 
 
 class VerifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -13,7 +13,7 @@ from litestar import Request, Response, get, post
 
 from gateway.api.body import ClientGone, RequestBody, read_json_body
 from gateway.api.envelope import ok
-from gateway.devices import Device
+from gateway.devices.registry import Device
 from gateway.errors import DeviceNotApproved, GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
 from gateway.runtime import Gateway
 

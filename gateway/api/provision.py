@@ -10,9 +10,9 @@ from litestar import Request, Response, get, post
 
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
+from gateway.devices.provisioning import CloudAnswered
+from gateway.devices.tokens import DEFAULT_EXPIRY_DAYS
 from gateway.errors import ValidationFailed
-from gateway.provision_tokens import DEFAULT_EXPIRY_DAYS
-from gateway.provisioning import CloudAnswered
 from gateway.runtime import Gateway
 
 

@@ -23,9 +23,9 @@ from litestar.response import Redirect
 
 from gateway import __version__
 from gateway.api.status_render import PageFigures, render_login, render_page
-from gateway.metrics import PREFIX
+from gateway.ops.metrics import PREFIX
+from gateway.ops.status import dead_letters, device_activity, recent_uploads
 from gateway.runtime import Gateway
-from gateway.status import dead_letters, device_activity, recent_uploads
 
 COOKIE = "gateway_status"
 COOKIE_MAX_AGE_S = 7 * 24 * 3600

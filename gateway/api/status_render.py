@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from gateway.activity import ErrorEntry, MinuteCounts
 from gateway.humanize import human_age, human_bytes, local_time
-from gateway.status import DeadLetter, DeviceActivity, RecentUpload, StatusReport
+from gateway.ops.activity import ErrorEntry, MinuteCounts
+from gateway.ops.status import DeadLetter, DeviceActivity, RecentUpload, StatusReport
 
 REFRESH_S = 10
 _STATE_CLASS = {"online": "ok", "degraded": "warn", "recovering": "warn", "offline": "bad", "unknown": "muted",

@@ -19,11 +19,11 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from gateway import batch_queries as q
 from gateway.api.auth import require_bearer
 from gateway.api.envelope import ok
+from gateway.batches import queries as q
+from gateway.batches.manifests import CONTENT_TYPE as PARQUET
 from gateway.errors import NotFound
-from gateway.manifests import CONTENT_TYPE as PARQUET
 from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway.sync")

@@ -47,7 +47,7 @@ from gateway.catalog.journal import Entry, Journal, Update, frame
 from gateway.catalog.quarantine import JournalQuarantine, Quarantined, record_refused
 from gateway.catalog.schema import migrate
 from gateway.errors import GatewayError, InsufficientStorage, ServiceUnavailable, StartRefused
-from gateway.osthread import name_this_thread
+from gateway.system.osthread import name_this_thread
 
 T = TypeVar("T")
 Conn = duckdb.DuckDBPyConnection

@@ -67,7 +67,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 2: how many cloud image ids the stored manifest holds, so a manifest written before the
-    # cloud's ids arrived is known to be stale and rewritten (gateway.manifests).
+    # cloud's ids arrived is known to be stale and rewritten (gateway.batches.manifests).
     """
     ALTER TABLE batches ADD COLUMN manifest_cloud_ids INTEGER;
     """,
@@ -91,7 +91,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 4: facts about this gateway checked at start, e.g. the fingerprint of the key secret that
-    # sealed the device keys (gateway.keysecret): a start with another secret is refused.
+    # sealed the device keys (gateway.devices.keysecret): a start with another secret is refused.
     """
     CREATE TABLE gateway_facts (
         name  VARCHAR PRIMARY KEY,

@@ -1,1 +1,3 @@
-"""Store-and-forward to the cloud: the outbox (durable queue in the catalog) and its worker."""
+"""The path of a forward: the outbox (a durable queue in the catalog) -> `worker.Forwarder` (order,
+concurrency, the outage gate, backoff) -> `client.CloudClient` (one upload as the device) -> the
+entry marked delivered; `cache` keeps bytes near at hand and `retention` removes delivered bytes."""

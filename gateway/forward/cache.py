@@ -29,7 +29,7 @@ from pathlib import Path
 
 import xxhash
 
-from gateway.osthread import name_this_thread
+from gateway.system.osthread import name_this_thread
 
 log = logging.getLogger("gateway.forward")
 

@@ -14,7 +14,7 @@ from functools import partial
 import anyio
 
 from gateway.catalog import Catalog, Conn
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.retention")

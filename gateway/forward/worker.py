@@ -21,7 +21,8 @@ from anyio.abc import TaskGroup
 
 from gateway.catalog import Catalog, Expected
 from gateway.config import Settings
-from gateway.devices import DeviceRegistry
+from gateway.devices.keys import KeyUnreadable
+from gateway.devices.registry import DeviceRegistry
 from gateway.errors import GatewayError
 from gateway.forward import outbox
 from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
@@ -36,8 +37,7 @@ from gateway.forward.client import (
     MultipartUpload,
     Outcome,
 )
-from gateway.keys import KeyUnreadable
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.forward")

@@ -29,7 +29,7 @@ import msgspec
 
 from gateway.config import DedupSettings
 from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, region_difference
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
 BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell

@@ -20,11 +20,11 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from gateway import batches
+from gateway.batches import lifecycle as batches
 from gateway.catalog import Catalog, Conn
 from gateway.catalog.journal import Entry, Rows
 from gateway.config import Settings
-from gateway.devices import Device
+from gateway.devices.registry import Device
 from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
 from gateway.forward import outbox
 from gateway.forward.cache import ForwardCache
@@ -33,7 +33,7 @@ from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_up
 from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 from gateway.storage.folder import fsync_dir
 

@@ -17,7 +17,7 @@ from gateway.catalog import Catalog
 from gateway.catalog.schema import migrate
 from gateway.config import Settings
 from gateway.ingest.pipeline import Ingestor, _NewImage
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 CHUNK = 200_000
 WARM_UP = 100  # untimed uploads first, as a serving gateway has had

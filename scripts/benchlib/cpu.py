@@ -1,7 +1,7 @@
 """CPU time per process (and per gateway thread) from /proc, to say which process is the limit.
 
 Linux only. Threads are grouped by their OS-level name: the gateway names its catalog writer and
-forwarder threads (`gateway.osthread`); its main thread runs the event loop; the rest (S3 PUT
+forwarder threads (`gateway.system.osthread`); its main thread runs the event loop; the rest (S3 PUT
 workers, DuckDB's own workers) are "other threads"."""
 
 from __future__ import annotations

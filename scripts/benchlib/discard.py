@@ -15,7 +15,7 @@ from hypercorn.config import Config
 from litestar import Litestar, Request, Response, post
 from multipart import PushMultipartParser, parse_options_header
 
-from gateway import eventloop
+from gateway.system import eventloop
 
 
 @post("/api/device/images/upload", status_code=201)

@@ -19,7 +19,7 @@ from tests.conftest import BACKENDS, jpeg_bytes
 from tests.support.client import upload
 from tests.support.gateway_proc import GatewayProcess
 
-MAX_METRICS_BYTES = 65536  # gateway.devices.MAX_METRICS_BYTES
+MAX_METRICS_BYTES = 65536  # gateway.devices.registry.MAX_METRICS_BYTES
 
 
 @pytest.mark.e2e

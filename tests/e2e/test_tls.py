@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.cli.control import admin_tls
 from gateway.config import load_settings
-from gateway.control import admin_tls
 from tests.conftest import jpeg_bytes
 from tests.support.gateway_proc import ADMIN_TOKEN, GatewayProcess
 

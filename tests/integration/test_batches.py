@@ -17,9 +17,9 @@ import pytest
 import xxhash
 from minio import Minio
 
+from gateway.batches.manifests import COLUMNS, ManifestWriter, manifest_key, stale_manifests
 from gateway.catalog import Catalog
-from gateway.manifests import COLUMNS, ManifestWriter, manifest_key, stale_manifests
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import FolderStore
 from tests.conftest import BACKENDS, png_bytes
 from tests.support.client import upload, wait_for

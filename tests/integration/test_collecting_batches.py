@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import batch_queries
-from gateway.batches import CollectingBatches
+from gateway.batches import queries as batch_queries
+from gateway.batches.lifecycle import CollectingBatches
 from gateway.catalog import Catalog, Conn
 from gateway.catalog.db import insert_rows
 

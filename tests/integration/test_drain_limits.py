@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from gateway.drain import DrainJob
+from gateway.syncjob.drain import DrainJob
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024

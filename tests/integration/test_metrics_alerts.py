@@ -15,7 +15,7 @@ import pytest
 import yaml  # PyYAML: installed with litestar (its YAML schema output), no extra dependency
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import FORWARD_OUTCOMES
+from gateway.ops.metrics import FORWARD_OUTCOMES
 from tests.conftest import png_bytes
 from tests.support.client import upload
 from tests.support.gateway_proc import GatewayProcess

@@ -11,12 +11,12 @@ import pytest
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.devices import DeviceRegistry
+from gateway.devices.keys import KeyBox
+from gateway.devices.provisioning import Provisioner
+from gateway.devices.registry import DeviceRegistry
+from gateway.devices.tokens import TokenStore
 from gateway.errors import DeviceExists, GatewayError, InvalidToken
-from gateway.keys import KeyBox
-from gateway.provision_tokens import TokenStore
-from gateway.provisioning import Provisioner
-from gateway.ratelimit import DeviceRateLimiter
+from gateway.system.ratelimit import DeviceRateLimiter
 
 
 def _request(token: str, device_id: str) -> bytes:

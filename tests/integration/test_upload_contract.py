@@ -70,10 +70,10 @@ class Snapshot:
 
 def assert_error(resp: httpx.Response | tuple[int, dict[str, str], bytes], status: int, code: str) -> dict[str, Any]:
     if isinstance(resp, tuple):
-        got_status, headers, raw = resp
+        got_status, _headers, raw = resp
         body = httpx.Response(got_status, content=raw).json()
     else:
-        got_status, headers, body = resp.status_code, dict(resp.headers), resp.json()
+        got_status, _headers, body = resp.status_code, dict(resp.headers), resp.json()
     assert got_status == status, body
     assert body["success"] is False
     assert body["error"]["code"] == code

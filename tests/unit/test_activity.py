@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from gateway.activity import ErrorEntry, RecentErrors, Throughput
-from gateway.progress import Progress, ProgressBar
+from gateway.cli.progress import Progress, ProgressBar
+from gateway.ops.activity import ErrorEntry, RecentErrors, Throughput
 
 
 class FakeClock:

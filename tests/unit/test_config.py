@@ -75,7 +75,7 @@ def test_every_bad_value_gets_its_own_message_naming_key_and_source(tmp_path: Pa
 
 
 def test_minio_backend_needs_an_endpoint() -> None:
-    with pytest.raises(ConfigError, match="minio.endpoint"):
+    with pytest.raises(ConfigError, match=r"minio\.endpoint"):
         load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_STORAGE_BACKEND": "minio"}, path=None)
 
 

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from gateway.drain import DrainError, local_name, sync_base_url
-from gateway.drain_cli import parse_rate
+from gateway.syncjob.cli import parse_rate
+from gateway.syncjob.drain import DrainError, local_name, sync_base_url
 
 
 def test_local_names_stay_inside_the_batch_folder() -> None:

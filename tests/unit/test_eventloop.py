@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gateway import eventloop
+from gateway.system import eventloop
 
 
 def loop_module_running() -> str:

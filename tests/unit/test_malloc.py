@@ -1,4 +1,4 @@
-"""The malloc settings `gateway serve` applies (gateway.malloc): glibc takes them."""
+"""The malloc settings `gateway serve` applies (gateway.system.malloc): glibc takes them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from gateway import malloc
+from gateway.system import malloc
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")

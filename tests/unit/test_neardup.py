@@ -10,7 +10,7 @@ import pytest
 from gateway.config import DedupSettings
 from gateway.ingest import neardup
 from gateway.ingest.neardup import NearDuplicates, Verdict
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from tests.support.frames import Scene, capture, draw
 
 ANNOTATED = json.dumps({"annotations": [{"class_value": "x", "type": "bbox", "geometry": [0.5, 0.5, 0.1, 0.1]}]})

@@ -20,7 +20,7 @@ import anyio
 
 from gateway.catalog import Catalog, Conn
 
-log = logging.getLogger("gateway.batches")
+log = logging.getLogger("gateway.batches.lifecycle")
 
 COLLECTING, SEALED, FORWARDED, DRAINED = "collecting", "sealed", "forwarded", "drained"
 STATES = (COLLECTING, SEALED, FORWARDED, DRAINED)

@@ -1,4 +1,4 @@
-"""`gateway verify [--full] [--repair] [--sample N] [--json]`: the CLI side of `gateway.verify`.
+"""`gateway verify [--full] [--repair] [--sample N] [--json]`: the CLI side of `gateway.ops.verify`.
 
 The check runs in the server (admin API) or in-process on a stopped server's files; meanwhile
 this polls its progress and draws a bar on stderr once the run has taken more than a second.
@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from gateway.control import Control
+from gateway.cli.control import Control
 
 _WIDTH = 24
 _KINDS = [

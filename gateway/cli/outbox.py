@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gateway.control import Control
+from gateway.cli.control import Control
 from gateway.humanize import human_bytes
 
 
@@ -27,7 +27,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli import _cell, _table
+    from gateway.cli.main import _cell, _table
 
     if args.action == "retry":
         if args.all_dead + args.all_skipped + bool(args.image_ids) != 1:

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from gateway import keys
 from gateway.catalog import Catalog, Conn
+from gateway.devices import keys
 from gateway.errors import (
     Conflict,
     DeviceNotApproved,

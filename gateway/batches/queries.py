@@ -2,14 +2,14 @@
 
 Batches and manifest rows leave here as plain dicts: times are unix seconds (UTC), metadata is
 the JSON text exactly as the device sent it (or None). The state transitions themselves stay in
-`gateway.batches`; the ops here only wrap them to tell the caller what changed.
+`gateway.batches.lifecycle`; the ops here only wrap them to tell the caller what changed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway import batches
+from gateway.batches import lifecycle as batches
 from gateway.catalog import Conn
 from gateway.errors import Conflict, NotFound, ValidationFailed
 

@@ -16,18 +16,18 @@ from typing import Any
 import anyio
 
 from gateway import __version__
-from gateway.cli_journal import add_arguments as add_journal_arguments
-from gateway.cli_journal import cmd_journal
-from gateway.cli_outbox import add_arguments as add_outbox_arguments
-from gateway.cli_outbox import cmd_outbox
-from gateway.cli_tokens import add_arguments as add_tokens_arguments
-from gateway.cli_tokens import cmd_tokens
+from gateway.cli.control import Control, ControlError, connect
+from gateway.cli.journal import add_arguments as add_journal_arguments
+from gateway.cli.journal import cmd_journal
+from gateway.cli.outbox import add_arguments as add_outbox_arguments
+from gateway.cli.outbox import cmd_outbox
+from gateway.cli.tokens import add_arguments as add_tokens_arguments
+from gateway.cli.tokens import cmd_tokens
+from gateway.cli.verify import add_arguments as add_verify_arguments
+from gateway.cli.verify import cmd_verify
 from gateway.config import ConfigError, Settings, load_settings, redacted
-from gateway.control import Control, ControlError, connect
 from gateway.errors import StartRefused
 from gateway.humanize import human_age, human_bytes
-from gateway.verify_cli import add_arguments as add_verify_arguments
-from gateway.verify_cli import cmd_verify
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -185,9 +185,10 @@ def serve(settings: Settings) -> int:
     import hypercorn.asyncio
     from hypercorn.config import Config as HypercornConfig
 
-    from gateway import eventloop, logs, malloc
+    from gateway import logs
     from gateway.api.connections import protect
     from gateway.app import create_app
+    from gateway.system import eventloop, malloc
 
     # Everything the server creates (data folder, catalog, objects, manifests, spool) is for its own
     # user only: folders 0700, files 0600.
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.add_parser("show", help="a batch and its manifest rows").add_argument("batch_id", metavar="BATCH_ID")
     bsub.add_parser("seal", help="seal a collecting batch now").add_argument("batch_id", metavar="BATCH_ID")
 
-    from gateway.drain_cli import add_arguments as add_drain_arguments
+    from gateway.syncjob.cli import add_arguments as add_drain_arguments
 
     add_drain_arguments(sub.add_parser(
         "drain", help="sync job: copy drainable batches from a gateway into a folder, verify, ack"))
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "json"):
         args.json = False
     if args.command == "drain":  # a client of some gateway: the local settings play no part
-        from gateway.drain_cli import main as drain_main
+        from gateway.syncjob.cli import main as drain_main
 
         return drain_main(args)
     try:

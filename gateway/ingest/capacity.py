@@ -27,10 +27,10 @@ import anyio
 from gateway.catalog import Catalog, Conn
 from gateway.errors import InsufficientStorage
 from gateway.forward.cache import ForwardCache
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
-log = logging.getLogger("gateway.capacity")
+log = logging.getLogger("gateway.ingest.capacity")
 REFRESH_S = 1.0
 EVICT_BATCH = 100
 EVICT_MAX_PER_CALL = 5000  # bounds the latency one upload can spend making room

@@ -1,4 +1,4 @@
-"""`gateway drain URL DEST`: the command line of the sync job (`gateway.drain`)."""
+"""`gateway drain URL DEST`: the command line of the sync job (`gateway.syncjob.drain`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.drain import AccessDenied, DrainError, DrainJob
-from gateway.progress import ProgressBar
+from gateway.cli.progress import ProgressBar
+from gateway.syncjob.drain import AccessDenied, DrainError, DrainJob
 
 
 def parse_rate(text: str) -> int:

@@ -31,7 +31,7 @@ from gateway.catalog import Catalog, Conn
 from gateway.storage import ObjectStore
 from gateway.storage.base import ObjectInfo
 
-log = logging.getLogger("gateway.verify")
+log = logging.getLogger("gateway.ops.verify")
 IMAGE_PREFIX = "raw-data/"
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.control import Control
+from gateway.cli.control import Control
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:  # type: ignore[type-arg]

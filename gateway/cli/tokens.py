@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gateway.control import Control
+from gateway.cli.control import Control
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:  # type: ignore[type-arg]
@@ -26,7 +26,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_tokens(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli import _cell, _table
+    from gateway.cli.main import _cell, _table
 
     if args.action == "create":
         body = {"name": args.name, "expires_in_days": args.expires_in_days, "never_expires": args.never_expires,

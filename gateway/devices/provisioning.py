@@ -18,15 +18,15 @@ from typing import Any
 
 import msgspec
 
-from gateway import keys
 from gateway.config import Settings
-from gateway.devices import STATUSES, DeviceRegistry
+from gateway.devices import keys
+from gateway.devices.registry import STATUSES, DeviceRegistry
+from gateway.devices.tokens import TokenStore
 from gateway.errors import BadGateway, Conflict, DeviceExists, ServiceUnavailable, ValidationFailed
 from gateway.forward.client import CloudClient, CloudUnreachable, RelayedAnswer
-from gateway.provision_tokens import TokenStore
-from gateway.ratelimit import DeviceRateLimiter
+from gateway.system.ratelimit import DeviceRateLimiter
 
-log = logging.getLogger("gateway.provisioning")
+log = logging.getLogger("gateway.devices.provisioning")
 
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_DEVICE_INFO_BYTES = 16 * 1024

@@ -26,13 +26,13 @@ from pathlib import Path
 import anyio
 import duckdb
 
-from gateway.batches import COLLECTING
+from gateway.batches.lifecycle import COLLECTING
 from gateway.catalog import Catalog, Conn
 from gateway.errors import Conflict, NotFound, ServiceUnavailable
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
-log = logging.getLogger("gateway.manifests")
+log = logging.getLogger("gateway.batches.manifests")
 
 CONTENT_TYPE = "application/vnd.apache.parquet"
 COLUMNS = (

@@ -26,16 +26,16 @@ from collections.abc import Callable
 
 from anyio.abc import TaskGroup
 
-from gateway import keys
 from gateway.catalog import Catalog, Conn
 from gateway.config import CloudSettings
-from gateway.devices import Device, DeviceRegistry
+from gateway.devices import keys
+from gateway.devices.registry import Device, DeviceRegistry
 from gateway.errors import Conflict, DeviceNotApproved, GatewayError, InvalidDeviceKey, RateLimited
 from gateway.forward import outbox
 from gateway.forward.client import CloudClient, KeyAnswer
-from gateway.ratelimit import DeviceRateLimiter
+from gateway.system.ratelimit import DeviceRateLimiter
 
-log = logging.getLogger("gateway.keys")
+log = logging.getLogger("gateway.devices.keys")
 
 NEGATIVE_TTL_S = 60.0
 MAX_REMEMBERED_REFUSALS = 10_000

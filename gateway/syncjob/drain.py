@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import xxhash
 
+from gateway.cli.progress import ProgressBar, RateLimit
 from gateway.ingest.filenames import cap_name
-from gateway.progress import ProgressBar, RateLimit
 from gateway.storage.folder import fsync_dir
 
 HASH_HEADER = "X-Content-XXH3-128"

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from gateway.catalog import Catalog, Conn
+from gateway.devices.keys import KeyBox, KeyUnreadable
 from gateway.errors import StartRefused
-from gateway.keys import KeyBox, KeyUnreadable
 
 log = logging.getLogger("gateway")
 FINGERPRINT = "key_secret_fingerprint"

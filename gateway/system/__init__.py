@@ -1,0 +1,2 @@
+"""Process plumbing with no domain knowledge: the event loop, the allocator, thread names, token
+buckets."""
