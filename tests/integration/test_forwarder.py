@@ -194,7 +194,10 @@ def test_bandwidth_cap_holds_over_the_whole_transfer(
     sent = sum(rec.size for rec in cloud.stored.values())
     rate = sent / (finished - started)
     print(f"bandwidth cap {cap} B/s: measured {rate:.0f} B/s over {sent} bytes ({rate / cap - 1:+.1%})")
-    assert abs(rate / cap - 1) <= 0.15
+    # The cap is a ceiling: never faster (allowing the bucket's one-second burst). How close the
+    # forwarder comes to it is a speed figure, so it lives in `scripts/bench --only bandwidth`
+    # (on a loaded 2-core CI machine it fell 28 % short while the cap itself held).
+    assert rate <= cap * 1.15
 
 
 def test_unknown_keys_are_checked_with_the_cloud(

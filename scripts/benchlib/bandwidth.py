@@ -1,0 +1,51 @@
+"""`scripts/bench --only bandwidth`: how close the forwarder comes to `forward.bandwidth_bytes_per_s`.
+
+The pass/fail test (tests/integration/test_forwarder.py) checks that the cap is never exceeded;
+this section reports the measured rate against the cap, whose target is within ±15 %.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import jpeg_bytes
+from tests.support.client import upload
+from tests.support.fakecloud import FakeCloud
+from tests.support.gateway_proc import GatewayProcess, s3_env
+from tests.support.s3cluster import S3Cluster
+from tests.support.s3server import S3Server
+
+
+def bandwidth_section(s3: S3Server | S3Cluster, work: Path, quick: bool, cap: int = 2_000_000) -> dict[str, Any]:
+    """The backlog built while the cloud is down, then drained under the cap: bytes / seconds from
+    the first arrival to the last, against the cap."""
+    images, size = (20, 1_000_000) if quick else (60, 1_000_000)
+    cloud = FakeCloud().start()
+    gw = GatewayProcess(work / "gw-bandwidth", s3_env(s3) | {
+        "GATEWAY_CLOUD_URL": cloud.url, "GATEWAY_FORWARD_BANDWIDTH_BYTES_PER_S": str(cap),
+        "GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2", "GATEWAY_FORWARD_BACKOFF_MAX_S": "1",
+    })
+    try:
+        key = "adk_" + secrets.token_hex(16)
+        cloud.add_device(key)
+        cloud.refuse_connections()
+        gw.start()
+        with gw.admin() as client:
+            client.post("/api/admin/devices", json={"name": "bw", "key": key}).raise_for_status()
+        for i in range(images):
+            upload(gw, key, jpeg_bytes(size + i), filename=f"bw-{i}.jpg").raise_for_status()
+        started = time.monotonic()
+        cloud.accept_connections()
+        cloud.wait_until(lambda c: len(c.stored) == images, timeout=images * size / cap * 3 + 60)
+        stored = list(cloud.stored.values())
+        sent = sum(r.size for r in stored)
+        elapsed = max(r.at for r in stored) - started if stored else float("nan")
+        rate = sent / elapsed if stored else 0.0
+        return {"cap_bytes_per_s": cap, "images": len(stored), "bytes": sent, "seconds": round(elapsed, 2),
+                "rate_bytes_per_s": round(rate), "rate_vs_cap": round(rate / cap, 3), "target": "0.85-1.15"}
+    finally:
+        gw.stop()
+        cloud.stop()
