@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 
 from gateway import __version__
+from gateway.cli.backup import add_arguments as add_backup_arguments
+from gateway.cli.backup import cmd_backup, cmd_restore
 from gateway.cli.control import Control, ControlError, connect
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox_parsers = add_outbox_arguments(sub)
     token_parsers = add_tokens_arguments(sub)
     journal_parsers = add_journal_arguments(sub)
+    add_backup_arguments(sub)  # top-level verbs: --json comes with sub.choices
 
     for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
                    *token_parsers, *journal_parsers]:
@@ -319,6 +322,7 @@ COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "outbox": cmd_outbox,
     "tokens": cmd_tokens,
     "journal": cmd_journal,
+    "backup": cmd_backup,
 }
 
 
@@ -345,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     if args.command == "config":
         return cmd_config(settings, args)
+    if args.command == "restore":  # a stopped gateway's files only
+        return cmd_restore(settings, args)
     handler = COMMANDS[args.command]
 
     async def run() -> int:
