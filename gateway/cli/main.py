@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 
 from gateway import __version__
+from gateway.cli import statustext
 from gateway.cli.backup import add_arguments as add_backup_arguments
 from gateway.cli.backup import cmd_backup, cmd_restore
 from gateway.cli.control import Control, ControlError, connect
@@ -115,9 +116,9 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("delivered", str(s["delivered_count"])),
         *([("journal quarantine", f"{s['journal_quarantined']} record(s) DuckDB refused: "
                                   "see `gateway journal quarantine list`")] if s.get("journal_quarantined") else []),
-        ("last success", _cell(s["last_success_at"])),
-        ("last error", s["last_error"] or "-"),
-        ("time to drain", human_age(s["eta_s"])),
+        ("last success", statustext.last_success(s)),
+        ("last error", statustext.last_error(s)),
+        ("backlog sent", statustext.outlook(s)),
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]
