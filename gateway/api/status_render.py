@@ -80,7 +80,8 @@ def _cards(f: PageFigures) -> str:
     r = f.report
     state = r.connectivity
     if f.forwarding_on:
-        conn_sub = f"to {e(_cloud_host(f.cloud_url))}<br>last delivery {_ago(f.now, r.last_success_at)}"
+        delivered = _ago(f.now, r.last_success_at) if r.last_success_at is not None else "none yet"
+        conn_sub = f"to {e(_cloud_host(f.cloud_url))}<br>last delivery {delivered}"
         conn_sub += _last_error(f)
     else:
         conn_sub = "forwarding off: no cloud URL set"
@@ -126,7 +127,8 @@ def _last_error(f: PageFigures) -> str:
     if r.last_success_at is not None and r.last_error_at is not None and r.last_success_at >= r.last_error_at:
         return (f'<br><span class="muted" data-figure="last-error-resolved" title="{full}">resolved: '
                 f"{e(said.summary)} ({_ago(f.now, r.last_error_at)}), delivered since</span>")
-    hint = f'<br><span data-figure="last-error-hint">{_code(said.hint)}</span>' if said.hint else ""
+    shown_below = said.key_refused and r.dead_count  # the dead letters' card says what to do
+    hint = f'<br><span data-figure="last-error-hint">{_code(said.hint)}</span>' if said.hint and not shown_below else ""
     return (f'<br>last error {_ago(f.now, r.last_error_at)}: '
             f'<span class="bad" data-figure="last-error" title="{full}">{e(said.summary)}</span>{hint}')
 
