@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import msgspec
 
+from gateway.catalog.schema import MIGRATIONS
 from gateway.ops.backup import CATALOG_FILE, SECRET_FILE, BackupMismatch, Manifest, read_manifest, stamp
 
 
@@ -48,6 +49,9 @@ def check_not_held(catalog: Path) -> None:
 def restore(src: Path, catalog: Path, secret: Path, force: bool, now: float) -> RestoreResult:
     """Put the backup in `src` in place as `catalog` and `secret` (a stopped gateway's paths)."""
     manifest = read_manifest(src)  # BackupMismatch when the files do not match
+    if manifest.schema_version > len(MIGRATIONS):
+        raise BackupMismatch(f"{src} was made by a newer gateway ({manifest.gateway_version}, catalog schema "
+                             f"{manifest.schema_version}; this one knows {len(MIGRATIONS)}): restore it with that one")
     check_not_held(catalog)
     existing = [p for p in (catalog, *catalog_companions(catalog)) if p.exists()]
     same_secret = secret.exists() and secret.read_bytes() == (src / SECRET_FILE).read_bytes()
