@@ -35,3 +35,11 @@ def local_time(unix: float | None) -> str:
     if unix is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+
+def zoned_time(unix: float | None) -> str:
+    """Unix seconds as local time with its zone, `YYYY-MM-DD HH:MM:SS CET (+0100)`; None -> `-`."""
+    if unix is None:
+        return "-"
+    t = time.localtime(unix)
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z (%z)", t)

@@ -9,7 +9,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from gateway.api import admin_verify, provision
+from gateway.api import admin_backup, admin_verify, provision
 from gateway.api.auth import require_bearer
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
@@ -92,6 +92,6 @@ async def seal_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
 router = Router(
     path="/api/admin",
     route_handlers=[list_devices, add_device, change_device, status, list_batches, show_batch, seal_batch,
-                    *admin_verify.ROUTES, *provision.ADMIN_ROUTES],
+                    *admin_verify.ROUTES, *provision.ADMIN_ROUTES, *admin_backup.ROUTES],
     guards=[admin_guard],
 )

@@ -23,6 +23,7 @@ from litestar.response import Redirect
 
 from gateway import __version__
 from gateway.api.status_render import PageFigures, render_login, render_page
+from gateway.ops.activity import ERRORS_KEPT, ErrorEntry
 from gateway.ops.metrics import PREFIX
 from gateway.ops.status import dead_letters, device_activity, recent_uploads
 from gateway.runtime import Gateway
@@ -127,13 +128,19 @@ async def gather(gw: Gateway) -> PageFigures:
     dead = await gw.catalog.read(lambda c: dead_letters(c, RECENT_ROWS)) if report.dead_count else []
     return PageFigures(
         report=report, devices=devices, uploads=uploads, dead=dead,
-        errors=gw.recent_errors.latest(RECENT_ROWS), minutes=gw.throughput.last_minutes(THROUGHPUT_MINUTES),
+        errors=device_errors(gw.recent_errors.latest(ERRORS_KEPT))[:RECENT_ROWS],
+        minutes=gw.throughput.last_minutes(THROUGHPUT_MINUTES),
         now=gw.clock(), uptime_s=gw.clock() - gw.started_at, version=__version__,
         forwarding_on=gw.forwarding_on, cloud_url=gw.settings.cloud.url,
         near_dup_saved_bytes=int(_sample(gw, "near_duplicate_bytes_not_sent_total")),
         near_dup_count=int(sum(s.value for m in gw.metrics.near_duplicates.collect() for s in m.samples
                                if s.name.endswith("_total"))),
     )
+
+
+def device_errors(errors: list[ErrorEntry]) -> list[ErrorEntry]:
+    """The errors devices met: not the admin API's (the CLI shows those itself) nor this page's sign-in."""
+    return [x for x in errors if not (x.path.startswith("/api/admin") or x.path == "/")]
 
 
 def _sample(gw: Gateway, name: str) -> float:

@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from gateway.humanize import human_age, human_bytes, local_time
+from gateway.humanize import human_age, human_bytes, local_time, zoned_time
 from gateway.ops.activity import ErrorEntry, MinuteCounts
+from gateway.ops.errortext import KEY_HINT, explain, plain
 from gateway.ops.status import DeadLetter, DeviceActivity, RecentUpload, StatusReport
 
 REFRESH_S = 10
@@ -53,7 +54,7 @@ def _template() -> Template:
 def _ago(now: float, then: float | None) -> str:
     if then is None:
         return "-"
-    return f'<span title="{e(local_time(then))}">{e(human_age(max(0.0, now - then)))} ago</span>'
+    return f'<span title="{e(zoned_time(then))}">{e(human_age(max(0.0, now - then)))} ago</span>'
 
 
 def _card(label: str, value: str, sub: str = "", figure: str = "", cls: str = "") -> str:
@@ -79,24 +80,18 @@ def _cards(f: PageFigures) -> str:
     r = f.report
     state = r.connectivity
     if f.forwarding_on:
-        conn_sub = f"to {e(_cloud_host(f.cloud_url))}<br>last delivery {_ago(f.now, r.last_success_at)}"
-        if r.last_error:
-            short = r.last_error if len(r.last_error) <= 90 else r.last_error[:89] + "…"
-            conn_sub += (f'<br>last error {_ago(f.now, r.last_error_at)}: '
-                         f'<span class="bad" title="{e(r.last_error[:500])}">{e(short)}</span>')
+        delivered = _ago(f.now, r.last_success_at) if r.last_success_at is not None else "none yet"
+        conn_sub = f"to {e(_cloud_host(f.cloud_url))}<br>last delivery {delivered}"
+        conn_sub += _last_error(f)
     else:
         conn_sub = "forwarding off: no cloud URL set"
-    if not f.forwarding_on:
-        eta = "never (forwarding off)"
-    else:
-        eta = human_age(r.eta_s) if r.eta_s is not None else ("stalled" if r.backlog_count else "-")
     oldest = human_age(r.oldest_pending_age_s)
     batches = ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(r.batches.items())) or "no batches"
     held = f", {e(r.held_count)} held for key check" if r.held_count else ""
     if r.backlog_count:
         backlog_sub = (f'<span data-figure="backlog-bytes">{e(human_bytes(r.backlog_bytes))}</span>{held}<br>'
-                       f'oldest <span data-figure="oldest-pending">{e(oldest)}</span>, '
-                       f'drained in <span data-figure="eta">{e(eta)}</span>')
+                       f'oldest <span data-figure="oldest-pending">{e(oldest)}</span><br>'
+                       f'<span data-figure="eta">{e(_outlook(f))}</span>')
     else:
         backlog_sub = "nothing waiting for the cloud" if f.forwarding_on else "nothing waiting"
     return '<div class="cards">' + "".join([
@@ -104,7 +99,7 @@ def _cards(f: PageFigures) -> str:
         _card("Backlog", str(r.backlog_count), backlog_sub, "backlog-count", "warn" if r.backlog_count else "ok"),
         _card("Images stored", str(r.images), f"{e(human_bytes(r.image_bytes))}<br>{batches}", "images"),
         _card("Dead letters", str(r.dead_count),
-              ("need <code>gateway outbox retry</code>" if r.dead_count else f"{e(r.delivered_count)} delivered")
+              (_dead_hint(f) if r.dead_count else f"{e(r.delivered_count)} delivered")
               + (f"<br>{e(r.key_unreadable_count)} device key unreadable: check keys.secret_file"
                  if r.key_unreadable_count else ""),
               "dead-letters", "bad" if r.dead_count else "ok"),
@@ -119,6 +114,57 @@ def _cards(f: PageFigures) -> str:
               "disk-free", "bad" if r.journal_quarantined else ""),
         _card("Devices", str(r.devices), f"up {e(human_age(f.uptime_s))}, v{e(f.version)}", "devices"),
     ]) + "</div>"
+
+
+def _last_error(f: PageFigures) -> str:
+    """The last forwarding error in words, the cloud's code first; marked resolved once a delivery
+    came after it."""
+    r = f.report
+    said = explain(r.last_error)
+    if said is None:
+        return ""
+    full = e(f"image {said.image_id}" if said.image_id else "")
+    if r.last_success_at is not None and r.last_error_at is not None and r.last_success_at >= r.last_error_at:
+        return (f'<br><span class="muted" data-figure="last-error-resolved" title="{full}">resolved: '
+                f"{e(said.summary)} ({_ago(f.now, r.last_error_at)}), delivered since</span>")
+    shown_below = said.key_refused and r.dead_count  # the dead letters' card says what to do
+    hint = f'<br><span data-figure="last-error-hint">{_code(said.hint)}</span>' if said.hint and not shown_below else ""
+    return (f'<br>last error {_ago(f.now, r.last_error_at)}: '
+            f'<span class="bad" data-figure="last-error" title="{full}">{e(said.summary)}</span>{hint}')
+
+
+def _code(text: str) -> str:
+    """Escaped text whose `command` parts are shown as code."""
+    parts = e(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _outlook(f: PageFigures) -> str:
+    """When the backlog will be gone, in a sentence."""
+    r = f.report
+    if not f.forwarding_on:
+        return "kept here: forwarding is off (no cloud URL set)"
+    if r.connectivity == "offline":
+        return "waiting for the cloud to come back"
+    if r.eta_s is not None:
+        return f"sent in about {human_age(r.eta_s)} at the recent rate"
+    return "not moving: nothing delivered lately"
+
+
+def _dead_hint(f: PageFigures) -> str:
+    """What brings the dead letters back, by why they died."""
+    causes = [explain(x.last_error) for x in f.dead]
+    if any(c is not None and c.key_refused for c in causes):
+        return "the cloud refused the device key: " + _code(KEY_HINT)
+    if any(c is not None and c.summary.startswith("the device key stored here") for c in causes):
+        return ("device key unreadable: point keys.secret_file at the right secret, "
+                "then <code>gateway outbox retry</code>")
+    return "fix the cause (see below), then <code>gateway outbox retry</code>"
+
+
+def _said(raw: str | None) -> str:
+    said = explain(raw)
+    return "-" if said is None else said.summary[:200]
 
 
 def _throughput(minutes: list[MinuteCounts]) -> str:
@@ -188,7 +234,7 @@ def _uploads(f: PageFigures) -> str:
 def _errors(f: PageFigures) -> str:
     rows = [
         f'<tr><td>{_ago(f.now, x.at)}</td><td class="bad">{e(x.status)}</td>'
-        f'<td class="name"><code>{e(x.code or "-")}</code> {e(x.message)}</td>'
+        f'<td class="name"><code>{e(x.code or "-")}</code> {e(plain(x.message))}</td>'
         f'<td class="wide name">{e(x.method)} {e(x.path)}</td><td class="wide">{e(x.client)}</td>'
         f'<td class="wide"><code>{e(x.request_id)}</code></td></tr>'
         for x in f.errors
@@ -201,7 +247,7 @@ def _dead(f: PageFigures) -> str:
     rows = [
         f'<tr><td>{_ago(f.now, x.created_at)}</td><td class="name">{e(x.filename)}<br>'
         f'<code class="muted">{e(x.image_id)}</code></td><td class="num">{e(x.last_status)}</td>'
-        f'<td class="name wide">{e((x.last_error or "")[:200])}</td><td class="num wide">{e(x.attempts)}</td></tr>'
+        f'<td class="name wide">{e(_said(x.last_error))}</td><td class="num wide">{e(x.attempts)}</td></tr>'
         for x in f.dead
     ]
     return _table([("received", ""), ("image", ""), ("status", "num"), ("cloud said", "wide"),
@@ -219,7 +265,7 @@ def render_page(f: PageFigures) -> str:
         "<h2>Recent errors</h2>", _errors(f),
         f"<h2>Dead letters{e(shown_dead)}</h2>", _dead(f),
     ])
-    subtitle = f"{e(local_time(f.now))} (gateway time), refreshes every {REFRESH_S} s"
+    subtitle = f"{e(zoned_time(f.now))} (gateway time), refreshes every {REFRESH_S} s"
     return _template().substitute(title="AcuSight edge gateway", subtitle=subtitle, body=body, refresh_s=REFRESH_S)
 
 

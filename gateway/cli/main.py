@@ -16,6 +16,9 @@ from typing import Any
 import anyio
 
 from gateway import __version__
+from gateway.cli import statustext
+from gateway.cli.backup import add_arguments as add_backup_arguments
+from gateway.cli.backup import cmd_backup, cmd_restore
 from gateway.cli.control import Control, ControlError, connect
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
@@ -113,9 +116,9 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("delivered", str(s["delivered_count"])),
         *([("journal quarantine", f"{s['journal_quarantined']} record(s) DuckDB refused: "
                                   "see `gateway journal quarantine list`")] if s.get("journal_quarantined") else []),
-        ("last success", _cell(s["last_success_at"])),
-        ("last error", s["last_error"] or "-"),
-        ("time to drain", human_age(s["eta_s"])),
+        ("last success", statustext.last_success(s)),
+        ("last error", statustext.last_error(s)),
+        ("backlog sent", statustext.outlook(s)),
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox_parsers = add_outbox_arguments(sub)
     token_parsers = add_tokens_arguments(sub)
     journal_parsers = add_journal_arguments(sub)
+    add_backup_arguments(sub)  # top-level verbs: --json comes with sub.choices
 
     for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
                    *token_parsers, *journal_parsers]:
@@ -319,6 +323,7 @@ COMMANDS: dict[str, Callable[[Control, argparse.Namespace], Any]] = {
     "outbox": cmd_outbox,
     "tokens": cmd_tokens,
     "journal": cmd_journal,
+    "backup": cmd_backup,
 }
 
 
@@ -345,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     if args.command == "config":
         return cmd_config(settings, args)
+    if args.command == "restore":  # a stopped gateway's files only
+        return cmd_restore(settings, args)
     handler = COMMANDS[args.command]
 
     async def run() -> int:

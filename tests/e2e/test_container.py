@@ -4,9 +4,10 @@ the image built and run with podman by scripts/container-test (skipped where pod
 The podman test, once per architecture (amd64, and arm64 under qemu emulation), installs podman,
 runc, mmdebstrap (and qemu-user-static) with apt-get when they are missing (root only), makes a
 Debian base image per architecture once (kept), builds the image from the lock's wheels for that
-architecture, runs it, registers a device and uploads one JPEG through the published port, and
-checks the installed packages against the lock, the user, PID 1 and a clean `podman stop`. Its log
-and timings go to test-output/container/.
+architecture, `podman save`s it and `podman load`s it into an empty image store (the offline
+install of docs/container.md), runs it from there, registers a device and uploads one JPEG through
+the published port, and checks the installed packages against the lock, the user, PID 1 and a
+clean `podman stop`. Its log and timings go to test-output/container/.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def test_image_builds_runs_takes_an_upload_and_stops_cleanly(arch: str, tmp_path
     tail = output[-4000:]
     assert returncode == 0, f"scripts/container-test --arch {arch} failed:\n{tail}"
     assert f"container: PASS ({arch})" in output
+    # the checks ran on the image as an offline gateway PC gets it: saved to a file, loaded into an empty store
+    assert f"container: {arch}: podman save (" in output and "and load into an empty store" in output
 
 
 def test_distributed_compose_is_four_erasure_coded_nodes_behind_one_endpoint() -> None:
