@@ -10,7 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.config import ConfigError, Settings, load_settings, redacted, section_types
+from gateway.config import PATH_KEYS, ConfigError, Settings, load_settings, redacted, section_types
+from gateway.config.loading import resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +22,10 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
     shipped = tomllib.loads((ROOT / "config/gateway.toml").read_text())
     defaults = msgspec.to_builtins(Settings())
     assert set(shipped) == set(defaults)
+    for section, key in PATH_KEYS:  # relative to config/ there, to the project folder as defaults
+        default, given = defaults[section].pop(key), shipped[section].pop(key)
+        if default or given:
+            assert (ROOT / "config" / given).resolve() == (ROOT / default).resolve(), f"{section}.{key}"
     for section, values in defaults.items():
         assert shipped[section] == values, section
     # every key carries help text
@@ -33,7 +38,9 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
 
 def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert load_settings(env={}) == Settings()
+    defaults = Settings()
+    resolve_paths(defaults, tmp_path)  # with no settings file, relative paths are the current folder's
+    assert load_settings(env={}) == defaults
 
 
 def test_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
