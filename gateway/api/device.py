@@ -14,7 +14,7 @@ from litestar import Request, Response, get, post
 from gateway.api.body import ClientGone, RequestBody, read_json_body
 from gateway.api.envelope import ok
 from gateway.devices.registry import Device
-from gateway.errors import DeviceNotApproved, GatewayError, RequestTimeout, ValidationFailed
+from gateway.errors import DeviceNotApproved, GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
 from gateway.ingest.form import image_too_large
 from gateway.runtime import Gateway
 
