@@ -21,6 +21,6 @@ def cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float) and value > 1e9:  # a unix time, with its zone
-        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(value))
+    if isinstance(value, float) and value > 1e9:  # a unix time
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     return str(value)
