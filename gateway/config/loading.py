@@ -122,7 +122,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
                 kwargs[key] = msgspec.convert(item, fld.type, strict=not source.startswith("env "))
             except msgspec.ValidationError as exc:
                 shown = "<redacted>" if (name, key) in SECRET_KEYS else repr(item)
-                problems.append(f"{name}.{key} = {shown} (from {source}): {explain(fld.type, key, str(exc))}")
+                why = explain(fld.type, key, str(exc), from_env=source.startswith("env "))
+                problems.append(f"{name}.{key} = {shown} (from {source}): {why}")
         built[name] = cls(**kwargs)
     settings = Settings(**built)  # type: ignore[arg-type]
     base = file_path.parent.resolve() if found else Path.cwd()
@@ -147,15 +148,16 @@ def resolve_paths(settings: Settings, base: Path) -> None:
             setattr(part, key, str((base / Path(value).expanduser()).resolve()))
 
 
-def explain(kind: Any, key: str, message: str) -> str:
+def explain(kind: Any, key: str, message: str, from_env: bool = False) -> str:
     """msgspec's reason, with what would be allowed: the choices of an enum, true/false, the unit."""
+    unquote = "" if from_env else " (without quotes in the file)"
     reason = message.replace(" - at `$`", "")
     inner = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
     if typing.get_origin(inner) is Literal:
         choices = ", ".join(repr(c) for c in typing.get_args(inner))
         return f"{reason}; allowed: {choices}"
     if inner is bool:
-        return f"{reason}; write true or false (without quotes in the file)"
+        return f"{reason}; write true or false" + (unquote if "got `str`" in reason else "")
     if inner in (int, float):
         if key.endswith("_bytes"):
             unit = "a number of bytes, e.g. 52428800 for 50 MiB"
@@ -165,7 +167,7 @@ def explain(kind: Any, key: str, message: str) -> str:
             unit = "a number of days"
         else:
             unit = "a whole number" if inner is int else "a number"
-        return f"{reason}; {unit}" + ("" if "got `str`" not in reason else " (without quotes in the file)")
+        return f"{reason}; {unit}" + (unquote if "got `str`" in reason else "")
     return reason
 
 

@@ -210,3 +210,11 @@ def test_the_shipped_file_gives_sizes_their_human_size() -> None:
     for line in (ROOT / "config/gateway.toml").read_text().splitlines():
         if line.split(" = ")[0].endswith("_bytes") and not line.endswith(" = 0"):
             assert re.search(r"= \d+  # \d+ (KiB|MiB|GiB)$", line), line
+
+
+def test_an_environment_value_gets_no_advice_about_quotes() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_MINIO_SECURE": "maybe", "GATEWAY_FORWARD_CONCURRENCY": "x"})
+    text = "\n".join(info.value.problems)
+    assert "minio.secure = 'maybe' (from env GATEWAY_MINIO_SECURE)" in text and "write true or false" in text
+    assert "a whole number" in text and "quotes" not in text
