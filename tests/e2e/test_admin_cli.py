@@ -201,3 +201,15 @@ def test_remove_force_dead_letters_what_is_undelivered(tmp_path: Path) -> None:
         assert status["dead_count"] == 1 and status["backlog_count"] == 0
     finally:
         gw.stop()
+
+
+def test_the_cli_on_a_stopped_gateway_without_its_key_secret_makes_none(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path / "gw", {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_ADMIN_TOKEN": "",
+                                          "GATEWAY_ADMIN_TOKEN_FILE": ""}).start()
+    assert gw.stop() == 0
+    assert "cam" in gw.cli("devices", "add", "cam").stdout  # a stopped server's files: fine
+    secret = Path(gw.env["GATEWAY_KEYS_SECRET_FILE"])
+    secret.unlink()
+    result = gw.cli("devices", "list", check=False)
+    assert result.returncode == 1 and f"the key secret {secret} is missing" in result.stderr
+    assert not secret.exists()
