@@ -110,8 +110,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        await self.open_catalog()  # first: a locked catalog ends the start before any session opens
         await self.http.start()
-        await self.open_catalog()
         self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
         if self.forwarding_on and s.forward.cache_bytes and self.store.name != "folder":
             self.forward_cache = ForwardCache(s.data_dir / "forward-cache", s.forward.cache_bytes,

@@ -15,6 +15,7 @@ from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
 from gateway.api.sync import list_batches, show_batch  # the same views, behind the admin token here
 from gateway.batches import queries as batch_queries
+from gateway.config.rows import settings_rows
 from gateway.errors import ValidationFailed
 from gateway.runtime import Gateway
 
@@ -36,6 +37,9 @@ class NewDevice(msgspec.Struct, kw_only=True):
 class DeviceRef(msgspec.Struct):
     ref: str
     on: bool | None = None  # near-dup: switch the device's near-duplicate filter on or off
+    name: str | None = None  # rename
+    key: str | None = None  # set-key
+    force: bool = False  # remove: even with undelivered images
 
 
 def _decode(raw: bytes, kind: type[Any]) -> Any:
@@ -54,7 +58,9 @@ async def list_devices(gw: Gateway) -> Response[bytes]:
 async def add_device(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
     body: NewDevice = _decode(await read_json_body(request, gw.settings), NewDevice)
     device, key = await gw.registry.add(body.name, key=body.key, device_id=body.device_id, status=body.status)
-    return ok({"device": msgspec.to_builtins(device), "key": key}, status=201)
+    # With forwarding on, a key made here is one the cloud has never seen: the CLI warns.
+    return ok({"device": msgspec.to_builtins(device), "key": key, "generated": body.key is None,
+               "cloud_url": gw.settings.cloud.url}, status=201)
 
 
 @post("/devices/{action:str}", status_code=200)
@@ -68,9 +74,33 @@ async def change_device(action: str, request: Request[Any, Any, Any], gw: Gatewa
         if body.on is None:
             raise ValidationFailed("Missing field", "near-dup needs `on`: true or false")
         device = await gw.registry.set_near_dup(body.ref, body.on)
+    elif action == "rename":
+        if body.name is None:
+            raise ValidationFailed("Missing field", "rename needs `name`")
+        device = await gw.registry.rename(body.ref, body.name)
+    elif action == "set-key":
+        if body.key is None:
+            raise ValidationFailed("Missing field", "set-key needs `key`")
+        device = await gw.registry.set_key(body.ref, body.key)
+    elif action == "remove":
+        device, undelivered = await gw.registry.remove(body.ref, body.force)
+        return ok(msgspec.to_builtins(device) | {"dead_lettered": undelivered})
     else:
-        raise ValidationFailed("Unknown action", "one of approve, reject, revoke, near-dup")
+        raise ValidationFailed("Unknown action", "one of approve, reject, revoke, near-dup, rename, set-key, remove")
     return ok(msgspec.to_builtins(device))
+
+
+@get("/devices/{ref:str}")
+async def show_device(ref: str, gw: Gateway) -> Response[bytes]:
+    device = gw.registry.resolve(ref)
+    return ok(msgspec.to_builtins(device) | {"usage": await gw.registry.usage(device.device_id)})
+
+
+@get("/config")
+async def effective_config(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+    """The running server's settings, secrets redacted, each with its source (default, file, env)."""
+    loaded = getattr(request.app.state, "settings_sources", None)
+    return ok(settings_rows(gw.settings, loaded))
 
 
 @get("/status")
@@ -91,7 +121,8 @@ async def seal_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
 
 router = Router(
     path="/api/admin",
-    route_handlers=[list_devices, add_device, change_device, status, list_batches, show_batch, seal_batch,
+    route_handlers=[list_devices, add_device, change_device, show_device, effective_config, status, list_batches,
+                    show_batch, seal_batch,
                     *admin_verify.ROUTES, *provision.ADMIN_ROUTES, *admin_backup.ROUTES],
     guards=[admin_guard],
 )

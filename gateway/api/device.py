@@ -15,6 +15,7 @@ from gateway.api.body import ClientGone, RequestBody, read_json_body
 from gateway.api.envelope import ok
 from gateway.devices.registry import Device
 from gateway.errors import DeviceNotApproved, GatewayError, PayloadTooLarge, RequestTimeout, ValidationFailed
+from gateway.ingest.form import image_too_large
 from gateway.runtime import Gateway
 
 # Refusals decided from the headers alone: answered at once, the body left unread (the linger
@@ -40,7 +41,7 @@ async def upload_image(request: Request[Any, Any, Any], gw: Gateway) -> Response
         declared = request.headers.get("content-length")
         length = int(declared) if declared and declared.isdigit() else 0
         if length > ceiling:
-            raise PayloadTooLarge("Request body is too large", f"limit is {ceiling} bytes")
+            raise image_too_large(limits.max_image_bytes)
         await gw.capacity.check(length)
         await gw.require_store()
         result = await gw.ingestor.upload(

@@ -18,7 +18,7 @@ import anyio
 import httpx
 
 from gateway.cli.control import Control, connect
-from gateway.config import Settings
+from gateway.config import LoadedSettings, Settings
 from gateway.devices.keysecret import secret_path
 from gateway.errors import StartRefused
 from gateway.humanize import human_bytes
@@ -51,7 +51,8 @@ async def cmd_backup(ctl: Control, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_restore(loaded: LoadedSettings, args: argparse.Namespace) -> int:
+    settings = loaded.settings
     src = Path(args.src).expanduser().absolute()
     if _server_answers(settings):
         print(f"gateway: refusing to restore: a server answers at {settings.admin_url}; stop it first",
@@ -67,7 +68,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         print(f"gateway: refusing to restore: {exc}", file=sys.stderr)
         return 2
     try:
-        status = anyio.run(_opened_status, settings)
+        status = anyio.run(_opened_status, loaded)
     except StartRefused as exc:
         print(f"gateway: restored files do not open: {exc}", file=sys.stderr)
         return 2
@@ -93,9 +94,9 @@ def _server_answers(settings: Settings) -> bool:
     return True
 
 
-async def _opened_status(settings: Settings) -> dict[str, Any]:
+async def _opened_status(loaded: LoadedSettings) -> dict[str, Any]:
     """Open the restored catalog as the server would (the key secret must match it); its status."""
-    ctl = await connect(settings)
+    ctl = await connect(loaded)
     try:
         status: dict[str, Any] = await ctl.call("GET", "/status")
         return status

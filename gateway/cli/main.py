@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,79 +16,25 @@ from gateway.cli import statustext
 from gateway.cli.backup import add_arguments as add_backup_arguments
 from gateway.cli.backup import cmd_backup, cmd_restore
 from gateway.cli.control import Control, ControlError, connect
+from gateway.cli.devices import add_arguments as add_device_arguments
+from gateway.cli.devices import cmd_devices
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
 from gateway.cli.outbox import add_arguments as add_outbox_arguments
 from gateway.cli.outbox import cmd_outbox
+from gateway.cli.serve import serve
+from gateway.cli.settings import cmd_config
+from gateway.cli.tables import cell as _cell
+from gateway.cli.tables import table as _table
 from gateway.cli.tokens import add_arguments as add_tokens_arguments
 from gateway.cli.tokens import cmd_tokens
 from gateway.cli.verify import add_arguments as add_verify_arguments
 from gateway.cli.verify import cmd_verify
-from gateway.config import ConfigError, Settings, load_settings, redacted
+from gateway.config import ConfigError, check_listen, load
 from gateway.errors import StartRefused
 from gateway.humanize import human_age, human_bytes
 
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A plain text table: `columns` is (key, heading)."""
-    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float) and value > 1e9:  # a unix time
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    return str(value)
-
-
 # -- commands ------------------------------------------------------------------------------
-
-
-async def cmd_devices(ctl: Control, args: argparse.Namespace) -> int:
-    if args.action == "add":
-        body = {"name": args.name, "key": args.key, "device_id": args.device_id, "status": args.status}
-        data = await ctl.call("POST", "/devices", body)
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            d = data["device"]
-            print(f"added device {d['device_id']} ({d['name']}), status {d['status']}")
-            if not args.key:
-                print(f"key (shown once, give it to the device): {data['key']}")
-        return 0
-    if args.action == "list":
-        rows = await ctl.call("GET", "/devices")
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                r["state"] = "revoked" if r["revoked"] else r["status"]
-                r["requests"] = len(r["pending_requests"])
-                r["near_dup"] = "off" if r.get("near_dup_exempt") else "on"
-            print(_table(rows, [("device_id", "DEVICE"), ("name", "NAME"), ("state", "STATUS"),
-                                ("origin", "ORIGIN"), ("near_dup", "NEAR-DUP"), ("last_seen_at", "LAST SEEN"),
-                                ("last_model_id", "MODEL"), ("last_ip", "IP"), ("requests", "PENDING REQ")]))
-        return 0
-    change: dict[str, Any] = {"ref": args.ref}
-    if args.action == "near-dup":
-        change["on"] = args.switch == "on"
-    data = await ctl.call("POST", f"/devices/{args.action}", change)
-    if args.json:
-        print(json.dumps(data, indent=2))
-    elif args.action == "near-dup":
-        state = "off (exempt)" if data["near_dup_exempt"] else "on"
-        print(f"device {data['device_id']} ({data['name']}): near-duplicate filter {state}")
-    else:
-        state = "revoked" if data["revoked"] else data["status"]
-        print(f"device {data['device_id']} ({data['name']}): {state}")
-    return 0
 
 
 async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
@@ -170,94 +112,6 @@ async def cmd_batches(ctl: Control, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(redacted(settings), indent=2))
-    return 0
-
-
-# -- serve ---------------------------------------------------------------------------------
-
-
-def serve(settings: Settings) -> int:
-    # A stop signal that arrives while we are still starting must not kill the process: note it,
-    # and stop cleanly as soon as the server is up.
-    early: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: early.append(signum))
-
-    import hypercorn.asyncio
-    from hypercorn.config import Config as HypercornConfig
-
-    from gateway import logs
-    from gateway.api.connections import protect
-    from gateway.app import create_app
-    from gateway.system import eventloop, malloc
-
-    # Everything the server creates (data folder, catalog, objects, manifests, spool) is for its own
-    # user only: folders 0700, files 0600.
-    os.umask(0o077)
-    malloc.tune_for_images()
-    logs.configure(settings.log.level, settings.log.format)
-    app = create_app(settings)
-    config = HypercornConfig()
-    config.bind = [settings.server.listen]
-    config.graceful_timeout = settings.server.graceful_timeout_s
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    # hypercorn's idle timer runs from the connection's start (or its previous answer) until a
-    # request's headers are complete: it is both the header timeout and the keep-alive timeout.
-    config.keep_alive_timeout = settings.server.header_timeout_s
-    if settings.server.certfile and settings.server.keyfile:
-        config.certfile = settings.server.certfile
-        config.keyfile = settings.server.keyfile
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            app.state.gateway.shutting_down = True  # readiness turns 503 at once
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        if early:
-            on_signal()
-        served = protect(app, settings.server)
-        await hypercorn.asyncio.serve(served, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    try:
-        eventloop.run(main)
-    except Exception as exc:  # start-up failures: one clear line, non-zero exit
-        refused = _start_refused(exc)
-        if refused is not None:  # data would be lost or misread: status 2, the operator must act
-            print(f"gateway: refusing to start: {refused}", file=sys.stderr)
-            return 2
-        print(f"gateway: cannot serve: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a repeated stop signal while exiting changes nothing
-            signal.signal(sig, signal.SIG_IGN)
-    return 0
-
-
-def _start_refused(exc: BaseException) -> StartRefused | None:
-    """The `StartRefused` behind a start-up failure, however the server wrapped it."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cur = todo.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, StartRefused):
-            return cur
-        if isinstance(cur, BaseExceptionGroup):
-            todo.extend(cur.exceptions)
-        todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
-    return None
-
-
 # -- argument parsing ----------------------------------------------------------------------
 
 
@@ -267,23 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the server")
-    sub.add_parser("config", help="show the effective settings (secrets redacted)")
+    serve_parser = sub.add_parser("serve", help="run the server")
+    serve_parser.add_argument("--listen", metavar="HOST:PORT",
+                              help="address to listen on, instead of server.listen (the CLI finds the server "
+                                   "through server.listen: set it there to use the CLI on another port)")
+    sub.add_parser("config", help="the effective settings, of the running server if one answers, with sources")
 
-    dev = sub.add_parser("devices", help="add, list, approve, reject, revoke devices")
-    dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = dsub.add_parser("add", help="register a device; prints its new key once")
-    add.add_argument("name")
-    add.add_argument("--key", help="register an existing cloud key instead of generating one")
-    add.add_argument("--device-id", help="use this device id (default: a new dev_<uuid>)")
-    add.add_argument("--status", choices=("approved", "pending"), default="approved")
-    dsub.add_parser("list", help="list devices")
-    for action in ("approve", "reject", "revoke"):
-        a = dsub.add_parser(action, help=f"{action} a device, by device id or key")
-        a.add_argument("ref", metavar="DEVICE_ID_OR_KEY")
-    nd = dsub.add_parser("near-dup", help="switch a device's near-duplicate filter on or off (off: exempt)")
-    nd.add_argument("ref", metavar="DEVICE_ID_OR_KEY")
-    nd.add_argument("switch", choices=("on", "off"))
+    device_parsers = add_device_arguments(sub)
 
     sub.add_parser("status", help="backlog, connectivity, last success and error, disk")
 
@@ -308,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     journal_parsers = add_journal_arguments(sub)
     add_backup_arguments(sub)  # top-level verbs: --json comes with sub.choices
 
-    for parser in [p, *sub.choices.values(), *dsub.choices.values(), *bsub.choices.values(), *outbox_parsers,
+    for parser in [p, *sub.choices.values(), *device_parsers, *bsub.choices.values(), *outbox_parsers,
                    *token_parsers, *journal_parsers]:
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="machine-readable output")
@@ -340,22 +184,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return drain_main(args)
     try:
-        settings = load_settings(args.config)
+        loaded = load(args.config)
+        if getattr(args, "listen", None):
+            problems = check_listen(args.listen, "serve --listen")
+            if problems:
+                raise ConfigError(problems)
+            loaded.settings.server.listen = args.listen
+            loaded.sources["server.listen"] = "command line"
     except ConfigError as exc:
         print("gateway: bad configuration:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(settings)
-    if args.command == "config":
-        return cmd_config(settings, args)
+        return serve(loaded)
     if args.command == "restore":  # a stopped gateway's files only
-        return cmd_restore(settings, args)
-    handler = COMMANDS[args.command]
+        return cmd_restore(loaded, args)
 
     async def run() -> int:
-        ctl = await connect(settings)
+        if args.command == "config":
+            return await cmd_config(loaded, args)
+        handler = COMMANDS[args.command]
+        ctl = await connect(loaded)
         try:
             return int(await handler(ctl, args))
         finally:

@@ -27,7 +27,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli.main import _cell, _table
+    from gateway.cli.tables import cell as _cell
+    from gateway.cli.tables import table as _table
 
     if args.action == "retry":
         if args.all_dead + args.all_skipped + bool(args.image_ids) != 1:

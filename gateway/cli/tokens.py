@@ -26,7 +26,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_tokens(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli.main import _cell, _table
+    from gateway.cli.tables import cell as _cell
+    from gateway.cli.tables import table as _table
 
     if args.action == "create":
         body = {"name": args.name, "expires_in_days": args.expires_in_days, "never_expires": args.never_expires,

@@ -39,8 +39,9 @@ def same_hash(a: str, b: str) -> bool:
 
 
 def redact(key: str) -> str:
-    """What a log line may show of a key: its prefix and a short hash, never the key."""
-    return f"adk_…{key_hash(key)[:8]}" if key else ""
+    """What a log line may show of a key: its prefix and a short hash, never the key; labelled so
+    that it is not mistaken for a key."""
+    return f"adk_…(redacted, hash {key_hash(key)[:8]})" if key else ""
 
 
 class KeyUnreadable(Exception):

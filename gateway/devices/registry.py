@@ -123,7 +123,7 @@ class DeviceRegistry:
         )
         if sealed is None or sealed[0] is None:
             return None
-        # A device's key never changes (a new key is a new device), so it is opened once.
+        # Opened once; `set_key` replaces the cached one.
         key = self._keys[device_id] = self.keybox.open(bytes(sealed[0]))
         return key
 
@@ -151,7 +151,7 @@ class DeviceRegistry:
             raise ValidationFailed("Device name is empty")
         if status not in STATUSES:
             raise ValidationFailed("Bad status", f"status must be one of {', '.join(STATUSES)}")
-        key = key or keys.generate_key()
+        key = key.strip() if key else keys.generate_key()
         if not keys.is_well_formed(key):
             raise ValidationFailed("Bad device key", "keys look like adk_ followed by 32 lowercase hex characters")
         device_id = device_id or f"dev_{uuid.uuid4()}"
@@ -181,8 +181,15 @@ class DeviceRegistry:
         return device, key
 
     def resolve(self, ref: str) -> Device:
-        """A device by id or by key."""
+        """A device by id, key or unique name (surrounding whitespace ignored, as a pasted key may carry)."""
+        ref = ref.strip()
         device = self._by_hash.get(keys.key_hash(ref)) if ref.startswith("adk_") else self.get(ref)
+        if device is None and not ref.startswith("adk_"):  # a name, when no other device shares it
+            named = [d for d in self._by_hash.values() if d.name == ref]
+            if len(named) > 1:
+                raise Conflict("Several devices have this name", f"{ref}: use a device id "
+                               f"({', '.join(d.device_id for d in named)})")
+            device = named[0] if named else None
         if device is None:
             raise NotFound("No such device", ref if not ref.startswith("adk_") else keys.redact(ref))
         return device
@@ -222,6 +229,70 @@ class DeviceRegistry:
         )
         device.revoked = True
         return device
+
+    async def rename(self, ref: str, name: str) -> Device:
+        device = self.resolve(ref)
+        if not name.strip():
+            raise ValidationFailed("Device name is empty")
+        new = name.strip()
+        await self.catalog.write(
+            lambda c: c.execute("UPDATE devices SET name = ? WHERE device_id = ?", [new, device.device_id]))
+        device.name = new
+        return device
+
+    async def set_key(self, ref: str, key: str) -> Device:
+        """Give a device another key (e.g. the one the cloud knows it by); the old key stops working."""
+        device = self.resolve(ref)
+        key = key.strip()
+        if not keys.is_well_formed(key):
+            raise ValidationFailed("Bad device key", "keys look like adk_ followed by 32 lowercase hex characters")
+        h = keys.key_hash(key)
+        other = self._by_hash.get(h)
+        if other is not None and other is not device:
+            raise Conflict("Key already registered", f"device {other.device_id}")
+        sealed = self.keybox.seal(key)
+        await self.catalog.write(lambda c: c.execute(
+            "UPDATE devices SET key_hash = ?, key_sealed = ? WHERE device_id = ?", [h, sealed, device.device_id]))
+        old = self._hash_by_id[device.device_id]
+        self._by_hash.pop(old, None)
+        self._by_hash[h] = device
+        self._hash_by_id[device.device_id] = h
+        self._keys[device.device_id] = key
+        return device
+
+    async def remove(self, ref: str, force: bool = False) -> tuple[Device, int]:
+        """Forget a device. Refused while it has undelivered images (pending, held or dead-lettered)
+        unless `force`, which dead-letters them; returns the device and how many were undelivered."""
+        device = self.resolve(ref)
+        (undelivered,) = await self.catalog.read(lambda c: c.execute(
+            "SELECT count(*) FROM outbox WHERE device_id = ? AND state <> 'delivered'", [device.device_id]
+        ).fetchone()) or (0,)
+        if undelivered and not force:
+            raise Conflict("Device has undelivered images",
+                           f"{undelivered} image(s) of {device.device_id} not delivered to the cloud yet; wait, "
+                           "fix its key (devices set-key, then outbox retry), or remove it with --force")
+
+        def op(c: Conn) -> None:
+            c.execute("UPDATE outbox SET state = 'dead', last_error = 'device removed' "
+                      "WHERE device_id = ? AND state IN ('pending', 'held')", [device.device_id])
+            c.execute("DELETE FROM devices WHERE device_id = ?", [device.device_id])
+
+        await self.catalog.write(op)
+        h = self._hash_by_id.pop(device.device_id, None)
+        if h is not None:
+            self._by_hash.pop(h, None)
+        self._keys.pop(device.device_id, None)
+        return device, int(undelivered)
+
+    async def usage(self, device_id: str) -> dict[str, int]:
+        """A device's images and its outbox entries by state, for `devices show`."""
+        def q(c: Conn) -> dict[str, int]:
+            (images,) = c.execute("SELECT count(*) FROM images WHERE device_id = ?", [device_id]).fetchone() or (0,)
+            rows = c.execute("SELECT state, count(*) FROM outbox WHERE device_id = ? GROUP BY state",
+                             [device_id]).fetchall()
+            return {"images": int(images)} | {str(s): int(n) for s, n in rows}
+
+        return await self.catalog.read(q)
 
     async def checkin(self, device: Device, status: str, metrics: dict[str, Any]) -> None:
         now = self.clock()

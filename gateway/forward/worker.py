@@ -24,7 +24,7 @@ from gateway.config import Settings
 from gateway.devices.keys import KeyUnreadable
 from gateway.devices.registry import DeviceRegistry
 from gateway.errors import GatewayError
-from gateway.forward import outbox
+from gateway.forward import connectivity, outbox
 from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
 from gateway.forward.cache import ForwardCache
 from gateway.forward.client import (
@@ -100,6 +100,7 @@ class Forwarder:
         self._refilled_at = 0.0
         self._rr_next = 0
         self._probing = False
+        self.offline_since: float | None = None  # when the cloud went offline (for the log line)
 
     # -- outside world -----------------------------------------------------------------------
 
@@ -344,7 +345,11 @@ class Forwarder:
         self.last_error, self.last_error_at = f"{entry.image_id}: {outcome.error}"[:500], now
         if outcome.kind == RETRY:
             if cloud_answered:
+                was = self.gate.state
                 self.gate.on_retryable(outcome.status, outcome.retry_after_s, outcome.connection_failed)
+                if self.gate.state == OFFLINE and was != OFFLINE:
+                    self.offline_since = now
+                    await connectivity.went_offline(self.catalog, self.client.base_url, outcome.error)
             attempts = entry.attempts + 1
             max_attempts = self.settings.forward.max_attempts
             if max_attempts and attempts >= max_attempts:
@@ -433,7 +438,9 @@ class Forwarder:
             answered = await self.client.probe(key)
             self.gate.on_probe(answered)
             if answered:
-                log.info("cloud answers again; resuming with a ramp")
+                since, self.offline_since = self.offline_since, None
+                await connectivity.came_back(self.catalog, self.client.base_url,
+                                             None if since is None else self.clock() - since)
                 self._dirty = True
         except Exception:
             log.exception("cloud probe failed unexpectedly")

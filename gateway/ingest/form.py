@@ -25,11 +25,18 @@ from gateway.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from gateway.humanize import human_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PARTS = 16
 MAX_PART_HEADER_BYTES = 8 * 1024
+
+
+def image_too_large(max_image_bytes: int) -> PayloadTooLarge:
+    """The one 413 an upload gets, whichever check saw it first: it names the setting and its size."""
+    return PayloadTooLarge("Image is too large", f"limits.max_image_bytes is {max_image_bytes} bytes "
+                           f"({human_bytes(max_image_bytes)}); the request may carry that plus the metadata")
 
 
 def sniff(head: bytes) -> str | None:
@@ -104,7 +111,7 @@ class ImageSpool:
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self.size += len(chunk)
         if self.size > self.max_bytes:
-            raise PayloadTooLarge("Image is too large", f"limit is {self.max_bytes} bytes")
+            raise image_too_large(self.max_bytes)
         if len(self.head) < 8:
             self.head += bytes(chunk[: 8 - len(self.head)])
             if not could_still_match(self.head):
@@ -203,7 +210,7 @@ async def read_upload_form(
         async for chunk in body:
             received += len(chunk)
             if received > max_body:
-                raise PayloadTooLarge("Request body is too large", f"limit is {max_body} bytes")
+                raise image_too_large(max_image_bytes)
             for event in parser.parse(chunk):
                 if isinstance(event, MultipartSegment):
                     if event.name == "image":

@@ -29,7 +29,7 @@ def _code(resp: httpx.Response) -> tuple[int, str]:
 def test_admin_and_sync_apis_need_their_tokens(tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path / "on", {"GATEWAY_STORAGE_BACKEND": "folder"}).start()
     off = GatewayProcess(tmp_path / "off", {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_ADMIN_TOKEN": "",
-                                            "GATEWAY_SYNC_TOKEN": ""}).start()
+                                            "GATEWAY_ADMIN_TOKEN_FILE": "", "GATEWAY_SYNC_TOKEN": ""}).start()
     try:
         for method, path in ADMIN_ROUTES:
             assert _code(httpx.request(method, gw.url + path, json={})) == (401, "UNAUTHORIZED"), path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import typing
@@ -10,7 +11,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.config import ConfigError, Settings, load_settings, redacted, section_types
+from gateway.config import PATH_KEYS, ConfigError, Settings, load, load_settings, redacted, section_types
+from gateway.config.admintoken import AdminTokenError, ensure_admin_token, load_admin_token
+from gateway.config.loading import resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +24,10 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
     shipped = tomllib.loads((ROOT / "config/gateway.toml").read_text())
     defaults = msgspec.to_builtins(Settings())
     assert set(shipped) == set(defaults)
+    for section, key in PATH_KEYS:  # relative to config/ there, to the project folder as defaults
+        default, given = defaults[section].pop(key), shipped[section].pop(key)
+        if default or given:
+            assert (ROOT / "config" / given).resolve() == (ROOT / default).resolve(), f"{section}.{key}"
     for section, values in defaults.items():
         assert shipped[section] == values, section
     # every key carries help text
@@ -33,7 +40,9 @@ def test_shipped_file_lists_every_key_with_its_default() -> None:
 
 def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert load_settings(env={}) == Settings()
+    defaults = Settings()
+    resolve_paths(defaults, tmp_path)  # with no settings file, relative paths are the current folder's
+    assert load_settings(env={}) == defaults
 
 
 def test_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
@@ -129,3 +138,83 @@ def test_provisioning_mode_follows_the_cloud_and_relay_needs_the_external_url() 
                            "GATEWAY_SERVER_EXTERNAL_URL": "http://gw.lan:8080/api"}, path=None)
     with pytest.raises(ConfigError, match=r"server\.external_url"):
         load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_SERVER_EXTERNAL_URL": "gw.lan:8080"}, path=None)
+
+
+def test_value_errors_list_what_is_allowed(tmp_path: Path) -> None:
+    f = tmp_path / "g.toml"
+    f.write_text('[storage]\nbackend = "s3"\n[minio]\nsecure = "yes"\n[limits]\nmax_image_bytes = "50MB"\n'
+                 '[batches]\ntimeout_s = "1h"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, env={})
+    by_key = {p.split(" ", 1)[0]: p for p in info.value.problems}
+    assert "Invalid enum value 's3'; allowed: 'folder', 'minio'" in by_key["storage.backend"]
+    assert "Expected `bool`, got `str`; write true or false (without quotes in the file)" in by_key["minio.secure"]
+    assert "a number of bytes, e.g. 52428800 for 50 MiB (without quotes in the file)" in (
+        by_key["limits.max_image_bytes"])
+    assert "a number of seconds" in by_key["batches.timeout_s"]
+    with pytest.raises(ConfigError) as env_info:
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_LOG_LEVEL": "loud"})
+    assert "allowed: 'debug', 'info', 'warning', 'error'" in env_info.value.problems[0]
+
+
+def test_relative_paths_are_the_settings_files_not_the_shells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    (site / "config").mkdir(parents=True)
+    elsewhere.mkdir()
+    f = site / "config" / "gateway.toml"
+    f.write_text('[data]\ndir = "../data"\n[keys]\nsecret_file = "../secrets/gateway.key"\n')
+    monkeypatch.chdir(elsewhere)
+    loaded = load(f, env={"GATEWAY_ADMIN_TOKEN_FILE": "tok"})
+    s = loaded.settings
+    assert s.data.dir == str(site / "data") and s.data_dir == site / "data"
+    assert s.keys.secret_file == str(site / "secrets" / "gateway.key")
+    assert s.admin.token_file == str(site / "config" / "tok")  # env values too: the file's folder
+    assert loaded.source_of("data", "dir") == "file" and loaded.source_of("admin", "token_file") == (
+        "env GATEWAY_ADMIN_TOKEN_FILE")
+    assert loaded.source_of("server", "listen") == "default"
+    assert "file " + str(f.resolve()) in loaded.describe("data", "dir")
+
+
+def test_secrets_lose_surrounding_whitespace(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text("")
+    s = load_settings(tmp_path / "g.toml", env={"GATEWAY_ADMIN_TOKEN": " abcdefghijklmnopq\n",
+                                                "GATEWAY_SYNC_TOKEN": "\tzyxwvutsrqponmlk "})
+    assert s.admin.token == "abcdefghijklmnopq" and s.sync.token == "zyxwvutsrqponmlk"
+
+
+def test_the_admin_token_file_is_written_once_and_read_by_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text("")
+    server = load_settings(tmp_path / "g.toml", env={})
+    assert server.admin.token == ""
+    assert ensure_admin_token(server) == f"new token written to {tmp_path / 'secrets' / 'admin.token'}"
+    path = tmp_path / "secrets" / "admin.token"
+    assert path.stat().st_mode & 0o777 == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    assert len(server.admin.token) >= 32
+    again = load_settings(tmp_path / "g.toml", env={})
+    assert ensure_admin_token(again) == f"token file {path}" and again.admin.token == server.admin.token
+    cli = load_settings(tmp_path / "g.toml", env={})
+    assert load_admin_token(cli) == server.admin.token
+    path.write_text("short\n")
+    with pytest.raises(AdminTokenError, match="shorter than 16"):
+        load_admin_token(load_settings(tmp_path / "g.toml", env={}))
+    off = load_settings(tmp_path / "g.toml", env={"GATEWAY_ADMIN_TOKEN_FILE": ""})
+    assert ensure_admin_token(off) == "off" and off.admin.token == ""
+    nothing = tmp_path / "other"
+    nothing.mkdir()
+    (nothing / "g.toml").write_text("")
+    assert load_admin_token(load_settings(nothing / "g.toml", env={})) == ""
+    assert sorted(p.name for p in nothing.iterdir()) == ["g.toml"]  # the CLI creates nothing
+
+
+def test_the_shipped_file_gives_sizes_their_human_size() -> None:
+    for line in (ROOT / "config/gateway.toml").read_text().splitlines():
+        if line.split(" = ")[0].endswith("_bytes") and not line.endswith(" = 0"):
+            assert re.search(r"= \d+  # \d+ (KiB|MiB|GiB)$", line), line
+
+
+def test_an_environment_value_gets_no_advice_about_quotes() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"GATEWAY_CONFIG": "", "GATEWAY_MINIO_SECURE": "maybe", "GATEWAY_FORWARD_CONCURRENCY": "x"})
+    text = "\n".join(info.value.problems)
+    assert "minio.secure = 'maybe' (from env GATEWAY_MINIO_SECURE)" in text and "write true or false" in text
+    assert "a whole number" in text and "quotes" not in text

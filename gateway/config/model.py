@@ -1,19 +1,13 @@
-"""Typed settings: defaults, then a TOML file, then `GATEWAY_<SECTION>_<KEY>` environment variables.
+"""The settings' shape: every section and key with its type, default and help text.
 
 Settings are data: every key has a type, a default and a help text (`msgspec.Meta(description=...)`);
-`config/gateway.toml` lists them all and a test keeps it complete. Loading never stops at the first
-problem: every bad value gets one message naming the key and where it came from.
-No I/O happens at import time.
+`config/gateway.toml` lists them all and a test keeps it complete.
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -254,7 +248,14 @@ class SyncSettings(_Section):
 
 
 class AdminSettings(_Section):
-    token: Annotated[str, _help("Bearer token of the admin API (the CLI uses it); empty: admin API off.")] = ""
+    token: Annotated[
+        str, _help("Bearer token of the admin API (the CLI uses it); empty: the one in token_file.")
+    ] = ""
+    token_file: Annotated[
+        str,
+        _help("File holding the admin token when `token` is empty: written (0600) with a new token on the "
+              "server's first start, read by server and CLI alike; empty too: admin API off."),
+    ] = "./secrets/admin.token"
     url: Annotated[
         str, _help("Where the CLI reaches a running server; empty: derived from server.listen.")
     ] = ""
@@ -325,135 +326,6 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 SECRET_KEYS = {("minio", "secret_key"), ("minio", "access_key"), ("sync", "token"), ("admin", "token")}
-
-
-class ConfigError(Exception):
-    """Settings could not be loaded; `problems` holds one message per bad value."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-def section_types() -> dict[str, type[_Section]]:
-    return {f.name: f.type for f in msgspec.structs.fields(Settings)}
-
-
-def load_settings(
-    path: str | Path | None = None, env: Mapping[str, str] | None = None
-) -> Settings:
-    """Load settings: defaults, then the TOML file, then environment overrides.
-
-    `path` None means `GATEWAY_CONFIG` or else `config/gateway.toml` if it exists. A file named
-    explicitly (argument or `GATEWAY_CONFIG`) that is missing is an error.
-    """
-    env = os.environ if env is None else env
-    explicit = path is not None or bool(env.get("GATEWAY_CONFIG"))
-    file_path = Path(path) if path is not None else Path(env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
-    problems: list[str] = []
-    raw: dict[str, Any] = {}
-    if file_path.exists():
-        try:
-            raw = tomllib.loads(file_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError([f"config file {file_path}: cannot be read: {exc}"]) from exc
-    elif explicit:
-        raise ConfigError([f"config file {file_path}: not found"])
-    source_name = str(file_path)
-
-    sections = section_types()
-    values: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in sections}
-    for name, value in raw.items():
-        if name not in sections:
-            problems.append(f"[{name}] (from {source_name}): unknown section; known: {', '.join(sections)}")
-            continue
-        if not isinstance(value, dict):
-            problems.append(f"[{name}] (from {source_name}): must be a table")
-            continue
-        for key, item in value.items():
-            values[name][key] = (item, source_name)
-    for var, item in env.items():
-        if not var.startswith(ENV_PREFIX):
-            continue
-        section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
-        # Other GATEWAY_* variables (GATEWAY_CONFIG, GATEWAY_VENV, tests' own) are not settings.
-        if section in sections and key:
-            values[section][key] = (item, f"env {var}")
-
-    built: dict[str, _Section] = {}
-    for name, cls in sections.items():
-        fields = {f.name: f for f in msgspec.structs.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, (item, source) in values[name].items():
-            field = fields.get(key)
-            if field is None:
-                problems.append(f"{name}.{key} (from {source}): unknown key; known: {', '.join(fields)}")
-                continue
-            try:
-                kwargs[key] = msgspec.convert(item, field.type, strict=not source.startswith("env "))
-            except msgspec.ValidationError as exc:
-                shown = "<redacted>" if (name, key) in SECRET_KEYS else repr(item)
-                reason = str(exc).replace(" - at `$`", "")
-                problems.append(f"{name}.{key} = {shown} (from {source}): {reason}")
-        built[name] = cls(**kwargs)
-    settings = Settings(**built)  # type: ignore[arg-type]
-    problems.extend(_cross_checks(settings, values))
-    if problems:
-        raise ConfigError(problems)
-    return settings
-
-
-def _where(values: dict[str, dict[str, tuple[Any, str]]], section: str, key: str) -> str:
-    entry = values[section].get(key)
-    return entry[1] if entry else "default"
-
-
-def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) -> list[str]:
-    problems: list[str] = []
-
-    def bad(section: str, key: str, message: str) -> None:
-        problems.append(f"{section}.{key} (from {_where(values, section, key)}): {message}")
-
-    host, sep, port = s.server.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        bad("server", "listen", f"{s.server.listen!r} is not HOST:PORT with a port in 1..65535")
-    if bool(s.server.certfile) != bool(s.server.keyfile):
-        bad("server", "certfile", "certfile and keyfile must be set together")
-    for key in ("certfile", "keyfile"):
-        value = getattr(s.server, key)
-        if value and not Path(value).is_file():
-            bad("server", key, f"{value!r}: no such file")
-    if s.storage.backend == "minio" and not s.minio.endpoint:
-        bad("minio", "endpoint", "required when storage.backend = 'minio'")
-    if s.minio.endpoint and ("/" in s.minio.endpoint or ":" not in s.minio.endpoint):
-        bad("minio", "endpoint", f"{s.minio.endpoint!r} must be HOST:PORT, without a scheme")
-    if s.cloud.url:
-        parts = urlsplit(s.cloud.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            bad("cloud", "url", f"{s.cloud.url!r} must be an http:// or https:// URL")
-    if s.server.external_url:
-        parts = urlsplit(s.server.external_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            bad("server", "external_url", f"{s.server.external_url!r} must be an http:// or https:// URL")
-    if s.provisioning_mode == "relay":
-        if not s.cloud.url:
-            bad("provisioning", "mode", "relay needs cloud.url")
-        if not s.server.external_url and s.provisioning.mode == "relay":
-            bad("server", "external_url", "required with provisioning.mode = 'relay'; set it to the device base URL, "
-                "e.g. http://gateway.lan:8080/api, or leave provisioning.mode = 'auto' (the URL a request came in on)")
-    if s.sync.token and len(s.sync.token) < 16:
-        bad("sync", "token", "must be at least 16 characters")
-    if s.admin.token and len(s.admin.token) < 16:
-        bad("admin", "token", "must be at least 16 characters")
-    if s.forward.backoff_max_s < s.forward.backoff_base_s:
-        bad("forward", "backoff_max_s", "must be at least forward.backoff_base_s")
-    return problems
-
-
-def redacted(settings: Settings) -> dict[str, Any]:
-    """Settings as plain data with secrets replaced, for showing to people."""
-    data: dict[str, Any] = msgspec.to_builtins(settings)
-    for section, key in SECRET_KEYS:
-        if data[section][key]:
-            data[section][key] = "<redacted>"
-    return data
+# Settings naming files or folders: a relative value is taken from the settings file's folder.
+PATH_KEYS = {("data", "dir"), ("keys", "secret_file"), ("admin", "token_file"), ("server", "certfile"),
+             ("server", "keyfile")}
