@@ -24,8 +24,9 @@ IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "conten
 OUTBOX_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
 
 # collecting -> sealed, with the batch's final counts; a replay finds it sealed and changes nothing.
-SEAL_SQL = ("UPDATE batches SET state = 'sealed', sealed_at = v.at, image_count = v.n, total_bytes = v.bytes "
-            "FROM (VALUES {rows}) v(id, at, n, bytes) WHERE batches.batch_id = v.id AND batches.state = 'collecting'")
+SEAL_SQL = ("UPDATE batches SET state = 'sealed', sealed_at = v.sealed_at, image_count = v.n, "
+            "total_bytes = v.total FROM (VALUES {rows}) v(id, sealed_at, n, total) "
+            "WHERE batches.batch_id = v.id AND batches.state = 'collecting'")
 _SEAL_ROW = "(?, ?::DOUBLE, ?::INTEGER, ?::BIGINT)"
 # pending -> delivered, and the cloud's ids on the image (index look-ups by image id).
 _DELIVERED = ("UPDATE outbox SET state = 'delivered', delivered_at = v.done_at, last_status = v.status, "
