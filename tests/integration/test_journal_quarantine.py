@@ -8,46 +8,41 @@ from __future__ import annotations
 
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import anyio
+import duckdb
 import pytest
 
-from gateway.catalog import Catalog, Conn
-from gateway.catalog.journal import Entry, Rows, frame
+from gateway.catalog import Catalog
+from gateway.catalog.journal import frame
 from gateway.catalog.quarantine import held
-from tests.integration.test_catalog_journal import SLOW, _notes, _open
+from gateway.catalog.records import BatchOpened, ImageAccepted, Record, write
+from tests.integration.test_catalog_journal import SLOW, _notes, _open, note
 
 pytestmark = pytest.mark.integration
 
 
-def _note(v: str | None, table: str = "notes") -> Entry:
-    return Entry(rows=[Rows(table=table, columns=("v",), values=[(v,)])])
-
-
-class Entries:
-    """A JournalWriter that journals the entries it is given as they are."""
-
-    def prepare(self, conn: Conn, items: list[Entry]) -> tuple[list[Any], list[Entry]]:
-        return [None] * len(items), list(items)
-
-    def undo(self) -> None:
-        pass
+def refused(image_id: str = "img_1") -> list[Record]:
+    """An upload DuckDB refuses for a reason of its own: a fingerprint out of UBIGINT's range."""
+    return [BatchOpened(batch_id="batch_q", device_id="dev_q", opened_at=1.0),
+            ImageAccepted(image_id=image_id, seq=1, batch_id="batch_q", device_id="dev_q", filename="a.jpg",
+                          content_type="image/jpeg", size=10, xxh3_128="0" * 32, storage_key="raw-data/x_a.jpg",
+                          metadata=None, received_at=1.0, fingerprint=-1, near_duplicate_of=None,
+                          outbox_state="pending")]
 
 
 def test_a_refused_record_is_set_aside_and_the_others_applied(tmp_path: Path) -> None:
     with closing(_open(tmp_path / "c.duckdb", apply_delay=SLOW)) as cat:
-        writer = Entries()
-        items = [_note("a"), _note("b"), _note(None), _note("c")]  # NULL: the key refuses it
-        for f in [cat.submit_journaled(writer, e) for e in items]:
+        items = [note("a"), note("b"), refused(), note("c")]
+        for f in [cat.submit_records(e) for e in items]:
             f.result(timeout=10)
         assert _notes(cat) == ["a", "b", "c"]  # the read moved the journal in; no 503
         assert cat.pending_entries == 0 and cat.journal.size == 0
         (record,) = cat.quarantine.records()
-        assert record.entry == _note(None) and "Constraint" in record.reason
+        assert record.frame == write(refused()) and "Conversion" in record.reason
         assert cat.quarantine.count == 1
         assert cat.quarantine.path == tmp_path / "c.duckdb.journal.quarantine"
-        cat.submit_journaled(writer, _note("d")).result(timeout=10)  # still taking writes
+        cat.submit_records(note("d")).result(timeout=10)  # still taking writes
         assert _notes(cat) == ["a", "b", "c", "d"]
 
 
@@ -55,17 +50,15 @@ def test_the_replay_sets_aside_what_duckdb_refuses_and_opens(tmp_path: Path) -> 
     path = tmp_path / "c.duckdb"
     with closing(_open(path)):
         pass
-    rows = Rows(table="images", columns=("image_id", "storage_key", "v"), values=[("img_1", "raw-data/x_a.jpg", 1)])
-    bad = Entry(rows=[rows])  # no such table
     journal = tmp_path / "c.duckdb.journal"
-    journal.write_bytes(frame(_note("a")) + frame(bad) + frame(_note("b")))
+    journal.write_bytes(frame(write(note("a"))) + frame(write(refused())) + frame(write(note("b"))))
     cat = Catalog(path)
     cat.open()
     with closing(cat):
         assert _notes(cat) == ["a", "b"] and cat.replayed == 3
         (record,) = cat.quarantine.records()
-        assert held(record.entry) == {"tables": {"images": 1}, "image_ids": ["img_1"],
-                                      "storage_keys": ["raw-data/x_a.jpg"], "statements": 0, "updates": 0}
+        assert held(record.frame) == {"records": {"batch_opened": 1, "image_accepted": 1}, "image_ids": ["img_1"],
+                                      "storage_keys": ["raw-data/x_a.jpg"], "sealed_batches": []}
     again = Catalog(path)  # a restart does not quarantine it twice
     again.open()
     with closing(again):
@@ -74,16 +67,23 @@ def test_the_replay_sets_aside_what_duckdb_refuses_and_opens(tmp_path: Path) -> 
 
 def test_apply_after_a_fix_then_drop(tmp_path: Path) -> None:
     with closing(_open(tmp_path / "c.duckdb", apply_delay=SLOW)) as cat:
-        writer = Entries()
-        cat.submit_journaled(writer, _note("late", table="later")).result(timeout=10)
-        cat.submit_journaled(writer, _note("x", table="never")).result(timeout=10)
+        cat.submit_records(refused("img_late")).result(timeout=10)
+        cat.submit_records(refused("img_never")).result(timeout=10)
         assert _notes(cat) == []
         first, second = cat.quarantine.records()
-        applied, refused = anyio.run(cat.apply_quarantined, None)
-        assert applied == [] and set(refused) == {first.id, second.id}  # nothing fixed yet: both stay
-        cat.write_sync(lambda c: c.execute("CREATE TABLE later (v VARCHAR PRIMARY KEY)"))
-        applied, refused = anyio.run(cat.apply_quarantined, {first.id})
-        assert [r.id for r in applied] == [first.id] and refused == {}
-        assert cat.read_sync(lambda c: c.execute("SELECT v FROM later").fetchall()) == [("late",)]
+        applied, refused_now = anyio.run(cat.apply_quarantined, None)
+        assert applied == [] and set(refused_now) == {first.id, second.id}  # nothing fixed yet: both stay
+
+        def fix(c: duckdb.DuckDBPyConnection) -> None:  # an admin widens the column by hand
+            c.execute("DROP INDEX images_by_hash")
+            c.execute("ALTER TABLE images ALTER fingerprint TYPE BIGINT")
+
+        cat.write_sync(fix)
+        applied, refused_now = anyio.run(cat.apply_quarantined, {first.id})
+        assert [r.id for r in applied] == [first.id] and refused_now == {}
+        assert cat.read_sync(lambda c: c.execute("SELECT image_id, fingerprint FROM images").fetchall()) == [
+            ("img_late", -1)]
         assert [r.id for r in cat.quarantine.remove({second.id})] == [second.id]
         assert cat.quarantine.records() == [] and cat.quarantine.count == 0
+
+
