@@ -14,9 +14,9 @@ from typing import Any
 import duckdb
 
 from gateway.catalog import Catalog
+from gateway.catalog.collecting import NewImage
 from gateway.catalog.schema import migrate
 from gateway.config import Settings
-from gateway.catalog.collecting import NewImage
 from gateway.ingest.pipeline import Ingestor
 from gateway.ops.metrics import Metrics
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gateway.batches import queries as batch_queries
-from gateway.catalog.collecting import CollectingBatches
 from gateway.catalog import Catalog, Conn
 from gateway.catalog.apply import insert_rows
+from gateway.catalog.collecting import CollectingBatches
 
 _seq = itertools.count(1)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.catalog.journal import Journal, JournalDamaged, frame, parse
-from gateway.catalog.records import FORMAT, Frame, ImageAccepted, OutboxDelivered, write
+from gateway.catalog.records import Frame, ImageAccepted, OutboxDelivered, write
 
 
 def _entry(n: int) -> Frame:
