@@ -1,11 +1,8 @@
 """The catalog's journal: acknowledged writes that DuckDB has not taken in yet.
 
-Under load a DuckDB statement costs the writer thread about 3 ms of CPU instead of 0.6: the Python
-binding gives up and takes back the GIL several times per statement, and each hand-over against a
-busy event loop is expensive (README, "How it works"). An upload's rows, and a delivery's marks,
-therefore go first to this append-only file, fsynced once per group, and are acknowledged then;
-the catalog writer moves the journal's entries into DuckDB in large batches (a few statements per
-batch instead of per group) and empties the file once DuckDB has committed them.
+An upload's records, and a delivery's, go first to this append-only file, fsynced once per group,
+and are acknowledged then; the catalog writer moves them into DuckDB in large batches and empties
+the file once DuckDB has committed them (why: docs/design.md, "The catalog writer and its journal").
 
 File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | body`, the body a versioned
 frame of typed records (`records.py`; a first-layout body, from before the format number, is
