@@ -23,7 +23,7 @@ import duckdb
 from gateway.catalog.apply import apply_frames
 from gateway.catalog.collecting import NewImage, Placed
 from gateway.catalog.quarantine import Quarantined
-from gateway.catalog.records import Frame, Record
+from gateway.catalog.records import Record
 from gateway.catalog.schema import migrate
 from gateway.catalog.writer import (
     APPLY_DELAY_S,
@@ -178,8 +178,8 @@ class Catalog(CatalogWriter):
             if ids is not None and record.id not in ids:
                 continue
 
-            def op(c: Conn, held: Frame = record.frame) -> None:
-                apply_frames(c, [held], replay=True)
+            def op(c: Conn, held: Quarantined = record) -> None:
+                apply_frames(c, [held.frame()], replay=True)
 
             try:
                 await self.write(op)

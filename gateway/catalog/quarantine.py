@@ -7,7 +7,7 @@ moves it here, `<journal>.quarantine` beside the journal, with the reason, and g
 `list` and `drop` show what it held (image ids, storage keys), so what it acknowledged stays findable.
 
 File format: frames as in the journal (`length | crc32 | msgpack(Quarantined)`), the record's
-journal frame under `entry` in any layout the journal reads (`journal.decode`); appended and
+journal frame body under `entry` as it was written (`journal.decode` reads it); appended and
 fsynced before the journal that held the record is emptied; rewritten whole (temp file, rename)
 when records leave.
 """
@@ -28,8 +28,7 @@ import duckdb
 import msgspec
 
 from gateway.catalog.journal import decode, fsync_dir
-from gateway.catalog.records import BatchOpened, Frame, ImageAccepted, OutboxDelivered, Unreadable
-from gateway.errors import StartRefused
+from gateway.catalog.records import BatchSealed, Frame, ImageAccepted, OutboxDelivered, Unreadable, encode
 
 log = logging.getLogger("gateway.catalog")
 _HEAD = struct.Struct("<II")
@@ -40,31 +39,27 @@ TRANSIENT = (duckdb.IOException, duckdb.OutOfMemoryException, duckdb.FatalExcept
 
 
 class Quarantined(msgspec.Struct, frozen=True):
-    id: str
-    at: float
-    reason: str
-    frame: Frame = msgspec.field(name="entry")
-
-
-class _Stored(msgspec.Struct, frozen=True):
-    """A quarantined record as read, its frame not yet decoded (it may be of an older layout)."""
+    """A set-aside record; `entry` is its journal frame's body as written (any layout), kept byte
+    for byte so that a record this code cannot read is still listed, kept or dropped, never lost."""
 
     id: str
     at: float
     reason: str
     entry: msgspec.Raw
 
+    def frame(self) -> Frame:
+        """The record's frame; raises `Unreadable` for a layout this code does not read."""
+        return decode(bytes(self.entry))
+
+    def same(self, frame: Frame) -> bool:
+        try:
+            return self.frame() == frame
+        except Unreadable:
+            return False
+
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(_Stored).decode
-
-
-class QuarantineUnreadable(StartRefused):
-    """A whole quarantined record this code cannot read (a newer gateway's): refused, not dropped."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"journal quarantine {path} holds a record this gateway cannot read ({why}). The file "
-                         f"is left as it is; start the gateway version that wrote it, or keep a copy and move it aside")
+_decode = msgspec.msgpack.Decoder(Quarantined).decode
 
 
 def record_refused(exc: BaseException) -> bool:
@@ -72,8 +67,12 @@ def record_refused(exc: BaseException) -> bool:
     return not isinstance(exc, TRANSIENT)
 
 
-def held(frame: Frame) -> dict[str, Any]:
+def held(record: Quarantined | Frame) -> dict[str, Any]:
     """What a record acknowledged, for people: its records by kind, image ids and storage keys."""
+    try:
+        frame = record.frame() if isinstance(record, Quarantined) else record
+    except Unreadable as exc:
+        return {"records": {}, "image_ids": [], "storage_keys": [], "sealed_batches": [], "unreadable": str(exc)}
     kinds: dict[str, int] = {}
     image_ids: set[str] = set()
     storage_keys: set[str] = set()
@@ -85,7 +84,7 @@ def held(frame: Frame) -> dict[str, Any]:
             image_ids.add(r.image_id)
         if isinstance(r, ImageAccepted):
             storage_keys.add(r.storage_key)
-        if not isinstance(r, ImageAccepted | OutboxDelivered | BatchOpened):
+        if isinstance(r, BatchSealed):
             batch_ids.add(r.batch_id)
     return {"records": kinds, "image_ids": sorted(image_ids), "storage_keys": sorted(storage_keys),
             "sealed_batches": sorted(batch_ids)}
@@ -105,10 +104,11 @@ class JournalQuarantine:
 
     def add(self, frame: Frame, reason: str) -> Quarantined:
         """Set `frame` aside durably (fsynced) before the journal holding it is emptied."""
-        record = Quarantined(id=uuid.uuid4().hex[:12], at=time.time(), reason=reason[:2000], frame=frame)
+        record = Quarantined(id=uuid.uuid4().hex[:12], at=time.time(), reason=reason[:2000],
+                             entry=msgspec.Raw(encode(frame)))
         body = _encode(record)
         with self._lock:
-            same = next((r for r in self.records() if r.frame == frame), None)
+            same = next((r for r in self.records() if r.same(frame)), None)
             if same is not None:  # set aside before a crash, and refused again by the replay
                 return same
             created = not self.path.exists()
@@ -137,12 +137,7 @@ class JournalQuarantine:
             if len(body) != length or zlib.crc32(body) != crc:
                 log.warning("journal quarantine %s: unreadable from byte %d on", self.path, pos)
                 break
-            stored = _decode(body)
-            try:
-                frame = decode(stored.entry)
-            except Unreadable as exc:
-                raise QuarantineUnreadable(self.path, str(exc)) from exc
-            out.append(Quarantined(id=stored.id, at=stored.at, reason=stored.reason, frame=frame))
+            out.append(_decode(body))
             pos += _HEAD.size + length
         return out
 

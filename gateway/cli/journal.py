@@ -32,6 +32,8 @@ def _describe(record: dict[str, Any]) -> str:
     lines += [f"    image {i}" for i in held["image_ids"]]
     lines += [f"    object {k}" for k in held["storage_keys"]]
     lines += [f"    sealed batch {b}" for b in held["sealed_batches"]]
+    if held.get("unreadable"):
+        lines.append(f"    not readable by this gateway: {held['unreadable'][:300]}")
     return "\n".join(lines)
 
 
