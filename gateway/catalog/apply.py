@@ -24,7 +24,7 @@ IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "conten
 OUTBOX_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
 
 # collecting -> sealed, with the batch's final counts; a replay finds it sealed and changes nothing.
-SEAL_SQL = ("UPDATE batches SET state = 'sealed', sealed_at = v.sealed_at, image_count = v.n, "
+_SEALED = ("UPDATE batches SET state = 'sealed', sealed_at = v.sealed_at, image_count = v.n, "
             "total_bytes = v.total FROM (VALUES {rows}) v(id, sealed_at, n, total) "
             "WHERE batches.batch_id = v.id AND batches.state = 'collecting'")
 _SEAL_ROW = "(?, ?::DOUBLE, ?::INTEGER, ?::BIGINT)"
@@ -71,7 +71,7 @@ def apply_frames(conn: Conn, frames: Sequence[Frame], replay: bool) -> None:
     insert_rows(conn, "outbox", OUTBOX_COLUMNS, outbox, or_ignore=replay)
     update_rows(conn, _DELIVERED, _DELIVERED_ROW, delivered)
     update_rows(conn, _CLOUD_IDS, _CLOUD_IDS_ROW, cloud_ids)
-    update_rows(conn, SEAL_SQL, _SEAL_ROW, sealed)
+    update_rows(conn, _SEALED, _SEAL_ROW, sealed)
 
 
 def insert_rows(conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
