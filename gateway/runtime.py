@@ -120,7 +120,7 @@ class Gateway:
             self.ingestor.forward_cache = self.capacity.forward_cache = cache = self.forward_cache
             self.metrics.watch_forward_cache(lambda: (cache.size, cache.count, cache.hits, cache.misses))
         await self.ingestor.start()
-        self.sealer = BatchSealer(self.catalog, self.ingestor.collecting, s.batches.timeout_s, self.forwarding_on,
+        self.sealer = BatchSealer(self.catalog, self.catalog.collecting, s.batches.timeout_s, self.forwarding_on,
                                   self.clock,
                                   on_sealed=self.manifests.sealed_many, on_forwarded=self._cloud_ids_arrived)
         self.ingestor.on_sealed = self.batch_sealed

@@ -112,7 +112,7 @@ async def status(gw: Gateway) -> Response[bytes]:
 @post("/batches/{batch_id:str}/seal", status_code=200)
 async def seal_batch(gw: Gateway, batch_id: str) -> Response[bytes]:
     now = gw.clock()
-    collecting = gw.ingestor.collecting
+    collecting = gw.catalog.collecting
     batch, sealed_now = await gw.catalog.write(lambda c: batch_queries.seal_by_hand(c, collecting, batch_id, now))
     if sealed_now:
         gw.batch_sealed(batch_id)  # offline (CLI on a stopped server): the manifest is written at the next start

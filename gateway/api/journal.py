@@ -23,7 +23,7 @@ class Choice(msgspec.Struct, kw_only=True):
 
 
 def _view(record: Quarantined) -> dict[str, Any]:
-    return {"id": record.id, "at": record.at, "reason": record.reason, "held": held(record.entry)}
+    return {"id": record.id, "at": record.at, "reason": record.reason, "held": held(record)}
 
 
 async def _choice(request: Request[Any, Any, Any], gw: Gateway, allow_all: bool) -> set[str] | None:
@@ -51,7 +51,7 @@ async def apply_quarantine(request: Request[Any, Any, Any], gw: Gateway) -> Resp
     ids = await _choice(request, gw, allow_all=True)
     applied, refused = await gw.catalog.apply_quarantined(ids)
     for record in applied:
-        log.info("journal quarantine: record %s applied to the catalog (%s)", record.id, held(record.entry))
+        log.info("journal quarantine: record %s applied to the catalog (%s)", record.id, held(record))
     return ok({"applied": [_view(r) for r in applied], "refused": refused})
 
 
@@ -62,7 +62,7 @@ async def drop_quarantine(request: Request[Any, Any, Any], gw: Gateway) -> Respo
     dropped = gw.catalog.quarantine.remove(ids)
     for record in dropped:  # what it acknowledged stays findable in the log
         log.warning("journal quarantine: record %s dropped by an admin; it held %s (reason: %s)",
-                    record.id, held(record.entry), record.reason[:300])
+                    record.id, held(record), record.reason[:300])
     return ok({"dropped": [_view(r) for r in dropped]})
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.batches import lifecycle as batches
 from gateway.catalog import Conn
+from gateway.catalog.collecting import CollectingBatches
 from gateway.errors import Conflict, NotFound, ValidationFailed
 
 BATCH_FIELDS = (
@@ -53,7 +54,7 @@ def read_batch(conn: Conn, batch_id: str) -> dict[str, Any]:
 
 
 def _count_collecting(conn: Conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A collecting batch's row gets its counts only when it is sealed (`batches.CollectingBatches`);
+    """A collecting batch's row gets its counts only when it is sealed (`catalog.collecting.CollectingBatches`);
     until then they are counted from its image rows, which are committed and exact. Only pages
     that hold a collecting batch pay for that count."""
     open_ids = [r["batch_id"] for r in rows if r["state"] == batches.COLLECTING]
@@ -98,7 +99,7 @@ def read_image(conn: Conn, image_id: str) -> dict[str, Any]:
     return {"storage_key": row[0], "size": int(row[1]), "content_type": row[2], "xxh3_128": row[3]}
 
 
-def seal_by_hand(conn: Conn, collecting: batches.CollectingBatches, batch_id: str,
+def seal_by_hand(conn: Conn, collecting: CollectingBatches, batch_id: str,
                  now: float) -> tuple[dict[str, Any], bool]:
     """`batches seal ID`: the batch afterwards, and whether this call sealed it.
 

@@ -1,20 +1,19 @@
 """The catalog's journal: acknowledged writes that DuckDB has not taken in yet.
 
-Under load a DuckDB statement costs the writer thread about 3 ms of CPU instead of 0.6: the Python
-binding gives up and takes back the GIL several times per statement, and each hand-over against a
-busy event loop is expensive (README, "How it works"). An upload's rows, and a delivery's marks,
-therefore go first to this append-only file, fsynced once per group, and are acknowledged then;
-the catalog writer moves the journal's entries into DuckDB in large batches (a few statements per
-batch instead of per group) and empties the file once DuckDB has committed them.
+An upload's records, and a delivery's, go first to this append-only file, fsynced once per group,
+and are acknowledged then; the catalog writer moves them into DuckDB in large batches and empties
+the file once DuckDB has committed them (why: docs/design.md, "The catalog writer and its journal").
 
-File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | msgpack(Entry)`. A frame cut
-short or failing its CRC with no whole frame after it is a torn tail: the write that never
-returned, so its upload was never acknowledged. It is cut off, and its bytes kept aside in
-`<journal>.torn-<time>`. A bad frame with whole frames after it is damage, not a torn write: those
-later frames were acknowledged, so `open` refuses (`JournalDamaged`) and leaves the file as it is.
-Replaying an entry twice is harmless (rows are inserted with
-`INSERT OR IGNORE`, updates and statements are idempotent), so a crash between DuckDB's commit and the
-journal's reset loses nothing and doubles nothing.
+File format: a sequence of frames `length (u32 LE) | crc32 (u32 LE) | body`, the body a versioned
+frame of typed records (`records.py`; a first-layout body, from before the format number, is
+converted by `legacy.py`). A frame cut short or failing its CRC with no whole frame after it is a
+torn tail: the write that never returned, so its upload was never acknowledged. It is cut off, and
+its bytes kept aside in `<journal>.torn-<time>`. A bad frame with whole frames after it is damage,
+not a torn write: those later frames were acknowledged, so `open` refuses (`JournalDamaged`) and
+leaves the file as it is; so does a whole frame this code cannot read (`JournalUnreadable`: a
+newer format or an unknown kind). Replaying a frame twice is harmless (the appliers insert rows
+`OR IGNORE` on replay and their updates are idempotent), so a crash between DuckDB's commit and
+the journal's reset loses nothing and doubles nothing.
 """
 
 from __future__ import annotations
@@ -25,14 +24,18 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from gateway.catalog import legacy
+from gateway.catalog.records import FORMAT, KINDS, Frame, JournalUnreadable, Unreadable, encode
 from gateway.errors import StartRefused
 
 _HEAD = struct.Struct("<II")
 _MAX_FRAME = 64 * 1024 * 1024
+_decode_frame = msgspec.msgpack.Decoder(Frame).decode
+_decode_head = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
+_decode_any = msgspec.msgpack.Decoder().decode
 log = logging.getLogger("gateway.catalog")
 
 
@@ -48,38 +51,41 @@ class JournalDamaged(StartRefused):
             f"are then not in the catalog)")
 
 
-class Rows(msgspec.Struct, array_like=True, frozen=True):
-    """Rows for one table, values in `columns` order."""
-
-    table: str
-    columns: tuple[str, ...]
-    values: list[tuple[Any, ...]]
-
-
-class Update(msgspec.Struct, array_like=True, frozen=True):
-    """One row's share of a batched statement: `sql` holds `{rows}`, which becomes `row` repeated
-    once per update sharing the statement, and `params` are this row's (see `apply_entries`)."""
-
-    sql: str
-    row: str
-    params: list[Any]
-
-
-class Entry(msgspec.Struct, array_like=True, frozen=True):
-    """One acknowledged write: rows to insert, then batched updates, then statements (sql, params).
-    Updates and statements must be idempotent: a replay may run them twice."""
-
-    rows: list[Rows]
-    statements: list[tuple[str, list[Any]]] = []
-    updates: list[Update] = []
+def decode(body: bytes) -> Frame:
+    """A frame of any layout this code reads; raises `Unreadable` otherwise."""
+    try:
+        head = _decode_head(body)
+    except msgspec.DecodeError as exc:
+        raise Unreadable(f"not a journal record: {exc}") from exc
+    first = _decode_any(head[0]) if head else None
+    if isinstance(first, list):  # the first layout: [rows, statements, updates]
+        return legacy.convert(body)
+    if not isinstance(first, int) or isinstance(first, bool):
+        raise Unreadable("not a journal record")
+    if first > FORMAT:
+        raise Unreadable(f"journal format {first}, written by a newer gateway; this one reads up to {FORMAT}")
+    if first < FORMAT:  # no such layout was ever written
+        raise Unreadable(f"unknown journal format {first}")
+    try:
+        return _decode_frame(body)
+    except msgspec.ValidationError as exc:
+        raise Unreadable(f"{_unknown_kinds(head)}: {exc}") from exc
 
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(Entry).decode
+def _unknown_kinds(head: list[msgspec.Raw]) -> str:
+    """Name the record kinds this code does not know, for the refusal's message."""
+    known = {k.__struct_config__.tag for k in KINDS}
+    try:
+        records = _decode_any(head[1]) if len(head) > 1 else []
+        unknown = sorted({str(r[0]) for r in records if isinstance(r, list) and r and r[0] not in known})
+    except (msgspec.DecodeError, TypeError):
+        unknown = []
+    return f"unknown record kind {', '.join(unknown)}" if unknown else "a record this gateway cannot read"
 
 
-def frame(entry: Entry) -> bytes:
-    body = _encode(entry)
+def frame(record: Frame) -> bytes:
+    """`record` as it is appended to the file."""
+    body = encode(record)
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
@@ -91,8 +97,8 @@ class Journal:
         self._fd = -1
         self.size = 0
 
-    def open(self) -> list[Entry]:
-        """Open the file, returning the entries it holds (left by a crash), intact ones only."""
+    def open(self) -> list[Frame]:
+        """Open the file, returning the frames it holds (left by a crash), intact ones only."""
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if created:  # the file's own name must survive a power cut too
@@ -101,7 +107,12 @@ class Journal:
         while chunk := os.read(self._fd, 1024 * 1024):
             chunks.append(chunk)
         data = b"".join(chunks)
-        entries, good = parse(data)
+        try:
+            entries, good = parse(data)
+        except Unreadable as exc:
+            os.close(self._fd)
+            self._fd = -1
+            raise JournalUnreadable(self.path, exc.args[1], str(exc.args[0])) from exc
         if good != len(data):
             later = next_whole_frame(data, good)
             if later is not None:
@@ -159,9 +170,10 @@ class Journal:
             self._fd = -1
 
 
-def parse(data: bytes) -> tuple[list[Entry], int]:
-    """The whole entries at the start of `data`, and how many bytes they take."""
-    entries: list[Entry] = []
+def parse(data: bytes) -> tuple[list[Frame], int]:
+    """The whole frames at the start of `data`, and how many bytes they take. A whole frame that
+    cannot be read raises `Unreadable(why, offset)`: it is no torn write, and must not be cut."""
+    entries: list[Frame] = []
     pos = 0
     while pos + _HEAD.size <= len(data):
         length, crc = _HEAD.unpack_from(data, pos)
@@ -172,9 +184,13 @@ def parse(data: bytes) -> tuple[list[Entry], int]:
         if zlib.crc32(body) != crc:
             break
         try:
-            entries.append(_decode(body))
+            _decode_head(body)
         except msgspec.DecodeError:
-            break
+            break  # not even a msgpack array: garbage whose CRC matched by chance
+        try:
+            entries.append(decode(body))
+        except Unreadable as exc:
+            raise Unreadable(str(exc), pos) from exc
         pos = end
     return entries, pos
 
@@ -191,7 +207,7 @@ def next_whole_frame(data: bytes, start: int) -> int | None:
         if zlib.crc32(body) != crc:
             continue
         try:
-            _decode(body)
+            _decode_head(body)
         except msgspec.DecodeError:
             continue
         return pos

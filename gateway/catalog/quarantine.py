@@ -6,7 +6,8 @@ moves it here, `<journal>.quarantine` beside the journal, with the reason, and g
 `gateway journal quarantine list|apply|drop` settles it: apply again after a fix, or drop it;
 `list` and `drop` show what it held (image ids, storage keys), so what it acknowledged stays findable.
 
-File format: frames as in the journal (`length | crc32 | msgpack(Quarantined)`); appended and
+File format: frames as in the journal (`length | crc32 | msgpack(Quarantined)`), the record's
+journal frame body under `entry` as it was written (`journal.decode` reads it); appended and
 fsynced before the journal that held the record is emptied; rewritten whole (temp file, rename)
 when records leave.
 """
@@ -26,7 +27,8 @@ from typing import Any
 import duckdb
 import msgspec
 
-from gateway.catalog.journal import Entry, fsync_dir
+from gateway.catalog.journal import decode, fsync_dir
+from gateway.catalog.records import BatchSealed, Frame, ImageAccepted, OutboxDelivered, Unreadable, encode
 
 log = logging.getLogger("gateway.catalog")
 _HEAD = struct.Struct("<II")
@@ -37,10 +39,23 @@ TRANSIENT = (duckdb.IOException, duckdb.OutOfMemoryException, duckdb.FatalExcept
 
 
 class Quarantined(msgspec.Struct, frozen=True):
+    """A set-aside record; `entry` is its journal frame's body as written (any layout), kept byte
+    for byte so that a record this code cannot read is still listed, kept or dropped, never lost."""
+
     id: str
     at: float
     reason: str
-    entry: Entry
+    entry: msgspec.Raw
+
+    def frame(self) -> Frame:
+        """The record's frame; raises `Unreadable` for a layout this code does not read."""
+        return decode(bytes(self.entry))
+
+    def same(self, frame: Frame) -> bool:
+        try:
+            return self.frame() == frame
+        except Unreadable:
+            return False
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -52,19 +67,27 @@ def record_refused(exc: BaseException) -> bool:
     return not isinstance(exc, TRANSIENT)
 
 
-def held(entry: Entry) -> dict[str, Any]:
-    """What a record acknowledged, for people: rows per table, image ids and storage keys."""
-    tables: dict[str, int] = {}
-    image_ids: list[str] = []
-    storage_keys: list[str] = []
-    for rows in entry.rows:
-        tables[rows.table] = tables.get(rows.table, 0) + len(rows.values)
-        for name, out in (("image_id", image_ids), ("storage_key", storage_keys)):
-            if name in rows.columns:
-                i = rows.columns.index(name)
-                out.extend(str(v[i]) for v in rows.values if i < len(v) and v[i] is not None)
-    return {"tables": tables, "image_ids": sorted(set(image_ids)), "storage_keys": sorted(set(storage_keys)),
-            "statements": len(entry.statements), "updates": len(entry.updates)}
+def held(record: Quarantined | Frame) -> dict[str, Any]:
+    """What a record acknowledged, for people: its records by kind, image ids and storage keys."""
+    try:
+        frame = record.frame() if isinstance(record, Quarantined) else record
+    except Unreadable as exc:
+        return {"records": {}, "image_ids": [], "storage_keys": [], "sealed_batches": [], "unreadable": str(exc)}
+    kinds: dict[str, int] = {}
+    image_ids: set[str] = set()
+    storage_keys: set[str] = set()
+    batch_ids: set[str] = set()
+    for r in frame.records:
+        kind = str(type(r).__struct_config__.tag)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if isinstance(r, ImageAccepted | OutboxDelivered):
+            image_ids.add(r.image_id)
+        if isinstance(r, ImageAccepted):
+            storage_keys.add(r.storage_key)
+        if isinstance(r, BatchSealed):
+            batch_ids.add(r.batch_id)
+    return {"records": kinds, "image_ids": sorted(image_ids), "storage_keys": sorted(storage_keys),
+            "sealed_batches": sorted(batch_ids)}
 
 
 class JournalQuarantine:
@@ -79,12 +102,13 @@ class JournalQuarantine:
         """Count what an earlier run set aside (at the catalog's open)."""
         self.count = len(self.records())
 
-    def add(self, entry: Entry, reason: str) -> Quarantined:
-        """Set `entry` aside durably (fsynced) before the journal holding it is emptied."""
-        record = Quarantined(id=uuid.uuid4().hex[:12], at=time.time(), reason=reason[:2000], entry=entry)
+    def add(self, frame: Frame, reason: str) -> Quarantined:
+        """Set `frame` aside durably (fsynced) before the journal holding it is emptied."""
+        record = Quarantined(id=uuid.uuid4().hex[:12], at=time.time(), reason=reason[:2000],
+                             entry=msgspec.Raw(encode(frame)))
         body = _encode(record)
         with self._lock:
-            same = next((r for r in self.records() if r.entry == entry), None)
+            same = next((r for r in self.records() if r.same(frame)), None)
             if same is not None:  # set aside before a crash, and refused again by the replay
                 return same
             created = not self.path.exists()
@@ -98,7 +122,7 @@ class JournalQuarantine:
                 fsync_dir(self.path.parent)
             self.count += 1
         log.error("catalog journal: a record DuckDB refuses was quarantined as %s in %s (%s); it held %s",
-                  record.id, self.path, reason[:300], held(entry))
+                  record.id, self.path, reason[:300], held(frame))
         return record
 
     def records(self) -> list[Quarantined]:

@@ -27,11 +27,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 def _describe(record: dict[str, Any]) -> str:
     held = record["held"]
-    tables = ", ".join(f"{t} {n}" for t, n in held["tables"].items()) or "no rows"
-    lines = [f"{record['id']}  {tables}; {held['statements']} statement(s), {held['updates']} update(s)",
-             f"    reason: {record['reason'][:300]}"]
+    kinds = ", ".join(f"{kind} {n}" for kind, n in held["records"].items()) or "no records"
+    lines = [f"{record['id']}  {kinds}", f"    reason: {record['reason'][:300]}"]
     lines += [f"    image {i}" for i in held["image_ids"]]
     lines += [f"    object {k}" for k in held["storage_keys"]]
+    lines += [f"    sealed batch {b}" for b in held["sealed_batches"]]
+    if held.get("unreadable"):
+        lines.append(f"    not readable by this gateway: {held['unreadable'][:300]}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,9 @@ never sent unless released, and settled as far as its batch is concerned.
 
 Entries are sent oldest first (`seq`) within each device. Nothing is ever deleted from here
 while undelivered; an entry in flight when the process died is simply still `pending`. The
-functions taking `conn` are the transitions: catalog write ops (or reads) for `catalog.write`.
+functions taking `conn` are the transitions: catalog write ops (or reads) for `catalog.write`. An
+entry is created, and delivered, by journal records (`ImageAccepted`, `OutboxDelivered`), which
+the catalog applies (`gateway.catalog.apply`).
 """
 
 from __future__ import annotations
@@ -24,20 +26,10 @@ from typing import Any
 
 import msgspec
 
-from gateway.catalog import Conn, journal
-from gateway.catalog.journal import Update
+from gateway.catalog import Conn
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 SKIPPED = "skipped"
-
-
-ENQUEUE_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
-
-
-def enqueue_row(image_id: str, seq: int, device_id: str, size: int, now: float, held: bool,
-                skipped: bool = False) -> tuple[object, ...]:
-    """A new outbox entry's values, in ENQUEUE_COLUMNS order."""
-    return (image_id, seq, device_id, size, SKIPPED if skipped else HELD if held else PENDING, now, now)
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -76,50 +68,6 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
               metadata=None if r[10] is None else bytes(r[10]), xxh3_128=r[11])
         for r in rows
     ]
-
-
-class Delivery(msgspec.Struct, frozen=True):
-    """One image the cloud accepted (2xx or 409), with the ids it answered with."""
-
-    image_id: str
-    at: float
-    status: int | None
-    cloud_image_id: str | None = None
-    cloud_batch_id: str | None = None
-    cloud_storage_key: str | None = None
-
-
-# pending -> delivered, and the cloud's ids on the image: batched updates (index look-ups by image
-# id), so that a group of deliveries costs two statements, not two per delivery.
-_DELIVERED = ("UPDATE outbox SET state = 'delivered', delivered_at = v.done_at, last_status = v.status, "
-              "attempts = outbox.attempts + 1 FROM (VALUES {rows}) v(id, done_at, status) "
-              "WHERE outbox.image_id = v.id AND outbox.state = 'pending'")
-_CLOUD_IDS = ("UPDATE images SET cloud_image_id = coalesce(v.image_key, images.cloud_image_id), "
-              "cloud_batch_id = coalesce(v.batch_key, images.cloud_batch_id), "
-              "cloud_storage_key = coalesce(v.storage_key, images.cloud_storage_key) "
-              "FROM (VALUES {rows}) v(id, image_key, batch_key, storage_key) WHERE images.image_id = v.id")
-
-
-def delivery_updates(d: Delivery) -> list[Update]:
-    """The updates that record one delivery; idempotent (a replay finds the entry delivered)."""
-    out = [Update(sql=_DELIVERED, row="(?, ?::DOUBLE, ?::INTEGER)", params=[d.image_id, d.at, d.status])]
-    if d.cloud_image_id or d.cloud_batch_id or d.cloud_storage_key:
-        out.append(Update(sql=_CLOUD_IDS, row="(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)",
-                          params=[d.image_id, d.cloud_image_id, d.cloud_batch_id, d.cloud_storage_key]))
-    return out
-
-
-class DeliveryJournal:
-    """Catalog journal writer for deliveries: answered once journaled, applied with the next batch."""
-
-    def prepare(self, conn: Conn, items: list[Delivery]) -> tuple[list[None], list[journal.Entry]]:
-        return [None] * len(items), [journal.Entry(rows=[], updates=delivery_updates(d)) for d in items]
-
-    def undo(self) -> None:
-        """Nothing is kept in memory."""
-
-
-DELIVERIES = DeliveryJournal()
 
 
 def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:

@@ -20,6 +20,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gateway.catalog import Catalog, Expected
+from gateway.catalog.records import OutboxDelivered
 from gateway.config import Settings
 from gateway.devices.keys import KeyUnreadable
 from gateway.devices.registry import DeviceRegistry
@@ -326,9 +327,9 @@ class Forwarder:
                 self._dispatch(self._tg)  # the device's next image now, not after the main loop's next turn
             self._wake.set()
             try:
-                await record.write_journaled(outbox.DELIVERIES, outbox.Delivery(
+                await record.write_records([OutboxDelivered(
                     image_id=entry.image_id, at=now, status=outcome.status, cloud_image_id=outcome.image_id,
-                    cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key))
+                    cloud_batch_id=outcome.batch_id, cloud_storage_key=outcome.storage_key)])
             except BaseException:
                 self._dirty = True  # still pending in the catalog: the next refill takes it again
                 raise

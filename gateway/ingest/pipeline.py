@@ -20,9 +20,8 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from gateway.batches import lifecycle as batches
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.journal import Entry, Rows
+from gateway.catalog.collecting import NewImage
 from gateway.config import Settings
 from gateway.devices.registry import Device
 from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
@@ -41,8 +40,6 @@ log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
 MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
 MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
-_IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "content_type", "size", "xxh3_128",
-                  "storage_key", "metadata", "received_at", "fingerprint", "near_duplicate_of")
 
 
 class UploadResult(msgspec.Struct, kw_only=True):
@@ -52,22 +49,6 @@ class UploadResult(msgspec.Struct, kw_only=True):
     duplicate: bool = False
     batch_sealed: bool = False
     size: int = 0  # image bytes stored by this upload (0 for a duplicate)
-
-
-class _NewImage(msgspec.Struct, kw_only=True):
-    image_id: str
-    device_id: str
-    filename: str
-    content_type: str
-    size: int
-    xxh3_128: str
-    storage_key: str
-    metadata: bytes | None
-    received_at: float
-    held: bool
-    fingerprint: int | None = None
-    near_duplicate_of: str | None = None
-    skipped: bool = False  # a near-duplicate held at the edge: its outbox entry is `skipped`
 
 
 class Ingestor:
@@ -97,9 +78,6 @@ class Ingestor:
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         # Object stores take small images from memory; folder storage hard-links the spool file.
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
-        self._seq = 0
-        self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
-        self._undo_state: tuple[int, object] = (0, None)
         self.on_sealed: Callable[[str], None] | None = None
         self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
         self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
@@ -110,9 +88,7 @@ class Ingestor:
         return set(self._active)
 
     async def start(self) -> None:
-        row = await self.catalog.read(lambda c: c.execute("SELECT max(seq) FROM images").fetchone())
-        self._seq = int(row[0]) if row and row[0] is not None else 0
-        await self.catalog.write(self.collecting.load)
+        await self.catalog.write(self.catalog.uploads.load)
 
     async def keep_seen_keys(self) -> None:
         """Background task: build the filter of stored dedup keys, and rebuild it when it fills up.
@@ -270,7 +246,9 @@ class Ingestor:
         verdict: Verdict = UNCHECKED,
     ) -> UploadResult:
         filename = safe_filename(image.filename, image.content_type)
-        new = _NewImage(
+        # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
+        skipped = verdict.action == "hold" and verdict.of is not None and not held
+        new = NewImage(
             image_id=f"img_{uid}",
             device_id=device.device_id,
             filename=filename,
@@ -280,11 +258,10 @@ class Ingestor:
             storage_key=f"raw-data/{uid.hex}_{filename}",
             metadata=metadata,
             received_at=self.clock(),
-            held=held,
+            outbox_state=outbox.SKIPPED if skipped else outbox.HELD if held else outbox.PENDING,
+            batch_max_images=self.settings.batches.max_images,
             fingerprint=verdict.dhash,
             near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
-            # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
-            skipped=verdict.action == "hold" and verdict.of is not None and not held,
         )
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:
@@ -300,18 +277,19 @@ class Ingestor:
                 # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
                 _truncate(image.path)
                 raise
-            recorded = record.submit_journaled(self, new)
+            recorded = record.submit_upload(new)
         try:
-            result: UploadResult = await asyncio.wrap_future(recorded)
+            placed = await asyncio.wrap_future(recorded)
         except Exception:
             # The transaction failed: nothing was committed, so the object must go.
             # (On cancellation we cannot know; the intent stays for reconciliation.)
             await self._discard_object(new.storage_key, image.path)
             raise
-        self._keep_for_forwarding(new.image_id, image, held or new.skipped)
-        if result.batch_sealed and self.on_sealed is not None:
-            self.on_sealed(result.batch_id)
-        return result
+        self._keep_for_forwarding(new.image_id, image, held or skipped)
+        if placed.sealed and self.on_sealed is not None:
+            self.on_sealed(placed.batch_id)
+        return UploadResult(image_id=new.image_id, batch_id=placed.batch_id, storage_key=new.storage_key,
+                            batch_sealed=placed.sealed, size=new.size)
 
     def _keep_for_forwarding(self, image_id: str, image: SpooledImage, held: bool) -> None:
         """The upload is recorded: its intent file goes, and its bytes to the forward cache if any.
@@ -335,42 +313,6 @@ class Ingestor:
             log.warning("could not remove unrecorded object %s (reconciled at next start): %s", storage_key, exc)
             return
         _unlink(spool_path)
-
-    def prepare(self, conn: Conn, items: list[_NewImage]) -> tuple[list[UploadResult], list[Entry]]:
-        """Catalog journal writer: the journal entries that record a group of uploads (image row,
-        batch membership, outbox entry), planned in memory; the catalog acknowledges them once
-        fsynced, and moves them into DuckDB in large batches (`catalog.journal`).
-
-        No duplicate check here: `upload` holds the dedup key from its check until this is
-        journaled, and this process is the catalog's only writer, so no other upload of those
-        bytes can slip in."""
-        self._undo_state = (self._seq, self.collecting.snapshot())
-        plan = self.collecting.plan(
-            conn, [(n.device_id, n.size) for n in items], items[0].received_at, self.settings.batches.max_images)
-        opened = {batch_id: (batch_id, device_id, batches.COLLECTING, at) for batch_id, device_id, at in plan.opened}
-        sealed = {params[-1]: params for params in plan.sealed}
-        entries, results = [], []
-        for n, (batch_id, full) in zip(items, plan.placed, strict=True):
-            self._seq += 1
-            rows = []
-            if (batch := opened.pop(batch_id, None)) is not None:
-                rows.append(Rows(table="batches", columns=batches.OPEN_COLUMNS, values=[batch]))
-            rows.append(Rows(table="images", columns=_IMAGE_COLUMNS, values=[(
-                n.image_id, self._seq, batch_id, n.device_id, n.filename, n.content_type, n.size, n.xxh3_128,
-                n.storage_key, n.metadata, n.received_at, n.fingerprint, n.near_duplicate_of)]))
-            rows.append(Rows(table="outbox", columns=outbox.ENQUEUE_COLUMNS,
-                             values=[outbox.enqueue_row(n.image_id, self._seq, n.device_id, n.size, n.received_at,
-                                                        n.held, n.skipped)]))
-            seal = [(batches.SEAL_SQL, sealed.pop(batch_id))] if full else []
-            entries.append(Entry(rows=rows, statements=seal))
-            results.append(UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key,
-                                        batch_sealed=full, size=n.size))
-        return results, entries
-
-    def undo(self) -> None:
-        """The entries of the last `prepare` never reached the journal: forget what it planned."""
-        self._seq, snap = self._undo_state
-        self.collecting.restore(snap)
 
 
 def store_wants_files(store: ObjectStore | None) -> bool:

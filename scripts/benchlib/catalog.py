@@ -14,9 +14,10 @@ from typing import Any
 import duckdb
 
 from gateway.catalog import Catalog
+from gateway.catalog.collecting import NewImage
 from gateway.catalog.schema import migrate
 from gateway.config import Settings
-from gateway.ingest.pipeline import Ingestor, _NewImage
+from gateway.ingest.pipeline import Ingestor
 from gateway.ops.metrics import Metrics
 
 CHUNK = 200_000
@@ -81,11 +82,11 @@ def dedup_latency(workdir: Path, rows: int, samples: int) -> dict[str, Any]:
             t1 = time.perf_counter()
             assert found is None
             uid = uuid.uuid4()
-            new = _NewImage(image_id=f"img_{uid}", device_id="dev_bench", filename=f"f{i}.jpg",
-                            content_type="image/jpeg", size=102400, xxh3_128=digest,
-                            storage_key=f"raw-data/{uid.hex}_f{i}.jpg", metadata=None, received_at=time.time(),
-                            held=False)
-            await asyncio.wrap_future(catalog.submit_journaled(ingestor, new))  # as uploads are acknowledged
+            new = NewImage(image_id=f"img_{uid}", device_id="dev_bench", filename=f"f{i}.jpg",
+                           content_type="image/jpeg", size=102400, xxh3_128=digest,
+                           storage_key=f"raw-data/{uid.hex}_f{i}.jpg", metadata=None, received_at=time.time(),
+                           outbox_state="pending", batch_max_images=settings.batches.max_images)
+            await asyncio.wrap_future(catalog.submit_upload(new))  # as uploads are acknowledged
             t2 = time.perf_counter()
             if i >= 0:
                 checks.append(t1 - t0)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 import httpx
+import msgspec
 import pytest
 
-from gateway.catalog.journal import Entry, frame
+from gateway.catalog.journal import frame
+from gateway.catalog.records import FORMAT, BatchOpened, write
 from tests.conftest import jpeg_bytes
 from tests.support.client import admin_status, metrics, upload, wait_for
 from tests.support.fakecloud import FakeCloud
@@ -42,7 +46,7 @@ def test_a_damaged_record_mid_journal_stops_the_start_and_keeps_the_file(
     gw.add_device("cam-journal")
     assert gw.stop() == 0
     journal = gw.workdir / "data" / "catalog.duckdb.journal"
-    frames = [frame(Entry(rows=[], statements=[("SELECT ?", [n])])) for n in range(5)]
+    frames = [frame(write([BatchOpened(batch_id=f"batch_{n}", device_id="dev_j", opened_at=1.0)])) for n in range(5)]
     data = bytearray(b"".join(frames))
     data[len(frames[0]) + 10] ^= 0x01  # inside the second record's body: three whole records follow
     journal.write_bytes(bytes(data))
@@ -57,6 +61,22 @@ def test_a_damaged_record_mid_journal_stops_the_start_and_keeps_the_file(
     assert journal.stat().st_size == 0
     (aside,) = journal.parent.glob("catalog.duckdb.journal.torn-*")
     assert aside.read_bytes() == frames[0][:7]
+
+
+def test_a_journal_written_by_a_newer_gateway_stops_the_start_and_keeps_the_file(
+    start_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gw = start_gateway({"GATEWAY_STORAGE_BACKEND": "folder"})
+    assert gw.stop() == 0
+    journal = gw.workdir / "data" / "catalog.duckdb.journal"
+    body = msgspec.msgpack.encode([FORMAT + 1, [["image_deleted", "img_1"]]])
+    data = frame(write([])) + struct.pack("<II", len(body), zlib.crc32(body)) + body  # the last record: no torn tail
+    journal.write_bytes(data)
+
+    out = _refused(gw)
+    assert str(journal) in out and f"journal format {FORMAT + 1}, written by a newer gateway" in out
+    assert journal.read_bytes() == data
+    assert sorted(p.name for p in journal.parent.glob("catalog.duckdb.journal*")) == [journal.name]
 
 
 def test_a_moved_or_different_key_secret_stops_the_start(start_gateway: Callable[..., GatewayProcess]) -> None:

@@ -1,4 +1,4 @@
-"""Collecting batches kept in memory by the catalog writer (`batches.CollectingBatches`), on a real
+"""Collecting batches kept in memory by the catalog writer (`catalog.collecting.CollectingBatches`), on a real
 DuckDB file: counts stay exact through failed transactions, restarts and every way of sealing."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gateway.batches import queries as batch_queries
-from gateway.batches.lifecycle import CollectingBatches
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.db import insert_rows
+from gateway.catalog.apply import insert_rows
+from gateway.catalog.collecting import CollectingBatches
 
 _seq = itertools.count(1)
 

@@ -23,6 +23,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.catalog.db import Expected
+from gateway.catalog.records import OutboxDelivered, Record
 from gateway.config import load_settings
 from gateway.forward import outbox, worker
 from gateway.runtime import Gateway
@@ -41,14 +42,14 @@ def anyio_backend() -> str:
 
 def slowed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     seen = {"records": 0, "reads": 0}
-    write_journaled = Expected.write_journaled
+    write_records = Expected.write_records
     pending_heads = outbox.pending_heads
 
-    async def slow_record(self: Expected, writer: Any, item: Any) -> Any:
-        if writer is outbox.DELIVERIES:
+    async def slow_record(self: Expected, records: list[Record]) -> None:
+        if any(isinstance(r, OutboxDelivered) for r in records):
             seen["records"] += 1
             await anyio.sleep(RECORD_DELAY_S)
-        return await write_journaled(self, writer, item)
+        await write_records(self, records)
 
     def slow_read(conn: Any, per_device: int) -> list[outbox.Entry]:
         seen["reads"] += 1
@@ -58,7 +59,7 @@ def slowed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         time.sleep(READ_DELAYS_S[seen["reads"] % 2])
         return entries
 
-    monkeypatch.setattr(Expected, "write_journaled", slow_record)
+    monkeypatch.setattr(Expected, "write_records", slow_record)
     monkeypatch.setattr(worker.outbox, "pending_heads", slow_read)
     return seen
 

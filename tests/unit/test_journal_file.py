@@ -6,12 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.catalog.journal import Entry, Journal, JournalDamaged, Rows, frame, parse
+from gateway.catalog.journal import Journal, JournalDamaged, frame, parse
+from gateway.catalog.records import Frame, ImageAccepted, OutboxDelivered, write
 
 
-def _entry(n: int) -> Entry:
-    return Entry(rows=[Rows(table="notes", columns=("v", "b"), values=[(f"note-{n}", b"\x00\xff" * n)])],
-                 statements=[("UPDATE notes SET v = v WHERE v = ?", [f"note-{n}"])])
+def _entry(n: int) -> Frame:
+    return write([ImageAccepted(image_id=f"img_{n}", seq=n, batch_id="b", device_id="d", filename="f.jpg",
+                                content_type="image/jpeg", size=n, xxh3_128=f"{n:032x}", storage_key=f"k{n}",
+                                metadata=b"\x00\xff" * n, received_at=1.0, fingerprint=None, near_duplicate_of=None,
+                                outbox_state="pending"),
+                  OutboxDelivered(image_id=f"img_{n}", at=2.0, status=201)])
 
 
 def test_frames_round_trip(tmp_path: Path) -> None:

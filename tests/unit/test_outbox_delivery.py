@@ -6,9 +6,9 @@ from pathlib import Path
 
 import duckdb
 
-from gateway.catalog.db import apply_entries
+from gateway.catalog.apply import apply_frames
+from gateway.catalog.records import OutboxDelivered, write
 from gateway.catalog.schema import migrate
-from gateway.forward import outbox
 
 
 def _catalog(path: Path) -> duckdb.DuckDBPyConnection:
@@ -27,15 +27,14 @@ def _catalog(path: Path) -> duckdb.DuckDBPyConnection:
 
 def test_a_group_of_deliveries_marks_each_with_its_own_answer(tmp_path: Path) -> None:
     conn = _catalog(tmp_path / "catalog.duckdb")
-    out, entries = outbox.DELIVERIES.prepare(conn, [
-        outbox.Delivery(image_id="img_1", at=100.0, status=201, cloud_image_id="c1", cloud_batch_id="cb",
+    frames = [write([d]) for d in [
+        OutboxDelivered(image_id="img_1", at=100.0, status=201, cloud_image_id="c1", cloud_batch_id="cb",
                         cloud_storage_key="ck1"),
-        outbox.Delivery(image_id="img_2", at=101.0, status=409),  # no ids in the answer
-        outbox.Delivery(image_id="img_3", at=102.0, status=201, cloud_batch_id="cb"),
-        outbox.Delivery(image_id="img_4", at=103.0, status=201),  # dead meanwhile: stays dead
-    ])
-    apply_entries(conn, entries, replay=False)
-    assert out == [None] * 4
+        OutboxDelivered(image_id="img_2", at=101.0, status=409),  # no ids in the answer
+        OutboxDelivered(image_id="img_3", at=102.0, status=201, cloud_batch_id="cb"),
+        OutboxDelivered(image_id="img_4", at=103.0, status=201),  # dead meanwhile: stays dead
+    ]]
+    apply_frames(conn, frames, replay=False)
     rows = conn.execute(
         "SELECT image_id, state, attempts, last_status, delivered_at FROM outbox ORDER BY seq").fetchall()
     assert rows == [("img_1", "delivered", 1, 201, 100.0), ("img_2", "delivered", 1, 409, 101.0),
@@ -49,12 +48,10 @@ def test_a_group_of_deliveries_marks_each_with_its_own_answer(tmp_path: Path) ->
 def test_journaled_deliveries_applied_twice_count_once(tmp_path: Path) -> None:
     """A replay after a crash between DuckDB's commit and the journal's reset runs them again."""
     conn = _catalog(tmp_path / "catalog.duckdb")
-    _, entries = outbox.DELIVERIES.prepare(conn, [
-        outbox.Delivery(image_id="img_1", at=100.0, status=201, cloud_image_id="c1"),
-        outbox.Delivery(image_id="img_2", at=101.0, status=409),
-    ])
+    frames = [write([OutboxDelivered(image_id="img_1", at=100.0, status=201, cloud_image_id="c1")]),
+              write([OutboxDelivered(image_id="img_2", at=101.0, status=409)])]
     for _ in range(2):
-        apply_entries(conn, entries, replay=True)
+        apply_frames(conn, frames, replay=True)
     rows = conn.execute("SELECT image_id, state, attempts, delivered_at FROM outbox ORDER BY seq").fetchall()
     assert rows[:2] == [("img_1", "delivered", 1, 100.0), ("img_2", "delivered", 1, 101.0)]
     assert conn.execute("SELECT cloud_image_id FROM images WHERE image_id = 'img_1'").fetchone() == ("c1",)
