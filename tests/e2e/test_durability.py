@@ -65,7 +65,11 @@ def test_kill_9_during_uploads_loses_no_acknowledged_upload(
     threads = [threading.Thread(target=uploader, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(2.5)
+    # Kill once the server is visibly busy (acknowledgements arriving), however slow the machine.
+    busy_by = time.monotonic() + 120
+    while len(acked) <= 10 and time.monotonic() < busy_by:
+        time.sleep(0.05)
+    time.sleep(0.5)
     proc.kill()  # SIGKILL in the middle of 16 concurrent uploads
     stop.set()
     for t in threads:
@@ -104,14 +108,17 @@ def test_sigterm_finishes_in_flight_uploads_and_exits_0(tmp_path: Path) -> None:
     _, key = proc.add_device("cam-term")
     url = f"{proc.url}/api/device/images/upload"
     size = 6 * MiB
+    sending = threading.Semaphore(0)
 
     def slow_upload(i: int) -> tuple[int, str]:
         head, tail = multipart_head(url, key, f"bnd{i}", size, filename=f"s{i}.jpg")
         data = b"\xff\xd8\xff" + secrets.token_bytes(size - 3)
 
         def chunks() -> Any:
-            for off in range(0, size, 256 * 1024):  # ~3 s per upload
+            for n, off in enumerate(range(0, size, 256 * 1024)):  # ~3 s per upload
                 time.sleep(0.12)
+                if n == 4:
+                    sending.release()
                 yield data[off : off + 256 * 1024]
             yield tail
 
@@ -120,7 +127,8 @@ def test_sigterm_finishes_in_flight_uploads_and_exits_0(tmp_path: Path) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(slow_upload, i) for i in range(6)]
-        time.sleep(1.0)  # all six are mid-body
+        for _ in futures:  # all six are mid-body: each has sent a few chunks, however slow the machine
+            assert sending.acquire(timeout=60)
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
         time.sleep(0.3)
