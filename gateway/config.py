@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gateway.forward import uplink_config
+
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 ENV_PREFIX = "GATEWAY_"
 MiB = 1024 * 1024
@@ -203,6 +205,19 @@ class ForwardSettings(_Section):
         _help("Local disk kept for copies of images waiting for the cloud (object stores only), so the "
               "forwarder need not read them back from the store; 0 = off.", ge=0),
     ] = 4 * GiB
+    timezone: Annotated[
+        str, _help("Time zone of forward.windows, e.g. Europe/Berlin; empty: the system's.")
+    ] = ""
+    classes: Annotated[
+        list[uplink_config.ForwardClass],
+        _help("Priority classes ([[forward.classes]]: name, priority, always, match), first match wins; "
+              "docs/uplink.md."),
+    ] = msgspec.field(default_factory=list)
+    windows: Annotated[
+        list[uplink_config.ForwardWindow],
+        _help("Sending windows ([[forward.windows]]: days, start, end, classes, bandwidth_bytes_per_s); none: "
+              "send any time; docs/uplink.md."),
+    ] = msgspec.field(default_factory=list)
 
 
 class LimitSettings(_Section):
@@ -447,6 +462,11 @@ def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) ->
         bad("admin", "token", "must be at least 16 characters")
     if s.forward.backoff_max_s < s.forward.backoff_base_s:
         bad("forward", "backoff_max_s", "must be at least forward.backoff_base_s")
+    for p in uplink_config.problems(s.forward.classes, s.forward.windows, s.forward.timezone,
+                                    s.forward.bandwidth_bytes_per_s):  # "forward.KEY...: message"
+        head, _, reason = p.partition(": ")
+        key = head.removeprefix("forward.").split("[")[0]
+        problems.append(f"{head} (from {_where(values, 'forward', key)}): {reason}")
     return problems
 
 

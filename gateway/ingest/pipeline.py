@@ -28,6 +28,7 @@ from gateway.devices.registry import Device
 from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
 from gateway.forward import outbox
 from gateway.forward.cache import ForwardCache
+from gateway.forward.classes import UplinkPlan
 from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
@@ -68,6 +69,7 @@ class _NewImage(msgspec.Struct, kw_only=True):
     fingerprint: int | None = None
     near_duplicate_of: str | None = None
     skipped: bool = False  # a near-duplicate held at the edge: its outbox entry is `skipped`
+    priority_class: str = "default"
 
 
 class Ingestor:
@@ -80,8 +82,10 @@ class Ingestor:
         store: ObjectStore,
         metrics: Metrics,
         clock: Callable[[], float],
+        uplink: UplinkPlan | None = None,
     ) -> None:
         self.settings = settings
+        self.uplink = uplink or UplinkPlan.from_settings(settings.forward)  # priority classes, decided here
         self.catalog = catalog
         self.store = store
         self.metrics = metrics
@@ -187,8 +191,8 @@ class Ingestor:
             )
             image = form.image
             in_memory = image.held
-            if form.metadata is not None:
-                validate_metadata(form.metadata)
+            meta = None if form.metadata is None else validate_metadata(form.metadata)
+            priority_class = self.uplink.classify(device.device_id, meta)
             key = self._dedup_key(device.device_id, image.xxh3_128)
             while (pending := self._inflight.get(key)) is not None:
                 await pending.wait()
@@ -202,13 +206,15 @@ class Ingestor:
                 verdict = await self._near_verdict(device, image, form.metadata)
                 self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
-                result = await self._store_and_record(uid, device, image, form.metadata, held, verdict)
+                result = await self._store_and_record(uid, device, image, form.metadata, held, verdict,
+                                                      priority_class)
                 self.near.remember(device.device_id, verdict, result.image_id, result.batch_id, result.storage_key)
             finally:
                 del self._inflight[key]
                 done.set()
             self.metrics.upload_bytes.inc(image.size)
             self.metrics.uploads_by_device.labels(device.device_id).inc()
+            self.uplink.arrived(priority_class)
             return result
         finally:
             self._active.discard(uid.hex)
@@ -267,7 +273,7 @@ class Ingestor:
 
     async def _store_and_record(
         self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool,
-        verdict: Verdict = UNCHECKED,
+        verdict: Verdict = UNCHECKED, priority_class: str = "default",
     ) -> UploadResult:
         filename = safe_filename(image.filename, image.content_type)
         new = _NewImage(
@@ -285,6 +291,7 @@ class Ingestor:
             near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
             # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
             skipped=verdict.action == "hold" and verdict.of is not None and not held,
+            priority_class=priority_class,
         )
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:
@@ -360,7 +367,7 @@ class Ingestor:
                 n.storage_key, n.metadata, n.received_at, n.fingerprint, n.near_duplicate_of)]))
             rows.append(Rows(table="outbox", columns=outbox.ENQUEUE_COLUMNS,
                              values=[outbox.enqueue_row(n.image_id, self._seq, n.device_id, n.size, n.received_at,
-                                                        n.held, n.skipped)]))
+                                                        n.held, n.skipped, n.priority_class)]))
             seal = [(batches.SEAL_SQL, sealed.pop(batch_id))] if full else []
             entries.append(Entry(rows=rows, statements=seal))
             results.append(UploadResult(image_id=n.image_id, batch_id=batch_id, storage_key=n.storage_key,
