@@ -104,6 +104,16 @@ def problems(windows: list[ForwardWindow], timezone: str, default_cap: int) -> l
         out.append(f"forward.timezone: {exc}")
     compiled: list[tuple[int, Window]] = []
     for i, w in enumerate(windows):
+        bad = False
+        for key, check in (("days", lambda: parse_days(w.days)), ("start", lambda: parse_time(w.start)),
+                           ("end", lambda: parse_time(w.end, end=True))):
+            try:
+                check()
+            except ValueError as exc:
+                out.append(f"forward.windows[{i}].{key}: {exc}")
+                bad = True
+        if bad:
+            continue
         try:
             compiled.extend((i, c) for c in compile_windows([w], default_cap))
         except ValueError as exc:
