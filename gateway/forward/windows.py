@@ -105,10 +105,9 @@ def problems(windows: list[ForwardWindow], timezone: str, default_cap: int) -> l
     compiled: list[tuple[int, Window]] = []
     for i, w in enumerate(windows):
         bad = False
-        for key, check in (("days", lambda: parse_days(w.days)), ("start", lambda: parse_time(w.start)),
-                           ("end", lambda: parse_time(w.end, end=True))):
+        for key, value in (("days", w.days), ("start", w.start), ("end", w.end)):
             try:
-                check()
+                parse_days(value) if key == "days" else parse_time(value, end=key == "end")
             except ValueError as exc:
                 out.append(f"forward.windows[{i}].{key}: {exc}")
                 bad = True
