@@ -1,10 +1,12 @@
 """The forwarder's read-ahead: pending entries in one FIFO lane per (class, device), and the order
 in which lanes get a free upload slot.
 
-A higher priority always gets the slot first, gateway-wide; lanes of one priority take turns
-(round robin), and each lane sends oldest `seq` first with at most `per_lane` entries in flight,
-so an entry in backoff holds back only the later entries of its own device and class. A lane whose
-class the current window does not send is skipped (`UplinkPlan.may_send`).
+A higher priority goes first, gateway-wide: while one of its entries is due and waits only for its
+own lane (per-device order), no lower priority starts, so a backlog of routine frames cannot get
+ahead of a defect. Lanes of one priority take turns (round robin), and each lane sends oldest
+`seq` first with at most `per_lane` entries in flight; an entry in backoff holds back only the
+later entries of its own device and class, and lets lower classes go. A lane whose class the
+current window does not send is skipped (`UplinkPlan.may_send`).
 """
 
 from __future__ import annotations
@@ -60,15 +62,19 @@ class Lanes:
             if priority < hold_below:
                 return None
             first = self._turn.get(priority, 0)
+            waiting = False  # a due entry of this priority waits for its lane: lower ones wait too
             for i in range(len(lanes)):
                 lane = lanes[(first + i) % len(lanes)]
                 entry = self._due(lane, now, moment)
                 if entry is None:
+                    waiting = waiting or self._waiting(lane, now, moment)
                     continue
                 self.in_flight[entry.image_id] = lane
                 self._busy[lane] = self._busy.get(lane, 0) + 1
                 self._turn[priority] = (first + i + 1) % len(lanes)
                 return entry
+            if waiting:
+                return None
         return None
 
     def has_due(self, now: float, moment: Moment) -> bool:
@@ -85,6 +91,13 @@ class Lanes:
                     wait = min(wait, entry.next_attempt_at - now)
                     break
         return wait
+
+    def _waiting(self, lane: Lane, now: float, moment: Moment) -> bool:
+        """Whether the lane has a due entry held back only by its own uploads in flight."""
+        if self._busy.get(lane, 0) < self.per_lane or not self.plan.may_send(lane[0], moment):
+            return False
+        return any(e.image_id not in self.in_flight and e.next_attempt_at <= now
+                   for e in self.queues.get(lane, [])[: self.per_lane + 1])
 
     def _due(self, lane: Lane, now: float, moment: Moment) -> Entry | None:
         if self._busy.get(lane, 0) >= self.per_lane or not self.plan.may_send(lane[0], moment):

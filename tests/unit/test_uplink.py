@@ -219,20 +219,28 @@ def test_lanes_send_higher_classes_first_devices_in_turn_and_backoff_holds_only_
     }
     lanes.replace(queues, fetch=40)
     moment = p.schedule.at(0.0)
-    started = []
-    while (e := lanes.start_next(50.0, moment, float("-inf"))) is not None:
-        started.append(e.image_id)
-    # b's defect first; a's defects wait for a3's backoff (a4 keeps its place behind it), while
-    # a's and b's routine frames still go, one each (per-lane order).
-    assert started == ["b2", "a1", "b1"]
+
+    def start_all(now: float, hold: float = float("-inf")) -> list[str]:
+        started = []
+        while (e := lanes.start_next(now, moment, hold)) is not None:
+            started.append(e.image_id)
+        return started
+
+    # b's defect first; then b3 waits for b2 (its lane's order), and so do all routine frames:
+    # a's defects wait for a3's backoff (a4 keeps its place behind it), which holds back nothing else.
+    assert start_all(50.0) == ["b2"]
     lanes.finished("b2")
     lanes.drop("b", "b2")
-    assert lanes.start_next(50.0, moment, float("-inf")).image_id == "b3"  # type: ignore[union-attr]
-    lanes.finished("a1")
-    lanes.drop("a", "a1")
-    assert lanes.start_next(50.0, moment, 10) is None  # held: only priority >= 10 may start
-    assert lanes.start_next(100.0, moment, 10).image_id == "a3"  # type: ignore[union-attr]
-    assert lanes.start_next(100.0, moment, float("-inf")).image_id == "a2"  # type: ignore[union-attr]
+    assert start_all(50.0) == ["b3", "a1", "b1"]  # no defect left waiting: routine frames go, one per device
+    for done in ("b3", "a1", "b1"):
+        lanes.finished(done)
+        lanes.drop(done[0], done)
+    assert start_all(50.0, hold=10) == []  # held: only priority >= 10 may start, and a3 is not due
+    assert start_all(100.0, hold=10) == ["a3"]
+    assert start_all(100.0) == []  # a4 waits for a3 (its lane), so the routine a2 waits too
+    lanes.finished("a3")
+    lanes.drop("a", "a3")
+    assert start_all(100.0) == ["a4", "a2"]
 
 
 def test_lanes_skip_classes_the_window_does_not_send() -> None:
