@@ -20,7 +20,7 @@ from gateway.cli.control import Control, ControlError, connect
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
 from gateway.cli.outbox import add_arguments as add_outbox_arguments
-from gateway.cli.outbox import cmd_outbox
+from gateway.cli.outbox import cmd_outbox, uplink_lines
 from gateway.cli.tokens import add_arguments as add_tokens_arguments
 from gateway.cli.tokens import cmd_tokens
 from gateway.cli.verify import add_arguments as add_verify_arguments
@@ -116,6 +116,7 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("last success", _cell(s["last_success_at"])),
         ("last error", s["last_error"] or "-"),
         ("time to drain", human_age(s["eta_s"])),
+        *uplink_lines(s.get("uplink") or {}, _cell),
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]

@@ -96,6 +96,18 @@ class UplinkPlan:
         known = class_name if class_name in self.priorities else DEFAULT_CLASS
         return self.schedule.next_open(known, known in self.always, now)
 
+    def annotate(self, rows: list[dict[str, Any]], now: float) -> None:
+        """Add `waits_for` to outbox rows (`gateway outbox list`): the window a pending entry waits
+        for, as {"window", "at"}; "no window" if none sends its class; None if it may go now."""
+        moment = self.schedule.at(now)
+        for row in rows:
+            cls = row.get("class") or DEFAULT_CLASS
+            if row.get("state") not in ("pending", "held") or self.may_send(cls, moment):
+                row["waits_for"] = None
+                continue
+            waits = self.waits_for(cls, now)
+            row["waits_for"] = "no window" if waits is None else {"window": waits[1], "at": waits[0]}
+
     # -- ingest -> forwarder -----------------------------------------------------------------------
 
     def listen(self, listener: Callable[[int], None]) -> None:
