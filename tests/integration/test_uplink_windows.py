@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -71,7 +71,7 @@ async def test_outside_the_window_only_always_classes_move_then_the_rest_drains_
         "GATEWAY_ADMIN_TOKEN": ADMIN, "GATEWAY_LIMITS_MIN_FREE_DISK_BYTES": "0",
         "GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
     })
-    opens_at = datetime(2026, 12, 7, 6, 0, tzinfo=timezone.utc).timestamp()  # the gateway's clock
+    opens_at = datetime(2026, 12, 7, 6, 0, tzinfo=UTC).timestamp()  # the gateway's clock
     opens_mono = time.monotonic() + LEAD_S  # the same instant, on the fake cloud's clock
     shift = opens_at - (time.time() + LEAD_S)
     gw = Gateway(settings, clock=lambda: time.time() + shift)
