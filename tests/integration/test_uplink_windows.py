@@ -99,16 +99,20 @@ async def test_outside_the_window_only_always_classes_move_then_the_rest_drains_
 
             await wait_for("the 3 defects", lambda: len(cloud.stored) >= 3)
             resp = await client.get("/api/admin/outbox", headers=admin)
-            waiting = [r for r in resp.json()["data"] if r["state"] == "pending"]
+            waiting = [r for r in resp.json()["data"] if r["state"] == "pending" and r["class"] == "default"]
             status = (await client.get("/api/admin/status", headers=admin)).json()["data"]["uplink"]["window"]
+            page = (await client.get("/", headers=admin)).text
             await anyio.sleep(1.0)  # time for anything that should not go to go
             assert time.monotonic() < opens_mono - 1, "too slow to check before the window opened; raise LEAD_S"
             sent = {rec.filename for rec in cloud.stored.values()}
             assert sent == {f"f{i}.jpg" for i in range(ROUTINE, ROUTINE + 3)}  # only the always class moved
-            assert len(waiting) == ROUTINE and all(r["class"] == "default" for r in waiting)
+            assert len(waiting) == ROUTINE
             assert all(r["waits_for"] == {"window": "morning", "at": opens_at} for r in waiting)
             assert status["current"] is None and status["next_change_at"] == opens_at
             assert status["next_change"] == "morning opens"
+            assert '<div class="value warn" data-figure="window">outside windows</div>' in page
+            assert 'data-figure="window-next">morning opens<' in page
+            assert '<tr data-class="default">' in page and "waits for morning" in page
 
             await wait_for("the routine frames", lambda: len(cloud.stored) == ROUTINE + 3, timeout=LEAD_S + 60)
             status = (await client.get("/api/admin/status", headers=admin)).json()["data"]["uplink"]["window"]
