@@ -37,7 +37,6 @@ class Lanes:
         """A fresh read of the outbox (`fetch` entries read per lane at most)."""
         self.queues = queues
         self.truncated = {lane for lane, q in queues.items() if len(q) >= fetch}
-        self.running_low = False
         tiers: dict[int, list[Lane]] = {}
         for lane in sorted(queues):
             tiers.setdefault(self.plan.priority(lane[0]), []).append(lane)
@@ -80,16 +79,22 @@ class Lanes:
     def has_due(self, now: float, moment: Moment) -> bool:
         return any(self._due(lane, now, moment) is not None for lane in self.queues)
 
-    def due_in(self, now: float, moment: Moment, longest: float) -> float:
-        """Seconds until an entry in hand becomes due (at most `longest`)."""
+    def due_in(self, now: float, moment: Moment, longest: float, hold_below: float = float("-inf")) -> float:
+        """Seconds until an entry that `start_next` could start becomes due (at most `longest`);
+        lower priorities held back by a higher one do not count: a finished upload wakes the loop."""
         wait = longest
-        for lane, queue in self.queues.items():
-            if self._busy.get(lane, 0) >= self.per_lane or not self.plan.may_send(lane[0], moment):
-                continue
-            for entry in queue[: self.per_lane]:
-                if entry.image_id not in self.in_flight:
-                    wait = min(wait, entry.next_attempt_at - now)
-                    break
+        for priority, lanes in self._tiers:
+            if priority < hold_below:
+                break
+            for lane in lanes:
+                if self._busy.get(lane, 0) >= self.per_lane or not self.plan.may_send(lane[0], moment):
+                    continue
+                for entry in self.queues.get(lane, [])[: self.per_lane]:
+                    if entry.image_id not in self.in_flight:
+                        wait = min(wait, entry.next_attempt_at - now)
+                        break
+            if any(self._waiting(lane, now, moment) for lane in lanes):
+                break
         return wait
 
     def _waiting(self, lane: Lane, now: float, moment: Moment) -> bool:

@@ -197,10 +197,11 @@ class Forwarder:
             return max(0.01, wait)
         if self._dirty:  # a re-read put off by MIN_REFILL_GAP_S
             wait = min(wait, MIN_REFILL_GAP_S - (self.monotonic() - self._refilled_at))
-        return max(0.01, self.lanes.due_in(now, moment, wait))
+        hold = float("-inf") if self._hold is None else self._hold[0]  # the read it waits for wakes the loop
+        return max(0.01, self.lanes.due_in(now, moment, wait, hold))
 
     async def _refill(self) -> None:
-        self._dirty = False
+        self._dirty = self.lanes.running_low = False
         self._settled = {}
         generation = self._generation
         fetch = self.per_device + LOOKAHEAD

@@ -229,6 +229,7 @@ def test_lanes_send_higher_classes_first_devices_in_turn_and_backoff_holds_only_
     # b's defect first; then b3 waits for b2 (its lane's order), and so do all routine frames:
     # a's defects wait for a3's backoff (a4 keeps its place behind it), which holds back nothing else.
     assert start_all(50.0) == ["b2"]
+    assert lanes.due_in(50.0, moment, 5.0) == 5.0  # the held-back routine frames do not make the loop spin
     lanes.finished("b2")
     lanes.drop("b", "b2")
     assert start_all(50.0) == ["b3", "a1", "b1"]  # no defect left waiting: routine frames go, one per device
