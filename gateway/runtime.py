@@ -30,7 +30,9 @@ from gateway.devices.registry import DeviceRegistry
 from gateway.devices.tokens import TokenStore
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.forward.cache import ForwardCache
+from gateway.forward.classes import UplinkPlan
 from gateway.forward.client import CloudClient
+from gateway.forward.outbox import class_backlog
 from gateway.forward.retention import RetentionSweeper
 from gateway.forward.worker import Forwarder
 from gateway.ingest.capacity import CapacityGuard
@@ -77,6 +79,7 @@ class Gateway:
             self.metrics, store=self.store, prefer_drained=bool(settings.sync.token),
         )
         self.manifests = ManifestWriter(self.catalog, self.store, settings.data_dir, self.metrics, clock)
+        self.uplink = UplinkPlan.from_settings(settings.forward)  # priority classes and sending windows
         self.registry: DeviceRegistry
         self.ingestor: Ingestor
         self.sealer: BatchSealer
@@ -112,7 +115,7 @@ class Gateway:
         s = self.settings
         await self.open_catalog()  # first: a locked catalog ends the start before any session opens
         await self.http.start()
-        self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock)
+        self.ingestor = Ingestor(s, self.catalog, self.store, self.metrics, self.clock, self.uplink)
         if self.forwarding_on and s.forward.cache_bytes and self.store.name != "folder":
             self.forward_cache = ForwardCache(s.data_dir / "forward-cache", s.forward.cache_bytes,
                                               disk_floor=2 * s.limits.min_free_disk_bytes)
@@ -152,7 +155,7 @@ class Gateway:
         if self.forwarding_on:
             self.cloud = CloudClient(self.http, s.cloud.url, s.cloud.timeout_s, s.cloud.deadline_s, s.cloud.proxy)
             fwd = self.forwarder = Forwarder(s, self.catalog, self.store, self.registry, self.metrics, self.cloud,
-                                             self.clock, cache=self.forward_cache)
+                                             self.clock, cache=self.forward_cache, uplink=self.uplink)
             fwd.on_delivered_bytes = self.throughput.record_delivered
             # New outbox entries are visible once the catalog has moved its journal into DuckDB.
             loop = asyncio.get_running_loop()
@@ -270,7 +273,8 @@ class Gateway:
 
     async def status(self) -> StatusReport:
         now = self.clock()
-        report = await self.catalog.read(lambda c: read_status(c, now))
+        report, by_class = await self.catalog.read(lambda c: (read_status(c, now), class_backlog(c)))
+        report.uplink = self.uplink.report(by_class, now)
         report.disk_free_bytes = self.disk_free()
         report.catalog_bytes = self.catalog.file_bytes()
         report.journal_quarantined = self.catalog.quarantine.count
@@ -313,6 +317,7 @@ class Gateway:
             for state in CONNECTIVITY_STATES:
                 m.cloud_connectivity.labels(state).set(1 if state == report.connectivity else 0)
             m.forward_in_flight.set(self.forwarder.in_flight)
+        m.set_class_backlog(report.uplink.get("classes", []))
         m.disk_free.set(report.disk_free_bytes or 0)
         m.catalog_bytes.set(report.catalog_bytes)
         return report

@@ -184,7 +184,23 @@ def memory_section(s3: S3Server | S3Cluster, work: Path) -> dict[str, Any]:
     }
 
 
-def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: int = 0) -> dict[str, Any]:
+# `--classes`: half the devices in a higher class, and a window open all week: the same drain
+# through the class lanes and the window schedule (compare with the run without it).
+CLASSES_TOML = """
+[[forward.classes]]
+name = "line-a"
+priority = 5
+[forward.classes.match]
+devices = [{devices}]
+[[forward.windows]]
+days = "mon-sun"
+start = "00:00"
+end = "24:00"
+"""
+
+
+def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: int = 0,
+                    classes: bool = False) -> dict[str, Any]:
     from tests.support.fakecloud import FakeCloud
 
     count = images or (200 if quick else 2000)
@@ -197,6 +213,9 @@ def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: i
             "GATEWAY_CLOUD_URL": cloud.url, "GATEWAY_FORWARD_CONCURRENCY": str(concurrency),
             "GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2", "GATEWAY_FORWARD_BACKOFF_MAX_S": "1",
         })
+        if classes:
+            ids = ", ".join(f'"fwd-dev-{i}"' for i in range(0, devices, 2))
+            (gw.workdir / "gateway.toml").write_text(CLASSES_TOML.format(devices=ids))
         # The plain client's baseline: one round before the backlog is built, one after the drain.
         plain_key = "adk_" + secrets.token_hex(16)
         cloud.add_device(plain_key)
@@ -212,7 +231,8 @@ def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: i
             key = "adk_" + secrets.token_hex(16)
             cloud.add_device(key)
             with gw.admin() as client:
-                client.post("/api/admin/devices", json={"name": f"fwd{i}", "key": key}).raise_for_status()
+                client.post("/api/admin/devices", json={"name": f"fwd{i}", "key": key,
+                                                        "device_id": f"fwd-dev-{i}"}).raise_for_status()
             keys.append(key)
         per = count // devices
         with concurrent.futures.ThreadPoolExecutor(devices) as pool:
@@ -238,6 +258,7 @@ def forward_section(s3: S3Server | S3Cluster, work: Path, quick: bool, images: i
         from_store = store_to_cloud(s3, gw.env["GATEWAY_MINIO_BUCKET"], cloud.port, plain_key, concurrency)
         return {
             "images": per * devices, "size": size, "concurrency": concurrency, "delivered": delivered,
+            "classes": classes,
             "gateway_rate_per_s": round(gw_rate, 1), "plain_rate_per_s": round(plain_rate, 1),
             "plain_rates_before_after": [round(plain_before.rps, 1), round(plain_after.rps, 1)],
             "ratio": round(gw_rate / plain_rate, 3) if plain_rate else None,
@@ -344,7 +365,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"{d['bytes_per_image']} bytes/image")
     if "forward" in report:
         f = report["forward"]
-        print(f"\n== 5. forwarder drain of {f['images']} x 1 MiB at concurrency {f['concurrency']}: "
+        print(f"\n== 5. forwarder drain of {f['images']} x 1 MiB at concurrency {f['concurrency']}"
+              f"{' (with classes and a window)' if f.get('classes') else ''}: "
               f"{f['gateway_rate_per_s']}/s vs plain client from memory {f['plain_rate_per_s']}/s "
               f"(mean of {' and '.join(map(str, f['plain_rates_before_after']))}, before and after) -> {f['ratio']}; "
               f"vs plain client reading each from S3 {f['store_to_cloud_rate_per_s']}/s -> "
@@ -369,6 +391,8 @@ def main() -> int:
                         help="comma-separated sections to run")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
     parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
+    parser.add_argument("--classes", action="store_true",
+                        help="forwarder drain with two priority classes and a window configured")
     args = parser.parse_args()
     only = set(args.only.split(","))
     report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count(), "store": args.store}
@@ -390,7 +414,7 @@ def main() -> int:
                 report["dedup"] = dedup_latency(work / "dedup", 100_000 if args.quick else 1_000_000,
                                                 200 if args.quick else 1000)
             if "forward" in only:
-                report["forward"] = forward_section(s3, work, args.quick, args.forward_images)
+                report["forward"] = forward_section(s3, work, args.quick, args.forward_images, args.classes)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
             if "neardup" in only:

@@ -37,6 +37,7 @@ async def list_outbox(
     if not 1 <= limit <= 10000:
         raise ValidationFailed("Bad limit", "limit must be in 1..10000")
     rows = await gw.catalog.read(lambda c: outbox.list_entries(c, states, device, limit))
+    gw.uplink.annotate(rows, gw.clock())  # which window each waits for
     return ok(rows, meta={"states": states, "limit": limit})
 
 

@@ -113,6 +113,7 @@ def _cards(f: PageFigures) -> str:
                  "<code>gateway journal quarantine list</code>" if r.journal_quarantined else ""),
               "disk-free", "bad" if r.journal_quarantined else ""),
         _card("Devices", str(r.devices), f"up {e(human_age(f.uptime_s))}, v{e(f.version)}", "devices"),
+        _uplink_card(f),
     ]) + "</div>"
 
 
@@ -165,6 +166,38 @@ def _dead_hint(f: PageFigures) -> str:
 def _said(raw: str | None) -> str:
     said = explain(raw)
     return "-" if said is None else said.summary[:200]
+
+
+def _uplink_card(f: PageFigures) -> str:
+    """The sending window now and the next change (docs/uplink.md)."""
+    w = f.report.uplink.get("window") or {}
+    cap = f"at most {human_bytes(w.get('cap_bytes_per_s'))}/s" if w.get("cap_bytes_per_s") else "no cap"
+    if not w.get("configured"):
+        value, sub = "any time", f"no windows configured, {e(cap)}"
+    elif w.get("current"):
+        value, sub = str(w["current"]), e(cap)
+    else:
+        value, sub = "outside windows", f"only always-classes go, {e(cap)}"
+    if w.get("next_change_at"):
+        sub += (f'<br><span data-figure="window-next">{e(w.get("next_change"))}</span> '
+                f"at {e(local_time(w['next_change_at']))}")
+    return _card("Uplink window", value, sub, "window", "" if w.get("current") or not w.get("configured") else "warn")
+
+
+def _classes(f: PageFigures) -> str:
+    rows = []
+    for c in f.report.uplink.get("classes") or []:
+        waits = c.get("waits_for")
+        when = ("sending" if c["sending_now"] else
+                f"waits for {e(waits['window'])} at {e(local_time(waits['at']))}" if waits else "no window sends it")
+        rows.append(
+            f'<tr data-class="{e(c["name"])}"><td class="name">{e(c["name"])}{" (always)" if c["always"] else ""}'
+            f'</td><td class="num">{e(c["priority"])}</td><td class="num" data-figure="class-pending">'
+            f'{e(c["pending_count"])}</td><td class="num wide">{e(human_bytes(c["pending_bytes"]))}</td>'
+            f'<td>{e(human_age(c["oldest_pending_age_s"]))}</td><td class="{"ok" if c["sending_now"] else "warn"}">'
+            f"{when}</td></tr>")
+    return _table([("class", ""), ("priority", "num"), ("pending", "num"), ("bytes", "num wide"), ("oldest", ""),
+                   ("now", "")], rows, "no classes")
 
 
 def _throughput(minutes: list[MinuteCounts]) -> str:
@@ -261,6 +294,7 @@ def render_page(f: PageFigures) -> str:
         _cards(f),
         "<h2>Throughput</h2>", _throughput(f.minutes),
         f"<h2>Devices ({e(len(f.devices))})</h2>", _devices(f),
+        "<h2>Priority classes</h2>", _classes(f),
         "<h2>Recent uploads</h2>", _uploads(f),
         "<h2>Recent errors</h2>", _errors(f),
         f"<h2>Dead letters{e(shown_dead)}</h2>", _dead(f),

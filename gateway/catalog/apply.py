@@ -21,7 +21,7 @@ _CHUNK = 128  # rows per INSERT or batched UPDATE statement
 BATCH_COLUMNS = ("batch_id", "device_id", "state", "opened_at")
 IMAGE_COLUMNS = ("image_id", "seq", "batch_id", "device_id", "filename", "content_type", "size", "xxh3_128",
                  "storage_key", "metadata", "received_at", "fingerprint", "near_duplicate_of")
-OUTBOX_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at")
+OUTBOX_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "created_at", "next_attempt_at", "priority_class")
 
 # collecting -> sealed, with the batch's final counts; a replay finds it sealed and changes nothing.
 _SEALED = ("UPDATE batches SET state = 'sealed', sealed_at = v.sealed_at, image_count = v.n, "
@@ -57,7 +57,7 @@ def apply_frames(conn: Conn, frames: Sequence[Frame], replay: bool) -> None:
                                r.xxh3_128, r.storage_key, r.metadata, r.received_at, r.fingerprint,
                                r.near_duplicate_of))
                 outbox.append((r.image_id, r.seq, r.device_id, r.size, r.outbox_state, r.received_at,
-                               r.received_at))
+                               r.received_at, r.priority_class))
             elif isinstance(r, OutboxDelivered):
                 delivered.append([r.image_id, r.at, r.status])
                 if r.cloud_image_id or r.cloud_batch_id or r.cloud_storage_key:

@@ -179,6 +179,7 @@ class NewImage(msgspec.Struct, frozen=True, kw_only=True):
     batch_max_images: int  # the batch this upload fills to this many is sealed
     fingerprint: int | None = None
     near_duplicate_of: str | None = None
+    priority_class: str = "default"  # the forward class it matched at ingest (forward.classes)
 
 
 class Placed(msgspec.Struct, frozen=True):
@@ -223,7 +224,8 @@ class Uploads:
                 image_id=n.image_id, seq=seq, batch_id=batch_id, device_id=n.device_id, filename=n.filename,
                 content_type=n.content_type, size=n.size, xxh3_128=n.xxh3_128, storage_key=n.storage_key,
                 metadata=n.metadata, received_at=n.received_at, fingerprint=n.fingerprint,
-                near_duplicate_of=n.near_duplicate_of, outbox_state=n.outbox_state))
+                near_duplicate_of=n.near_duplicate_of, outbox_state=n.outbox_state,
+                priority_class=n.priority_class))
             for at, count, size, sealed_id in plan.sealed:
                 records.append(BatchSealed(batch_id=sealed_id, sealed_at=at, image_count=count, total_bytes=size))
             placed.append(Placed(seq=seq, batch_id=batch_id, sealed=full))

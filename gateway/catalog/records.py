@@ -45,6 +45,7 @@ class ImageAccepted(msgspec.Struct, tag="image_accepted", array_like=True, froze
     fingerprint: int | None
     near_duplicate_of: str | None
     outbox_state: str
+    priority_class: str = "default"  # forward.classes (added after format 1's first release: trailing, defaulted)
 
 
 class BatchSealed(msgspec.Struct, tag="batch_sealed", array_like=True, frozen=True):

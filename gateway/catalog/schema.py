@@ -105,6 +105,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE images ADD COLUMN near_duplicate_of VARCHAR;
     ALTER TABLE devices ADD COLUMN near_dup_exempt BOOLEAN DEFAULT false;
     """,
+    # 6: the priority class of each outbox entry, decided at ingest (gateway.forward.classes); entries
+    # from before classes existed are in the implicit `default` class.
+    """
+    ALTER TABLE outbox ADD COLUMN priority_class VARCHAR DEFAULT 'default';
+    UPDATE outbox SET priority_class = 'default' WHERE priority_class IS NULL;
+    """,
 ]
 
 

@@ -21,7 +21,7 @@ from gateway.cli.devices import cmd_devices
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
 from gateway.cli.outbox import add_arguments as add_outbox_arguments
-from gateway.cli.outbox import cmd_outbox
+from gateway.cli.outbox import cmd_outbox, uplink_lines
 from gateway.cli.serve import serve
 from gateway.cli.settings import cmd_config
 from gateway.cli.tables import cell as _cell
@@ -61,6 +61,7 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("last success", statustext.last_success(s)),
         ("last error", statustext.last_error(s)),
         ("backlog sent", statustext.outlook(s)),
+        *uplink_lines(s.get("uplink") or {}, _cell),
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]

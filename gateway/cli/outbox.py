@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from gateway.cli.control import Control
-from gateway.humanize import human_bytes
+from gateway.humanize import human_age, human_bytes
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:  # type: ignore[type-arg]
@@ -53,7 +54,36 @@ async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
         r["bytes"] = human_bytes(r["size"])
         r["when"] = _cell(r["delivered_at"] if r["state"] == "delivered" else r["next_attempt_at"])
         r["error"] = (r["last_error"] or "")[:60].replace("\n", " ")
-    print(_table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("state", "STATE"), ("bytes", "SIZE"),
+        waits = r.get("waits_for")
+        r["waits"] = waits if isinstance(waits, str) else f"{waits['window']} at {_cell(waits['at'])}" if waits else ""
+    print(_table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("class", "CLASS"), ("state", "STATE"),
+                        ("waits", "WAITS FOR"), ("bytes", "SIZE"),
                         ("attempts", "ATTEMPTS"), ("last_status", "STATUS"), ("when", "NEXT/DELIVERED"),
                         ("error", "LAST ERROR")]))
     return 0
+
+
+def uplink_lines(uplink: dict[str, Any], cell: Any) -> list[tuple[str, str]]:
+    """`gateway status` lines for the current window and each class's backlog (`UplinkPlan.report`)."""
+    w = uplink.get("window") or {}
+    classes = uplink.get("classes") or []
+    if not w and not classes:
+        return []
+    cap = f"at most {human_bytes(w['cap_bytes_per_s'])}/s" if w.get("cap_bytes_per_s") else "no cap"
+    if not w.get("configured"):
+        now = f"no windows: any time, {cap}"
+    elif w.get("current"):
+        now = f"{w['current']}, {cap}"
+    else:
+        now = f"outside every window: only always-classes, {cap}"
+    if w.get("next_change_at"):
+        now += f"; {w['next_change']} at {cell(w['next_change_at'])}"
+    lines = [("window", now)]
+    for c in classes:
+        waits = c.get("waits_for")
+        when = "sending" if c["sending_now"] else f"waits for {waits['window']} at {cell(waits['at'])}" if waits \
+            else "no window sends it"
+        lines.append((f"class {c['name']}", f"priority {c['priority']}{', always' if c['always'] else ''}: "
+                                             f"{c['pending_count']} pending ({human_bytes(c['pending_bytes'])}), "
+                                             f"oldest {human_age(c['oldest_pending_age_s'])}, {when}"))
+    return lines

@@ -27,6 +27,7 @@ from gateway.config.model import (
     Settings,
     _Section,
 )
+from gateway.forward import uplink_config
 
 
 class ConfigError(Exception):
@@ -213,6 +214,11 @@ def _cross_checks(s: Settings, values: dict[str, dict[str, tuple[Any, str]]]) ->
         bad("admin", "token", "must be at least 16 characters")
     if s.forward.backoff_max_s < s.forward.backoff_base_s:
         bad("forward", "backoff_max_s", "must be at least forward.backoff_base_s")
+    for p in uplink_config.problems(s.forward.classes, s.forward.windows, s.forward.timezone,
+                                    s.forward.bandwidth_bytes_per_s):  # "forward.KEY...: message"
+        head, _, reason = p.partition(": ")
+        key = head.removeprefix("forward.").split("[")[0]
+        problems.append(f"{head} (from {_where(values, 'forward', key)}): {reason}")
     return problems
 
 

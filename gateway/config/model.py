@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.forward import uplink_config
+
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 ENV_PREFIX = "GATEWAY_"
 MiB = 1024 * 1024
@@ -197,6 +199,19 @@ class ForwardSettings(_Section):
         _help("Local disk kept for copies of images waiting for the cloud (object stores only), so the "
               "forwarder need not read them back from the store; 0 = off.", ge=0),
     ] = 4 * GiB
+    timezone: Annotated[
+        str, _help("Time zone of forward.windows, e.g. Europe/Berlin; empty: the system's.")
+    ] = ""
+    classes: Annotated[
+        list[uplink_config.ForwardClass],
+        _help("Priority classes ([[forward.classes]]: name, priority, always, match), first match wins; "
+              "docs/uplink.md."),
+    ] = msgspec.field(default_factory=list)
+    windows: Annotated[
+        list[uplink_config.ForwardWindow],
+        _help("Sending windows ([[forward.windows]]: days, start, end, classes, bandwidth_bytes_per_s); none: "
+              "send any time; docs/uplink.md."),
+    ] = msgspec.field(default_factory=list)
 
 
 class LimitSettings(_Section):

@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from gateway.catalog import Conn
+from gateway.forward.uplink_config import DEFAULT_CLASS
 
 PENDING, HELD, DELIVERED, DEAD = "pending", "held", "delivered", "dead"
 SKIPPED = "skipped"
@@ -47,15 +48,16 @@ class Entry(msgspec.Struct, kw_only=True):
     storage_key: str
     metadata: bytes | None
     xxh3_128: str
+    priority_class: str = DEFAULT_CLASS
 
 
 def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
-    """The first `per_device` pending entries of every device, oldest first (due or not)."""
+    """The first `per_device` pending entries of every device and class, oldest first (due or not)."""
     rows = conn.execute(
         """
         SELECT o.image_id, o.seq, o.device_id, o.size, o.attempts, o.next_attempt_at,
-               i.batch_id, i.filename, i.content_type, i.storage_key, i.metadata, i.xxh3_128
-        FROM (SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY seq) AS rn
+               i.batch_id, i.filename, i.content_type, i.storage_key, i.metadata, i.xxh3_128, o.priority_class
+        FROM (SELECT *, row_number() OVER (PARTITION BY device_id, priority_class ORDER BY seq) AS rn
               FROM outbox WHERE state = 'pending') o
         JOIN images i ON i.image_id = o.image_id
         WHERE o.rn <= ? ORDER BY o.device_id, o.seq
@@ -65,9 +67,18 @@ def pending_heads(conn: Conn, per_device: int) -> list[Entry]:
     return [
         Entry(image_id=r[0], seq=r[1], device_id=r[2], size=r[3], attempts=r[4], next_attempt_at=r[5] or 0.0,
               batch_id=r[6], filename=r[7], content_type=r[8], storage_key=r[9],
-              metadata=None if r[10] is None else bytes(r[10]), xxh3_128=r[11])
+              metadata=None if r[10] is None else bytes(r[10]), xxh3_128=r[11], priority_class=r[12] or DEFAULT_CLASS)
         for r in rows
     ]
+
+
+def class_backlog(conn: Conn) -> dict[str, tuple[int, int, float | None]]:
+    """Undelivered (pending or held) entries per class: count, bytes, oldest `created_at`."""
+    rows = conn.execute(
+        "SELECT coalesce(priority_class, 'default'), count(*), coalesce(sum(size), 0), min(created_at) FROM outbox "
+        "WHERE state IN ('pending', 'held') GROUP BY ALL"
+    ).fetchall()
+    return {r[0]: (int(r[1]), int(r[2]), r[3]) for r in rows}
 
 
 def mark_retry(conn: Conn, image_id: str, next_at: float, status: int | None, error: str) -> None:
@@ -141,14 +152,15 @@ def release_skipped(conn: Conn, image_ids: list[str] | None, now: float) -> int:
 
 
 LIST_COLUMNS = ("image_id", "seq", "device_id", "size", "state", "attempts", "next_attempt_at", "last_status",
-                "last_error", "created_at", "delivered_at", "filename", "cloud_image_id")
+                "last_error", "created_at", "delivered_at", "filename", "cloud_image_id", "class")
 
 
 def list_entries(conn: Conn, states: list[str], device_id: str | None, limit: int) -> list[dict[str, Any]]:
     """Outbox entries in the given states, oldest first, for `gateway outbox list`."""
     sql = (
         "SELECT o.image_id, o.seq, o.device_id, o.size, o.state, o.attempts, o.next_attempt_at, o.last_status, "
-        "o.last_error, o.created_at, o.delivered_at, i.filename, i.cloud_image_id "
+        "o.last_error, o.created_at, o.delivered_at, i.filename, i.cloud_image_id, "
+        "coalesce(o.priority_class, 'default') "
         "FROM outbox o JOIN images i ON i.image_id = o.image_id "
         "WHERE o.state IN (SELECT unnest(?::VARCHAR[]))"
     )

@@ -1,10 +1,12 @@
 """The `Forwarder`: drains the outbox to the cloud (SPEC §4), one anyio task with its uploads as children.
 
-Scheduling: every device's pending entries are taken oldest `seq` first; at most
-`forward.per_device_in_flight` of a device's entries are in flight (1 by default: strict
-per-device order, an entry in backoff holds back the device's later ones), devices are served
-round robin, and at most `forward.concurrency` uploads run in total, fewer while the shared
-`CloudGate` ramps up after a pause or an outage. Results go to the catalog through
+Scheduling (`gateway.forward.lanes`): one lane per device and priority class, each sent oldest
+`seq` first with at most `forward.per_device_in_flight` in flight (1 by default: strict order, an
+entry in backoff holds back its lane's later ones); higher classes first, lanes of a class in turn,
+only classes the current window sends (`gateway.forward.windows`) at its cap; at most
+`forward.concurrency` uploads run in total, fewer while the shared `CloudGate` ramps up after a
+pause or an outage. Before lower classes go on, the outbox is read again after an upload of a
+higher class arrives and after an outage (`_hold`). Results go to the catalog through
 `gateway.forward.outbox` (every transition of an entry lives there). Nothing is marked in
 flight in the catalog: on a crash or a stop, what was being sent is simply still pending.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -24,20 +26,20 @@ from gateway.catalog.records import OutboxDelivered
 from gateway.config import Settings
 from gateway.devices.keys import KeyUnreadable
 from gateway.devices.registry import DeviceRegistry
-from gateway.errors import GatewayError
 from gateway.forward import connectivity, outbox
+from gateway.forward.attempt import KEY_UNREADABLE, Sender, outcome_label
 from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
 from gateway.forward.cache import ForwardCache
+from gateway.forward.classes import UplinkPlan
 from gateway.forward.client import (
     DELIVERED,
-    REJECT,
     RETRY,
     CloudClient,
     CloudUnreachable,
-    LocalBytesChanged,
-    MultipartUpload,
     Outcome,
 )
+from gateway.forward.lanes import Lane, Lanes
+from gateway.forward.windows import Moment
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -49,8 +51,6 @@ REFILL_EVERY_S = 15.0
 MIN_REFILL_GAP_S = 1.0
 MAX_IDLE_S = 5.0
 KEY_REFUSED = (401, 403)
-# The reason of a dead letter whose device key does not open under the key secret (status, metrics).
-KEY_UNREADABLE = "KEY_UNREADABLE"
 CHECKIN_TIMEOUT_S = 5.0  # the device waits for this answer
 
 
@@ -68,6 +68,7 @@ class Forwarder:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         cache: ForwardCache | None = None,
+        uplink: UplinkPlan | None = None,
     ) -> None:
         f = settings.forward
         self.settings = settings
@@ -77,11 +78,15 @@ class Forwarder:
         self.metrics = metrics
         self.client = client
         self.cache = cache  # local copies of pending images, read before the store
+        self.sender = Sender(registry, store, client, cache)
         self.clock = clock
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
-        self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
+        self.uplink = uplink or UplinkPlan.from_settings(f)
+        self.uplink.listen(self._arrived)
+        self.lanes = Lanes(self.uplink, self.per_device, LOW_WATER)
+        self.bucket = ByteBucket(self.uplink.schedule.at(clock()).cap, monotonic)
         self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
         # Called once per loop round; the key checker hangs its quarantine re-checks here.
         self.on_round: Callable[[TaskGroup], None] | None = None
@@ -89,17 +94,16 @@ class Forwarder:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self._wake = anyio.Event()
-        self._queues: dict[str, list[outbox.Entry]] = {}
-        self._truncated: set[str] = set()
-        self._in_flight: dict[str, str] = {}  # image id -> device id
         self._recording: set[str] = set()  # delivered, the record not yet written
         self._settled: dict[str, outbox.Entry | None] = {}  # results since the last refill began
         self._dirty = True
-        self._running_low = False  # a device with more pending than read ahead is nearly out of entries
         self._refilling = False
+        # Classes below this priority wait until a read of the outbox begun after generation `_hold[1]`
+        # has finished: an upload of a higher class arrived, or an outage ended, since the last read.
+        self._hold: tuple[float, int] | None = None
+        self._generation = 0
         self._tg: TaskGroup | None = None  # the uploads' task group, while `run` runs
         self._refilled_at = 0.0
-        self._rr_next = 0
         self._probing = False
         self.offline_since: float | None = None  # when the cloud went offline (for the log line)
 
@@ -116,7 +120,25 @@ class Forwarder:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self.lanes.in_flight)
+
+    def _arrived(self, priority: int) -> None:
+        """An upload of a class above the lowest was acknowledged (`UplinkPlan.arrived`)."""
+        lowest = self.lanes.lowest_priority()
+        if lowest is not None and lowest < priority:
+            self._hold_until_read(priority)
+
+    def _hold_until_read(self, priority: float) -> None:
+        self._generation += 1
+        self._hold = (max(priority, self._hold[0] if self._hold else priority), self._generation)
+        self.notify()
+
+    def _moment(self, now: float) -> Moment:
+        """The window now; a window's cap takes effect for uploads that start from now on."""
+        moment = self.uplink.schedule.at(now)
+        if moment.cap != self.bucket.rate:
+            self.bucket = ByteBucket(moment.cap, self.monotonic)
+        return moment
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -146,7 +168,7 @@ class Forwarder:
         # MIN_REFILL_GAP_S so that a busy ingest does not cost a backlog query per upload.
         # A device running out of read-ahead is read for at once, so that its uploads never stall.
         # The read runs beside the sending: uploads go on from the queues in hand meanwhile.
-        if not self._refilling and (since > REFILL_EVERY_S or self._running_low
+        if not self._refilling and (since > REFILL_EVERY_S or self.lanes.running_low or self._hold is not None
                                     or (self._dirty and (since > MIN_REFILL_GAP_S or not self._has_due()))):
             self._refilling = True
             tg.start_soon(self._refill_in_background)
@@ -168,36 +190,25 @@ class Forwarder:
         if self.gate.state == OFFLINE:
             return MAX_IDLE_S if self._probing else max(0.01, min(MAX_IDLE_S, self.gate.wait_s()))
         gate_wait = self.gate.wait_s()
+        now = self.clock()
+        moment = self._moment(now)
+        wait = MAX_IDLE_S if moment.next_change_at is None else moment.next_change_at - now  # a window's edge
         if gate_wait > 0:
-            return min(MAX_IDLE_S, gate_wait)
-        if not self.gate.may_send(len(self._in_flight)):
-            return MAX_IDLE_S
-        wait = MAX_IDLE_S
+            return max(0.01, min(wait, gate_wait))
+        if not self.gate.may_send(self.in_flight):
+            return max(0.01, wait)
         if self._dirty:  # a re-read put off by MIN_REFILL_GAP_S
             wait = min(wait, MIN_REFILL_GAP_S - (self.monotonic() - self._refilled_at))
-        now = self.clock()
-        busy = self._busy()
-        for device_id, queue in self._queues.items():
-            if busy.get(device_id, 0) >= self.per_device:
-                continue
-            for entry in queue[: self.per_device]:
-                if entry.image_id not in self._in_flight:
-                    wait = min(wait, entry.next_attempt_at - now)
-                    break
-        return max(0.01, wait)
-
-    def _busy(self) -> dict[str, int]:
-        busy: dict[str, int] = {}
-        for device_id in self._in_flight.values():
-            busy[device_id] = busy.get(device_id, 0) + 1
-        return busy
+        hold = float("-inf") if self._hold is None else self._hold[0]  # the read it waits for wakes the loop
+        return max(0.01, self.lanes.due_in(now, moment, wait, hold))
 
     async def _refill(self) -> None:
-        self._dirty = self._running_low = False
+        self._dirty = self.lanes.running_low = False
         self._settled = {}
+        generation = self._generation
         fetch = self.per_device + LOOKAHEAD
         entries = await self.catalog.read(lambda c: outbox.pending_heads(c, fetch))
-        queues: dict[str, list[outbox.Entry]] = {}
+        queues: dict[Lane, list[outbox.Entry]] = {}
         for entry in entries:
             if entry.image_id in self._recording:  # delivered; its record is on its way
                 continue
@@ -206,46 +217,25 @@ class Forwarder:
                 if newer is None:
                     continue
                 entry = newer
-            queues.setdefault(entry.device_id, []).append(entry)
-        self._queues = queues
-        self._truncated = {d for d, q in queues.items() if len(q) >= fetch}
+            queues.setdefault((entry.priority_class, entry.device_id), []).append(entry)
+        self.lanes.replace(queues, fetch)
         self._refilled_at = self.monotonic()
+        if self._hold is not None and self._hold[1] <= generation:
+            self._hold = None
 
     def _dispatch(self, tg: TaskGroup) -> None:
-        devices = sorted(self._queues)
-        if not devices:
-            return
         now = self.clock()
-        busy = self._busy()
-        started = True
-        while started:
-            started = False
-            for i in range(len(devices)):
-                if not self.gate.may_send(len(self._in_flight)):
-                    return
-                device_id = devices[(self._rr_next + i) % len(devices)]
-                if busy.get(device_id, 0) >= self.per_device:
-                    continue
-                entry = self._next_due(device_id, now)
-                if entry is None:
-                    continue
-                self._in_flight[entry.image_id] = device_id
-                busy[device_id] = busy.get(device_id, 0) + 1
-                self._rr_next = (self._rr_next + i + 1) % len(devices)
-                tg.start_soon(self._forward, entry)
-                started = True
-                break
+        moment = self._moment(now)
+        hold = float("-inf") if self._hold is None else self._hold[0]
+        while self.gate.may_send(self.in_flight):
+            entry = self.lanes.start_next(now, moment, hold)
+            if entry is None:
+                return
+            tg.start_soon(self._forward, entry)
 
     def _has_due(self) -> bool:
         now = self.clock()
-        return any(self._next_due(d, now) is not None for d in self._queues)
-
-    def _next_due(self, device_id: str, now: float) -> outbox.Entry | None:
-        for entry in self._queues.get(device_id, [])[: self.per_device]:
-            if entry.image_id in self._in_flight:
-                continue
-            return entry if entry.next_attempt_at <= now else None
-        return None
+        return self.lanes.has_due(now, self._moment(now))
 
     # -- one upload ----------------------------------------------------------------------------
 
@@ -253,7 +243,7 @@ class Forwarder:
         try:
             # Announced, so that the catalog writer may wait for this delivery to join a group.
             with self.catalog.expect() as record:
-                outcome, cloud_answered = await self._attempt(entry)
+                outcome, cloud_answered = await self.sender.send(entry, self.bucket)
                 await self._record(entry, outcome, cloud_answered, record)
         except Exception:
             # Most likely the catalog refused the result: hold the entry back a while in memory
@@ -263,66 +253,18 @@ class Forwarder:
             entry.next_attempt_at = self.clock() + backoff_delay(entry.attempts + 1, f.backoff_base_s, f.backoff_max_s)
             self._settle(entry, entry)
         finally:
-            self._in_flight.pop(entry.image_id, None)
+            self.lanes.finished(entry.image_id)
             self._wake.set()
-
-    async def _attempt(self, entry: outbox.Entry) -> tuple[Outcome, bool]:
-        """One attempt; the flag says whether the outcome is the cloud's (it then moves the gate).
-
-        The image comes from the forward cache (from memory when the kernel holds it, else read
-        in a worker thread) or, failing that, streamed from the object store; it is posted from
-        the event loop, paced under a bandwidth cap. Cancelling the task (shutdown) drops the
-        request and its connection."""
-        key = self.registry.cached_key_of(entry.device_id)
-        if key is None:
-            try:
-                key = await anyio.to_thread.run_sync(self.registry.key_of, entry.device_id)
-            except KeyUnreadable as exc:
-                return Outcome(kind=REJECT, error=f"{KEY_UNREADABLE}: device key cannot be opened ({exc}); "
-                                                  "check keys.secret_file, then `gateway outbox retry`"), False
-        if key is None:
-            return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
-        image: bytes | bytearray | AsyncIterable[bytes] | None = None
-        if self.cache is not None:
-            image = self.cache.read_from_memory(entry.image_id, entry.size, entry.xxh3_128)
-            if image is None:
-                image = await anyio.to_thread.run_sync(self.cache.read, entry.image_id, entry.size, entry.xxh3_128)
-        try:
-            if image is None:
-                image = await self.store.read_async(entry.storage_key)
-        except KeyError:
-            return Outcome(kind=REJECT, error="local bytes missing from the object store"), False
-        except GatewayError as exc:
-            return Outcome(kind=RETRY, error=f"object store: {exc}"), False
-        form = MultipartUpload(entry.filename, entry.content_type, entry.size, entry.metadata)
-        rate = self.bucket.rate
-        try:
-            return await self.client.upload(key, form, image, self._pace if rate > 0 else None,
-                                            extra_s=form.length / rate if rate > 0 else 0.0), True
-        except LocalBytesChanged as exc:
-            return Outcome(kind=REJECT, error=f"local bytes changed: {exc}"), False
-        except GatewayError as exc:
-            return Outcome(kind=RETRY, error=f"object store: {exc}"), False
-        finally:
-            close = getattr(image, "aclose", None)
-            if close is not None:
-                await close()
-
-    async def _pace(self, n: int) -> None:
-        """Wait until the bandwidth cap lets `n` more bytes go."""
-        wait = self.bucket.take(n)
-        if wait > 0:
-            await anyio.sleep(wait)
 
     async def _record(self, entry: outbox.Entry, outcome: Outcome, cloud_answered: bool, record: Expected) -> None:
         now = self.clock()
-        self.metrics.forward_attempts.labels(_label(outcome, cloud_answered)).inc()
+        self.metrics.forward_attempts.labels(outcome_label(outcome, cloud_answered)).inc()
         if outcome.kind == DELIVERED:
             # The cloud holds it: the device's next image may go while this delivery is recorded
             # (a crash before the record means one resend, which the cloud answers 409).
             self._recording.add(entry.image_id)
             self._settle(entry, None)
-            self._in_flight.pop(entry.image_id, None)
+            self.lanes.finished(entry.image_id)
             if self._tg is not None:
                 self._dispatch(self._tg)  # the device's next image now, not after the main loop's next turn
             self._wake.set()
@@ -373,10 +315,11 @@ class Forwarder:
             self.gate.on_success()  # the cloud answered promptly: it is up
         doomed = [entry.image_id]
         if outcome.status in KEY_REFUSED or outcome.error.startswith(KEY_UNREADABLE):  # all the device's uploads
-            doomed += [e.image_id for e in self._queues.get(entry.device_id, []) if e.image_id != entry.image_id
-                       and e.image_id not in self._in_flight]
+            in_flight = self.lanes.in_flight
+            doomed += [e.image_id for e in self.lanes.of_device(entry.device_id) if e.image_id != entry.image_id
+                       and e.image_id not in in_flight]
             doomed += await self.catalog.read(lambda c: outbox.device_backlog(c, entry.device_id, outbox.PENDING))
-            doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in self._in_flight))
+            doomed = list(dict.fromkeys(i for i in doomed if i == entry.image_id or i not in in_flight))
         unreadable = outcome.error.startswith(KEY_UNREADABLE)
         reason = (outcome.error if len(doomed) == 1 or unreadable
                   else f"device key refused by the cloud: {outcome.error}")
@@ -392,24 +335,14 @@ class Forwarder:
         if newer is None:
             self._settle_id(entry.device_id, entry.image_id)
             return
-        queue = self._queues.get(entry.device_id, [])
-        for i, queued in enumerate(queue):  # a refill may have put a copy read before this result
-            if queued.image_id == entry.image_id:
-                queue[i] = newer
+        self.lanes.update(newer)
 
     def _settle_id(self, device_id: str, image_id: str) -> None:
         """The entry is done with (delivered or dead-lettered): out of the queues, its copy gone."""
         self._settled[image_id] = None
         if self.cache is not None:
             self.cache.drop(image_id)
-        queue = self._queues.get(device_id)
-        if queue is None:
-            return
-        queue[:] = [e for e in queue if e.image_id != image_id]
-        if device_id in self._truncated and len(queue) <= self.per_device + LOW_WATER:
-            self._running_low = True
-        if not queue:
-            self._queues.pop(device_id, None)
+        self.lanes.drop(device_id, image_id)
 
     async def relay_checkin(self, key: str, body: bytes) -> list[Any]:
         """Relay a device's check-in while the cloud is reachable; the cloud's actions, or [] without it."""
@@ -442,7 +375,7 @@ class Forwarder:
                 since, self.offline_since = self.offline_since, None
                 await connectivity.came_back(self.catalog, self.client.base_url,
                                              None if since is None else self.clock() - since)
-                self._dirty = True
+                self._hold_until_read(float("inf"))  # what arrived meanwhile may outrank what is in hand
         except Exception:
             log.exception("cloud probe failed unexpectedly")
             self.gate.on_probe(False)
@@ -451,7 +384,7 @@ class Forwarder:
             self._wake.set()
 
     def _any_key(self) -> str | None:
-        for device_id in list(self._queues):
+        for device_id in self.lanes.device_ids():
             try:
                 key = self.registry.key_of(device_id)
             except KeyUnreadable:
@@ -459,13 +392,3 @@ class Forwarder:
             if key is not None:
                 return key
         return None
-
-
-def _label(outcome: Outcome, cloud_answered: bool) -> str:
-    if not cloud_answered:
-        return "local_error"
-    if outcome.kind == DELIVERED:
-        return "already_delivered" if outcome.status == 409 else "delivered"
-    if outcome.kind == RETRY:
-        return "connection_error" if outcome.status is None else "retry"
-    return "rejected"

@@ -30,8 +30,9 @@ class KnownMetadata(msgspec.Struct, kw_only=True):
     annotations: list[Annotation] | None = None
 
 
-def validate_metadata(raw: bytes) -> None:
-    """Raise `ValidationFailed` unless `raw` is a JSON object whose known keys are well formed."""
+def validate_metadata(raw: bytes) -> dict[str, Any]:
+    """Raise `ValidationFailed` unless `raw` is a JSON object whose known keys are well formed;
+    returns the decoded object (priority classes match on it)."""
     try:
         value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
@@ -62,6 +63,7 @@ def validate_metadata(raw: bytes) -> None:
             raise ValidationFailed(
                 "metadata has an invalid annotation", f"confidence must be in [0, 1] - at `{where}.confidence`"
             )
+    return value
 
 
 def _geometry_problem(ann: Annotation) -> str | None:

@@ -27,6 +27,7 @@ from gateway.devices.registry import Device
 from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
 from gateway.forward import outbox
 from gateway.forward.cache import ForwardCache
+from gateway.forward.classes import UplinkPlan
 from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
@@ -61,8 +62,10 @@ class Ingestor:
         store: ObjectStore,
         metrics: Metrics,
         clock: Callable[[], float],
+        uplink: UplinkPlan | None = None,
     ) -> None:
         self.settings = settings
+        self.uplink = uplink or UplinkPlan.from_settings(settings.forward)  # priority classes, decided here
         self.catalog = catalog
         self.store = store
         self.metrics = metrics
@@ -163,8 +166,8 @@ class Ingestor:
             )
             image = form.image
             in_memory = image.held
-            if form.metadata is not None:
-                validate_metadata(form.metadata)
+            meta = None if form.metadata is None else validate_metadata(form.metadata)
+            priority_class = self.uplink.classify(device.device_id, meta)
             key = self._dedup_key(device.device_id, image.xxh3_128)
             while (pending := self._inflight.get(key)) is not None:
                 await pending.wait()
@@ -178,13 +181,15 @@ class Ingestor:
                 verdict = await self._near_verdict(device, image, form.metadata)
                 self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
-                result = await self._store_and_record(uid, device, image, form.metadata, held, verdict)
+                result = await self._store_and_record(uid, device, image, form.metadata, held, verdict,
+                                                      priority_class)
                 self.near.remember(device.device_id, verdict, result.image_id, result.batch_id, result.storage_key)
             finally:
                 del self._inflight[key]
                 done.set()
             self.metrics.upload_bytes.inc(image.size)
             self.metrics.uploads_by_device.labels(device.device_id).inc()
+            self.uplink.arrived(priority_class)
             return result
         finally:
             self._active.discard(uid.hex)
@@ -243,7 +248,7 @@ class Ingestor:
 
     async def _store_and_record(
         self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool,
-        verdict: Verdict = UNCHECKED,
+        verdict: Verdict = UNCHECKED, priority_class: str = "default",
     ) -> UploadResult:
         filename = safe_filename(image.filename, image.content_type)
         # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
@@ -262,6 +267,7 @@ class Ingestor:
             batch_max_images=self.settings.batches.max_images,
             fingerprint=verdict.dhash,
             near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
+            priority_class=priority_class,
         )
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:

@@ -7,6 +7,7 @@ oldest pending age, disk) are computed when `/metrics` is scraped, through `Gaug
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -83,6 +84,13 @@ class Metrics:
                                         "1 for the forwarder's connectivity state (online, degraded, offline, "
                                         "recovering), 0 for the others.", ["state"], registry=r)
         self.forward_in_flight = Gauge(f"{PREFIX}_forward_in_flight", "Uploads to the cloud in flight.", registry=r)
+        self.class_backlog_count = Gauge(f"{PREFIX}_class_backlog_images",
+                                         "Images not yet delivered, by priority class.", ["class"], registry=r)
+        self.class_backlog_bytes = Gauge(f"{PREFIX}_class_backlog_bytes",
+                                         "Bytes not yet delivered, by priority class.", ["class"], registry=r)
+        self.class_oldest_age = Gauge(f"{PREFIX}_class_oldest_pending_age_seconds",
+                                      "Age of the oldest undelivered image, by priority class (0: none).",
+                                      ["class"], registry=r)
         self.forwarding_enabled = Gauge(f"{PREFIX}_forwarding_enabled",
                                         "1 when a cloud URL is set (alerts on connectivity need it).", registry=r)
         # Known label values start at 0, so rate() and alert rules see a series before the first event.
@@ -124,6 +132,16 @@ class Metrics:
                                       "Forward attempts that read the image from the store.", value=misses)
 
         self.registry.register(_Scraped(collect))
+
+    def set_class_backlog(self, classes: list[dict[str, Any]]) -> None:
+        """Per-class backlog gauges from `UplinkPlan.report` rows (classes gone from both the
+        configuration and the backlog lose their series)."""
+        for gauge in (self.class_backlog_count, self.class_backlog_bytes, self.class_oldest_age):
+            gauge.clear()
+        for c in classes:
+            self.class_backlog_count.labels(c["name"]).set(c["pending_count"])
+            self.class_backlog_bytes.labels(c["name"]).set(c["pending_bytes"])
+            self.class_oldest_age.labels(c["name"]).set(c["oldest_pending_age_s"] or 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

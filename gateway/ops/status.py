@@ -33,6 +33,7 @@ class StatusReport(msgspec.Struct, kw_only=True):
     disk_free_bytes: int | None = None
     catalog_bytes: int = 0
     startup: dict[str, object] = msgspec.field(default_factory=dict)
+    uplink: dict[str, Any] = msgspec.field(default_factory=dict)  # classes and window (UplinkPlan.report)
 
 
 def read_status(conn: Conn, now: float) -> StatusReport:
