@@ -111,7 +111,10 @@ def _typed(kind: type[_T], fields: dict[str, Any], what: str) -> _T:
     extra = set(fields) - set(kind.__struct_fields__)
     if extra:
         raise Unreadable(f"a first-layout {what} row with columns {sorted(extra)}")
-    values = [kind.__struct_config__.tag, *(fields.get(f) for f in kind.__struct_fields__)]
+    # A field newer than the first layout (e.g. `priority_class`) takes its default.
+    values = [kind.__struct_config__.tag, *(
+        fields.get(f.name) if f.name in fields or f.default is msgspec.NODEFAULT else f.default
+        for f in msgspec.structs.fields(kind))]
     try:
         return msgspec.convert(values, kind, strict=False)
     except msgspec.ValidationError as exc:
