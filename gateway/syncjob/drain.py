@@ -24,6 +24,7 @@ import httpx
 import xxhash
 
 from gateway.cli.progress import ProgressBar, RateLimit
+from gateway.envelope import read_envelope
 from gateway.ingest.filenames import cap_name
 from gateway.storage.folder import fsync_dir
 
@@ -156,12 +157,8 @@ class DrainJob:
             return
         if not resp.is_stream_consumed:
             resp.read()
-        try:
-            err = resp.json().get("error") or {}
-            detail = f" ({err['details']})" if err.get("details") else ""
-            message = f"{err.get('code')}: {err.get('message')}{detail}"
-        except ValueError:
-            message = resp.text[:200]
+        answer = read_envelope(resp.content)
+        message = answer.error.describe("None") if answer.is_object else resp.text[:200]
         if resp.status_code in (401, 403):
             raise AccessDenied(f"{what}: {resp.status_code} {message}")
         if resp.status_code in (408, 429) or resp.status_code >= 500:
