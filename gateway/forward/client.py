@@ -26,11 +26,11 @@ import msgspec
 from gateway.envelope import Envelope, read_envelope
 from gateway.forward.backoff import parse_retry_after
 from gateway.outbound import Outbound, cloud_proxy
+from gateway.retries import CLOUD
 
 DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
 BODY_KEPT = 2048
 ANSWER_READ = 64 * 1024  # an upload's answer is a small envelope; a longer one is cut and its connection dropped
-RETRYABLE_4XX = frozenset({408, 429})
 PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
 
 
@@ -185,7 +185,7 @@ def classify(status: int | None, content: bytes = b"", retry_after: str | None =
         return Outcome(kind=DELIVERED, status=status, image_id=answer.data_text("image_id"),
                        batch_id=answer.data_text("batch_id"), storage_key=answer.data_text("storage_key"))
     snippet = content[:BODY_KEPT].decode("utf-8", "replace")
-    if status in RETRYABLE_4XX or status >= 500:
+    if CLOUD.retries(status):
         wait = parse_retry_after(retry_after, time.time())
         return Outcome(kind=RETRY, status=status, error=f"HTTP {status}: {snippet}", retry_after_s=wait)
     return Outcome(kind=REJECT, status=status, error=f"HTTP {status}: {snippet}")

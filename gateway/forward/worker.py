@@ -25,7 +25,7 @@ from gateway.devices.keys import KeyUnreadable
 from gateway.devices.registry import DeviceRegistry
 from gateway.errors import GatewayError
 from gateway.forward import outbox
-from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
+from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate
 from gateway.forward.cache import ForwardCache
 from gateway.forward.client import (
     DELIVERED,
@@ -38,6 +38,7 @@ from gateway.forward.client import (
     Outcome,
 )
 from gateway.ops.metrics import Metrics
+from gateway.retries import cloud_policy
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.forward")
@@ -80,6 +81,7 @@ class Forwarder:
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
+        self.retry = cloud_policy(f)
         self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
         self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
         # Called once per loop round; the key checker hangs its quarantine re-checks here.
@@ -257,8 +259,7 @@ class Forwarder:
             # Most likely the catalog refused the result: hold the entry back a while in memory
             # (it is still pending on disk) rather than resend it in a tight loop.
             log.exception("forwarding %s failed unexpectedly", entry.image_id)
-            f = self.settings.forward
-            entry.next_attempt_at = self.clock() + backoff_delay(entry.attempts + 1, f.backoff_base_s, f.backoff_max_s)
+            entry.next_attempt_at = self.clock() + self.retry.delay_s(entry.attempts + 1)
             self._settle(entry, entry)
         finally:
             self._in_flight.pop(entry.image_id, None)
@@ -346,15 +347,13 @@ class Forwarder:
             if cloud_answered:
                 self.gate.on_retryable(outcome.status, outcome.retry_after_s, outcome.connection_failed)
             attempts = entry.attempts + 1
-            max_attempts = self.settings.forward.max_attempts
-            if max_attempts and attempts >= max_attempts:
+            if self.retry.gives_up_after(attempts):
                 reason = f"gave up after {attempts} attempts; last: {outcome.error}"
                 await self.catalog.write(lambda c: outbox.mark_dead(c, [entry.image_id], now, outcome.status, reason,
                                                                     True))
                 self._settle(entry, None)
                 return
-            f = self.settings.forward
-            delay = backoff_delay(attempts, f.backoff_base_s, f.backoff_max_s)
+            delay = self.retry.delay_s(attempts)
             next_at = now + max(delay, outcome.retry_after_s or 0.0)
             await self.catalog.write(lambda c: outbox.mark_retry(c, entry.image_id, next_at, outcome.status,
                                                                  outcome.error))
