@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +16,8 @@ import anyio
 
 from gateway import __version__
 from gateway.cli.control import Control, ControlError, connect
+from gateway.cli.display import cell as _cell
+from gateway.cli.display import table as _table
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
 from gateway.cli.outbox import add_arguments as add_outbox_arguments
@@ -28,26 +29,6 @@ from gateway.cli.verify import cmd_verify
 from gateway.config import ConfigError, Settings, load_settings, redacted
 from gateway.errors import StartRefused
 from gateway.humanize import human_age, human_bytes
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A plain text table: `columns` is (key, heading)."""
-    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float) and value > 1e9:  # a unix time
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    return str(value)
-
 
 # -- commands ------------------------------------------------------------------------------
 

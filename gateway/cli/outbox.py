@@ -7,6 +7,7 @@ import json
 import sys
 
 from gateway.cli.control import Control
+from gateway.cli.display import cell, table
 from gateway.humanize import human_bytes
 
 
@@ -27,8 +28,6 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli.main import _cell, _table
-
     if args.action == "retry":
         if args.all_dead + args.all_skipped + bool(args.image_ids) != 1:
             print("gateway outbox retry: give --all-dead, --all-skipped or one or more IMAGE_IDs", file=sys.stderr)
@@ -50,9 +49,9 @@ async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         r["bytes"] = human_bytes(r["size"])
-        r["when"] = _cell(r["delivered_at"] if r["state"] == "delivered" else r["next_attempt_at"])
+        r["when"] = cell(r["delivered_at"] if r["state"] == "delivered" else r["next_attempt_at"])
         r["error"] = (r["last_error"] or "")[:60].replace("\n", " ")
-    print(_table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("state", "STATE"), ("bytes", "SIZE"),
+    print(table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("state", "STATE"), ("bytes", "SIZE"),
                         ("attempts", "ATTEMPTS"), ("last_status", "STATUS"), ("when", "NEXT/DELIVERED"),
                         ("error", "LAST ERROR")]))
     return 0
