@@ -221,9 +221,6 @@ class S3Store:
         except (S3Error, Urllib3Error, OSError) as exc:
             raise _store_error(exc) from exc
 
-    def free_bytes(self) -> int | None:
-        return None
-
 
 class _WholeReader:
     """A file-like view of `data` whose first whole read hands back `data` itself: minio then
