@@ -48,7 +48,7 @@ class _Open:
 class CollectingBatches:
     """Each device's collecting batch with its exact image count and bytes, kept in memory by the
     catalog writer: adding a group of uploads to batches costs no statement at all (an UPDATE of
-    the batch row cost about 0.7 ms per group, a quarter of the recording transaction). A batch
+    the batch row per group was a quarter of the recording transaction; docs/design.md). A batch
     row gets its counts when it is sealed; until then readers count its image rows
     (`batch_queries`), so what they see is always committed and exact.
 
