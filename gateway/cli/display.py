@@ -53,6 +53,15 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
+def _render(grid: Table, live: bool) -> str:
+    buf = io.StringIO()
+    width = shutil.get_terminal_size().columns if live else PLAIN_WIDTH
+    console = Console(file=buf, width=width, force_terminal=live, no_color=not live, highlight=False,
+                      color_system="standard" if live else None)
+    console.print(grid)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines() if not live or line.strip())
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], stream: TextIO | None = None,
           right: Sequence[str] = ()) -> str:
     """`rows` as a table for `stream` (stdout by default): `columns` is (key, heading); the
@@ -64,12 +73,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], st
         grid.add_column(heading, overflow="fold", justify="right" if key in right else "left")
     for r in rows:
         grid.add_row(*(cell(r.get(k)) for k, _ in columns))
-    buf = io.StringIO()
-    width = shutil.get_terminal_size().columns if live else PLAIN_WIDTH
-    console = Console(file=buf, width=width, force_terminal=live, no_color=not live, highlight=False,
-                      color_system="standard" if live else None)
-    console.print(grid)
-    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines() if not live or line.strip())
+    return _render(grid, live)
+
+
+def fields(pairs: Sequence[tuple[str, str]], stream: TextIO | None = None) -> str:
+    """Name/value lines (`gateway status`, `batches show`): names aligned, bold on a terminal."""
+    live = is_terminal(stream if stream is not None else sys.stdout)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold" if live else "", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, value in pairs:
+        grid.add_row(key, value)
+    return _render(grid, live)
 
 
 class TransferBar:

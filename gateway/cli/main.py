@@ -17,6 +17,7 @@ import anyio
 from gateway import __version__
 from gateway.cli.control import Control, ControlError, connect
 from gateway.cli.display import cell as _cell
+from gateway.cli.display import fields as _fields
 from gateway.cli.display import table as _table
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
@@ -100,9 +101,7 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    print(_fields(lines))
     return 0
 
 
@@ -139,9 +138,7 @@ async def cmd_batches(ctl: Control, args: argparse.Namespace) -> int:
               ("opened", _cell(b["opened_at"])), ("sealed", _cell(b["sealed_at"])),
               ("forwarded", _cell(b["forwarded_at"])), ("drained", _cell(b["drained_at"])),
               ("manifest", f"{b['manifest_key']} ({_cell(b['manifest_at'])})" if b["manifest_key"] else "-")]
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}")
+    print(_fields(fields))
     print()
     print(_table(data["manifest"], [("image_id", "IMAGE"), ("filename", "FILE"), ("size", "BYTES"),
                                     ("xxh3_128", "XXH3-128"), ("cloud_image_id", "CLOUD IMAGE")]))

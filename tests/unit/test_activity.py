@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from gateway.cli.display import StepBar, TransferBar, table
+from gateway.cli.display import StepBar, TransferBar, fields, table
 from gateway.ops.activity import ErrorEntry, RecentErrors, Throughput
 
 
@@ -106,6 +106,8 @@ def test_tables_are_plain_when_piped_and_framed_on_a_terminal() -> None:
         "batch_1      3  -       yes\n"
         "b_22        12  -       no"
     )
+    assert fields([("source", "http://127.0.0.1:8080"), ("last error", "-")], io.StringIO()) == (
+        "source      http://127.0.0.1:8080\nlast error  -")
     framed = table(rows, columns, Tty())
     assert "\x1b[1m" in framed and "─" in framed and "batch_1" in framed  # bold heading, a rule under it
 
