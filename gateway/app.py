@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import msgspec
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.enums import ScopeType
@@ -24,6 +23,7 @@ from gateway import __version__
 from gateway.api import admin, device, journal, ops, outbox, provision, status_page, sync
 from gateway.api.envelope import EXCEPTION_HANDLERS
 from gateway.config import Settings
+from gateway.envelope import read_envelope
 from gateway.logs import request_id
 from gateway.ops.activity import ErrorEntry
 from gateway.runtime import Gateway
@@ -126,8 +126,5 @@ _ERROR_BODY_KEPT = 2048
 
 def _envelope_error(body: bytes) -> tuple[str, str]:
     """(code, message) from an error envelope; empty strings when the body is not one."""
-    try:
-        error = msgspec.json.decode(body).get("error") or {}
-        return str(error.get("code", ""))[:64], str(error.get("message", ""))[:200]
-    except (msgspec.DecodeError, AttributeError):
-        return "", ""
+    error = read_envelope(body).error
+    return error.code[:64], error.message[:200]

@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from scripts.benchlib.bandwidth import bandwidth_section  # noqa: E402
 from scripts.benchlib.catalog import dedup_latency, fill  # noqa: E402
 from scripts.benchlib.cpu import CpuMeter  # noqa: E402
 from scripts.benchlib.load import Round, multipart_upload, s3_put, s3_put_presigned  # noqa: E402
-from scripts.benchlib.neardup import neardup_section, print_rows  # noqa: E402
+from scripts.benchlib.neardup import neardup_section  # noqa: E402
+from scripts.benchlib.report import print_table, run_info  # noqa: E402
 from tests.support.client import upload_streamed  # noqa: E402
 from tests.support.gateway_proc import GatewayProcess, free_port, s3_env  # noqa: E402
 from tests.support.s3cluster import S3Cluster  # noqa: E402
@@ -326,68 +328,14 @@ def startup_section(s3: S3Server | S3Cluster, work: Path, rows: int) -> dict[str
     return out
 
 
-def print_table(report: dict[str, Any]) -> None:
-    print(f"\n== 1/2. ingest on the {report.get('store', 'single')} store: gateway vs direct S3 PUT into the same "
-          "store vs discard endpoint (best of the alternated rounds)")
-    print("   (S3 req/s: the faster direct client, minio's signed PUT or a presigned UNSIGNED-PAYLOAD PUT)")
-    print(f"{'size':>8} {'conc':>4} {'gw req/s':>9} {'gw MB/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'signed/s':>9} {'unsign/s':>9} {'S3 req/s':>9} {'discard/s':>9} {'gw/S3':>6} {'gw/disc':>7}")
-    for r in report.get("ingest", []):
-        size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
-        print(f"{size:>8} {r['concurrency']:>4} {r['gateway_rps']:>9} {r['gateway_mb_s']:>8} "
-              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['s3_signed_rps']:>9} {r['s3_unsigned_rps']:>9} "
-              f"{r['s3_rps']:>9} {r['discard_rps']:>9} "
-              f"{r['ratio_vs_s3']:>6} {r['ratio_vs_discard']:>7}")
-    if report.get("ingest"):
-        print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
-        print(f"{'size':>8} {'conc':>4} | {'gateway':>7} {'loop':>6} {'writer':>6} {'other':>6} {'S3':>6} "
-              f"{'client':>6} | direct: {'S3':>6} {'client':>6} | discard: {'server':>6} | {'group':>5}")
-        for r in report["ingest"]:
-            size = f"{r['size'] // KiB} KiB" if r["size"] < MiB else f"{r['size'] // MiB} MiB"
-            g, d, c = (r["cpu_ms_per_request"][k] for k in ("gateway_round", "s3_round", "discard_round"))
-            print(f"{size:>8} {r['concurrency']:>4} | {g.get('gateway', 0):>7} {g.get('gateway event loop', 0):>6} "
-                  f"{g.get('gateway catalog-writer', 0):>6} {g.get('gateway other threads', 0):>6} "
-                  f"{g.get('s3', 0):>6} {g.get('client', 0):>6} | direct: {d.get('s3', 0):>6} "
-                  f"{d.get('client', 0):>6} | discard: {c.get('discard', 0):>6} | {r['catalog_group_size']:>5}")
-        print("   (group: uploads per catalog transaction in the gateway round)")
-    if "memory" in report:
-        m = report["memory"]
-        print(f"\n== 3. memory: peak RSS with 8 x 45 MiB concurrent = {m['peak_rss_mib']} MiB "
-              f"(baseline {m['baseline_mib']} MiB); growth on a refused 50 MiB + 1 body = "
-              f"{m['growth_on_refused_50mib_mib']} MiB (status {m['refused_status']})")
-    if "dedup" in report:
-        d = report["dedup"]
-        print(f"\n== 4. dedup with {d['rows']:,} images ({d['samples']} uploads timed after {d['warm_up']}): "
-              f"new bytes: check p50/p99 {d['check_p50_ms']}/"
-              f"{d['check_p99_ms']} ms, insert p50/p99 {d['insert_p50_ms']}/{d['insert_p99_ms']} ms, check+insert "
-              f"p50/p99 {d['check_plus_insert_p50_ms']}/{d['check_plus_insert_p99_ms']} ms; stored bytes: duplicate "
-              f"look-up p50/p99 {d['duplicate_lookup_p50_ms']}/{d['duplicate_lookup_p99_ms']} ms; catalog "
-              f"{d['bytes_per_image']} bytes/image")
-    if "forward" in report:
-        f = report["forward"]
-        print(f"\n== 5. forwarder drain of {f['images']} x 1 MiB at concurrency {f['concurrency']}"
-              f"{' (with classes and a window)' if f.get('classes') else ''}: "
-              f"{f['gateway_rate_per_s']}/s vs plain client from memory {f['plain_rate_per_s']}/s "
-              f"(mean of {' and '.join(map(str, f['plain_rates_before_after']))}, before and after) -> {f['ratio']}; "
-              f"vs plain client reading each from S3 {f['store_to_cloud_rate_per_s']}/s -> "
-              f"{f['ratio_vs_store_to_cloud']}")
-        cpu = ", ".join(f"{k} {v}" for k, v in f.get("cpu_ms_per_image", {}).items())
-        print(f"   CPU ms per forwarded image: {cpu}; catalog writes per transaction {f['catalog_group_size']}")
-    if "startup" in report:
-        s = report["startup"]
-        print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
-              f"outbox rows (empty catalog: {s['empty']['ready_s']} s)")
-    if "neardup" in report:
-        print_rows(report["neardup"])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute), as CI runs it")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="the report as JSON, on stdout or into PATH (for `scripts/benchdoc`)")
     parser.add_argument("--store", choices=["single", "cluster"], default="single",
                         help="the S3 store: one `weed mini` (single) or a replicated SeaweedFS cluster")
-    parser.add_argument("--only", default="ingest,memory,dedup,forward,startup,neardup",
+    parser.add_argument("--only", default="ingest,memory,dedup,forward,bandwidth,startup,neardup",
                         help="comma-separated sections to run")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
     parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
@@ -395,6 +343,7 @@ def main() -> int:
                         help="forwarder drain with two priority classes and a window configured")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    started = time.time()
     report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count(), "store": args.store}
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         work = Path(tmp)
@@ -419,10 +368,16 @@ def main() -> int:
                 report["startup"] = startup_section(s3, work, 100_000)
             if "neardup" in only:
                 report["neardup"] = neardup_section(s3, work, args.quick, metered, requests_for)
+            if "bandwidth" in only:
+                report["bandwidth"] = bandwidth_section(s3, work, args.quick)
         finally:
             s3.stop()
-    if args.json:
+    report["run"] = run_info(started, sorted(only), sys.argv[1:])
+    if args.json == "-":
         print(json.dumps(report, indent=2))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print_table(report)
     else:
         print_table(report)
     return 0

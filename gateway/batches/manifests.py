@@ -27,6 +27,7 @@ import anyio
 import duckdb
 
 from gateway.batches.lifecycle import COLLECTING
+from gateway.batches.queries import ROW_FIELDS, manifest_select
 from gateway.catalog import Catalog, Conn
 from gateway.errors import Conflict, NotFound, ServiceUnavailable
 from gateway.ops.metrics import Metrics
@@ -35,19 +36,8 @@ from gateway.storage import ObjectStore
 log = logging.getLogger("gateway.batches.manifests")
 
 CONTENT_TYPE = "application/vnd.apache.parquet"
-COLUMNS = (
-    "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
-    "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key", "near_duplicate_of",
-)
-# metadata: the JSON text exactly as received (validated UTF-8 JSON at upload, so decode() is safe);
-# received_at: TIMESTAMP WITH TIME ZONE (UTC instants); near_duplicate_of: the earlier frame of the
-# device this one nearly repeats (gateway.ingest.neardup), else NULL.
-_MANIFEST_SELECT = """
-    SELECT image_id, batch_id, device_id, filename, size, content_type, xxh3_128, storage_key,
-           decode(metadata) AS metadata, to_timestamp(received_at) AS received_at,
-           cloud_image_id, cloud_batch_id, cloud_storage_key, near_duplicate_of
-    FROM images WHERE batch_id = ? ORDER BY seq
-"""
+COLUMNS = ROW_FIELDS  # the manifest row schema (gateway.batches.queries)
+_MANIFEST_SELECT = manifest_select(parquet=True)
 # Sealed and forwarded batches only: cloud ids are final once a batch is forwarded, and a drained
 # batch's manifest was current when the sync job fetched it. Keeps the periodic scan cheap.
 _STALE = """

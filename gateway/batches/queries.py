@@ -18,10 +18,24 @@ BATCH_FIELDS = (
     "batch_id", "device_id", "state", "opened_at", "sealed_at", "forwarded_at", "drained_at",
     "image_count", "total_bytes", "manifest_key", "manifest_at",
 )
+# The manifest row schema, the one definition behind the sync API's JSON rows and the Parquet file.
+# metadata: the JSON text exactly as received (validated UTF-8 JSON at upload, so decode() is safe);
+# received_at: unix seconds (UTC) in JSON, TIMESTAMP WITH TIME ZONE in Parquet; near_duplicate_of:
+# the earlier frame of the device this one nearly repeats (gateway.ingest.neardup), else NULL.
 ROW_FIELDS = (
     "image_id", "batch_id", "device_id", "filename", "size", "content_type", "xxh3_128", "storage_key",
     "metadata", "received_at", "cloud_image_id", "cloud_batch_id", "cloud_storage_key", "near_duplicate_of",
 )
+
+
+def manifest_select(parquet: bool = False) -> str:
+    """The SELECT of a batch's manifest rows in upload order (one parameter: the batch id);
+    `parquet`: received_at as a timestamp, the Parquet file's type."""
+    exprs = {"metadata": "decode(metadata)"}
+    if parquet:
+        exprs["received_at"] = "to_timestamp(received_at)"
+    columns = ", ".join(f"{exprs[c]} AS {c}" if c in exprs else c for c in ROW_FIELDS)
+    return f"SELECT {columns} FROM images WHERE batch_id = ? ORDER BY seq"
 _BATCH_SELECT = f"SELECT {', '.join(BATCH_FIELDS)} FROM batches"
 MAX_LIMIT = 1000
 
@@ -73,12 +87,7 @@ def _count_collecting(conn: Conn, rows: list[dict[str, Any]]) -> list[dict[str, 
 
 def manifest_rows(conn: Conn, batch_id: str) -> list[dict[str, Any]]:
     """The batch's images in upload order: the manifest's rows, as JSON-ready dicts."""
-    rows = conn.execute(
-        "SELECT image_id, batch_id, device_id, filename, size, content_type, xxh3_128, storage_key, "
-        "decode(metadata), received_at, cloud_image_id, cloud_batch_id, cloud_storage_key, near_duplicate_of "
-        "FROM images WHERE batch_id = ? ORDER BY seq",
-        [batch_id],
-    ).fetchall()
+    rows = conn.execute(manifest_select(), [batch_id]).fetchall()
     return [dict(zip(ROW_FIELDS, r, strict=True)) for r in rows]
 
 

@@ -18,6 +18,7 @@ import httpx
 from gateway.catalog import CatalogLocked
 from gateway.config import DEFAULT_CONFIG_PATH, LoadedSettings, Settings
 from gateway.config.admintoken import AdminTokenError, load_admin_token
+from gateway.envelope import read_envelope
 from gateway.runtime import Gateway, catalog_path
 
 
@@ -37,15 +38,12 @@ class Control:
 
     async def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
         resp = await self.client.request(method, f"/api/admin{path}", json=body, params=params)
-        try:
-            payload = resp.json()
-        except ValueError:
-            raise ControlError(f"server answered {resp.status_code} without an envelope") from None
-        if not payload.get("success"):
-            err = payload.get("error") or {}
-            detail = f" ({err.get('details')})" if err.get("details") else ""
-            raise ControlError(f"{err.get('code', resp.status_code)}: {err.get('message', '')}{detail}")
-        return payload.get("data")
+        answer = read_envelope(resp.content)
+        if not answer.is_object:
+            raise ControlError(f"server answered {resp.status_code} without an envelope")
+        if not answer.success:
+            raise ControlError(answer.error.describe(resp.status_code))
+        return answer.data
 
     async def close(self) -> None:
         await self.client.aclose()

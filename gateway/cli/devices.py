@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli.control import Control
-from gateway.cli.tables import cell, table
+from gateway.cli.display import cell, table
 
 
 def add_arguments(sub: Any) -> list[argparse.ArgumentParser]:

@@ -18,14 +18,15 @@ from gateway.cli.backup import cmd_backup, cmd_restore
 from gateway.cli.control import Control, ControlError, connect
 from gateway.cli.devices import add_arguments as add_device_arguments
 from gateway.cli.devices import cmd_devices
+from gateway.cli.display import cell as _cell
+from gateway.cli.display import fields as _fields
+from gateway.cli.display import table as _table
 from gateway.cli.journal import add_arguments as add_journal_arguments
 from gateway.cli.journal import cmd_journal
 from gateway.cli.outbox import add_arguments as add_outbox_arguments
 from gateway.cli.outbox import cmd_outbox, uplink_lines
 from gateway.cli.serve import serve
 from gateway.cli.settings import cmd_config
-from gateway.cli.tables import cell as _cell
-from gateway.cli.tables import table as _table
 from gateway.cli.tokens import add_arguments as add_tokens_arguments
 from gateway.cli.tokens import cmd_tokens
 from gateway.cli.verify import add_arguments as add_verify_arguments
@@ -65,9 +66,7 @@ async def cmd_status(ctl: Control, args: argparse.Namespace) -> int:
         ("disk free", human_bytes(s["disk_free_bytes"])),
         ("catalog", human_bytes(s["catalog_bytes"])),
     ]
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    print(_fields(lines))
     return 0
 
 
@@ -104,9 +103,7 @@ async def cmd_batches(ctl: Control, args: argparse.Namespace) -> int:
               ("opened", _cell(b["opened_at"])), ("sealed", _cell(b["sealed_at"])),
               ("forwarded", _cell(b["forwarded_at"])), ("drained", _cell(b["drained_at"])),
               ("manifest", f"{b['manifest_key']} ({_cell(b['manifest_at'])})" if b["manifest_key"] else "-")]
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}")
+    print(_fields(fields))
     print()
     print(_table(data["manifest"], [("image_id", "IMAGE"), ("filename", "FILE"), ("size", "BYTES"),
                                     ("xxh3_128", "XXH3-128"), ("cloud_image_id", "CLOUD IMAGE")]))

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli.control import Control
+from gateway.cli.display import cell, table
 from gateway.humanize import human_age, human_bytes
 
 
@@ -28,9 +29,6 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli.tables import cell as _cell
-    from gateway.cli.tables import table as _table
-
     if args.action == "retry":
         if args.all_dead + args.all_skipped + bool(args.image_ids) != 1:
             print("gateway outbox retry: give --all-dead, --all-skipped or one or more IMAGE_IDs", file=sys.stderr)
@@ -52,11 +50,11 @@ async def cmd_outbox(ctl: Control, args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         r["bytes"] = human_bytes(r["size"])
-        r["when"] = _cell(r["delivered_at"] if r["state"] == "delivered" else r["next_attempt_at"])
+        r["when"] = cell(r["delivered_at"] if r["state"] == "delivered" else r["next_attempt_at"])
         r["error"] = (r["last_error"] or "")[:60].replace("\n", " ")
         waits = r.get("waits_for")
-        r["waits"] = waits if isinstance(waits, str) else f"{waits['window']} at {_cell(waits['at'])}" if waits else ""
-    print(_table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("class", "CLASS"), ("state", "STATE"),
+        r["waits"] = waits if isinstance(waits, str) else f"{waits['window']} at {cell(waits['at'])}" if waits else ""
+    print(table(rows, [("image_id", "IMAGE"), ("device_id", "DEVICE"), ("class", "CLASS"), ("state", "STATE"),
                         ("waits", "WAITS FOR"), ("bytes", "SIZE"),
                         ("attempts", "ATTEMPTS"), ("last_status", "STATUS"), ("when", "NEXT/DELIVERED"),
                         ("error", "LAST ERROR")]))

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from gateway.cli.control import ControlError, probe, where_to_set
-from gateway.cli.tables import table
+from gateway.cli.display import table
 from gateway.config import LoadedSettings
 from gateway.config.rows import settings_rows
 

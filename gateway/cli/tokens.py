@@ -7,6 +7,7 @@ import json
 import sys
 
 from gateway.cli.control import Control
+from gateway.cli.display import cell, table
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:  # type: ignore[type-arg]
@@ -26,9 +27,6 @@ def add_arguments(sub: argparse._SubParsersAction) -> list[argparse.ArgumentPars
 
 
 async def cmd_tokens(ctl: Control, args: argparse.Namespace) -> int:
-    from gateway.cli.tables import cell as _cell
-    from gateway.cli.tables import table as _table
-
     if args.action == "create":
         body = {"name": args.name, "expires_in_days": args.expires_in_days, "never_expires": args.never_expires,
                 "single_use": args.single_use}
@@ -38,7 +36,7 @@ async def cmd_tokens(ctl: Control, args: argparse.Namespace) -> int:
             return 0
         t = data["token"]
         use = "single use" if t["single_use"] else "reusable"
-        print(f"created provisioning token {t['token_id']} ({t['name']}), {use}, expires {_cell(t['expires_at'])}")
+        print(f"created provisioning token {t['token_id']} ({t['name']}), {use}, expires {cell(t['expires_at'])}")
         print(f"token (shown once): {data['value']}")
         print(f"device setup: {data['setup']}")
         if data["mode"] != "local":
@@ -56,7 +54,7 @@ async def cmd_tokens(ctl: Control, args: argparse.Namespace) -> int:
     for r in rows:
         r["use"] = "single" if r["single_use"] else "multi"
         r["revoked"] = r["revoked_at"] is not None
-    print(_table(rows, [("token_id", "ID"), ("name", "NAME"), ("use", "USE"), ("use_count", "USED"),
+    print(table(rows, [("token_id", "ID"), ("name", "NAME"), ("use", "USE"), ("use_count", "USED"),
                         ("created_at", "CREATED"), ("expires_at", "EXPIRES"), ("last_used_at", "LAST USED"),
                         ("revoked", "REVOKED")]))
     return 0

@@ -1,22 +1,22 @@
 """`gateway verify [--full] [--repair] [--sample N] [--json]`: the CLI side of `gateway.ops.verify`.
 
 The check runs in the server (admin API) or in-process on a stopped server's files; meanwhile
-this polls its progress and draws a bar on stderr once the run has taken more than a second.
+this polls its progress and shows it on stderr (`display.StepBar`) once the run has taken more
+than a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
 import anyio
 
 from gateway.cli.control import Control
+from gateway.cli.display import StepBar, table
 
-_WIDTH = 24
 _KINDS = [
     ("missing", "row without object, not delivered (lost locally)"),
     ("missing_delivered", "row without object, delivered (repair: mark bytes removed)"),
@@ -58,39 +58,20 @@ async def cmd_verify(ctl: Control, args: argparse.Namespace) -> int:
 
 async def _show_progress(ctl: Control, done: anyio.Event) -> None:
     started = time.monotonic()
-    live = sys.stderr.isatty()
-    drawn = False
-    last_line = 0.0
-    while not done.is_set():
-        with anyio.move_on_after(0.5):
-            await done.wait()
-        if done.is_set() or time.monotonic() - started < 1.0:
-            continue
-        try:
-            p = await ctl.call("GET", "/verify/progress")
-        except Exception:  # progress is a courtesy; the run's own answer is what counts
-            continue
-        text = _bar(p, time.monotonic() - started)
-        if live:
-            sys.stderr.write("\r\x1b[K" + text)
-            drawn = True
-        elif time.monotonic() - last_line >= 5.0:
-            sys.stderr.write(text + "\n")
-            last_line = time.monotonic()
-        sys.stderr.flush()
-    if drawn:
-        sys.stderr.write("\r\x1b[K")
-        sys.stderr.flush()
-
-
-def _bar(p: dict[str, Any], elapsed: float) -> str:
-    total, done = p.get("total") or 0, p.get("done") or 0
-    if total:
-        frac = min(1.0, done / total)
-        filled = int(_WIDTH * frac)
-        return f"verify: {p.get('phase', '')} {done}/{total} [{'#' * filled}{'.' * (_WIDTH - filled)}] " \
-               f"{frac * 100:3.0f}%  {elapsed:.0f}s"
-    return f"verify: {p.get('phase', '')} {done}  {elapsed:.0f}s"
+    bar = StepBar("verify")
+    try:
+        while not done.is_set():
+            with anyio.move_on_after(0.5):
+                await done.wait()
+            if done.is_set() or time.monotonic() - started < 1.0:
+                continue
+            try:
+                p = await ctl.call("GET", "/verify/progress")
+            except Exception:  # progress is a courtesy; the run's own answer is what counts
+                continue
+            bar.show(str(p.get("phase", "")), int(p.get("done") or 0), int(p.get("total") or 0))
+    finally:
+        bar.close()
 
 
 def _render(data: dict[str, Any]) -> str:
@@ -98,13 +79,11 @@ def _render(data: dict[str, Any]) -> str:
     mode = "all objects hashed" if data["full"] else f"{data['hashed']} object(s) hashed (sample)"
     lines = [f"checked {data['rows']} catalog row(s) against {data['objects']} object(s); {mode}, "
              f"{data['hashed_bytes']} bytes, in {data['duration_s']:.1f} s"]
-    width = max(len(k) for k, _ in _KINDS)
+    rows = [{"kind": kind, "count": s[kind], "meaning": meaning} for kind, meaning in _KINDS]
+    rows.append({"kind": "recent strays", "count": data["strays_in_grace"], "meaning": "object without row, inside "
+                 "the grace period or with an upload in progress (left alone)"})
     lines.append("")
-    lines.append(f"{'FINDING'.ljust(width)}  {'COUNT':>5}  MEANING")
-    for kind, meaning in _KINDS:
-        lines.append(f"{kind.ljust(width)}  {s[kind]:>5}  {meaning}")
-    lines.append(f"{'recent strays'.ljust(width)}  {data['strays_in_grace']:>5}  object without row, inside the grace "
-                 "period or with an upload in progress (left alone)")
+    lines.append(table(rows, [("kind", "FINDING"), ("count", "COUNT"), ("meaning", "MEANING")], right=("count",)))
     if data["findings"]:
         lines.append("")
         for f in data["findings"][:50]:

@@ -34,10 +34,6 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def same_hash(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 def redact(key: str) -> str:
     """What a log line may show of a key: its prefix and a short hash, never the key; labelled so
     that it is not mistaken for a key."""

@@ -22,6 +22,7 @@ from gateway.config import Settings
 from gateway.devices import keys
 from gateway.devices.registry import STATUSES, DeviceRegistry
 from gateway.devices.tokens import TokenStore
+from gateway.envelope import read_envelope
 from gateway.errors import BadGateway, Conflict, DeviceExists, ServiceUnavailable, ValidationFailed
 from gateway.forward.client import CloudClient, CloudUnreachable, RelayedAnswer
 from gateway.system.ratelimit import DeviceRateLimiter
@@ -126,7 +127,7 @@ class Provisioner:
                                      retry_after=RELAY_RETRY_AFTER_S) from None
         if not 200 <= answer.status < 300:
             raise CloudAnswered(answer)
-        data = _data_of(answer.body)
+        data = read_envelope(answer.body).data_dict()
         device_id, key = data.get("device_id"), data.get("api_key")
         if not isinstance(device_id, str) or not device_id or not isinstance(key, str) or not keys.is_well_formed(key):
             log.error("the cloud provisioned a device but its answer has no usable device_id and api_key")
@@ -158,10 +159,3 @@ def _kept_info(req: ProvisionRequest) -> dict[str, Any]:
     return info
 
 
-def _data_of(body: bytes) -> dict[str, Any]:
-    try:
-        payload = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return {}
-    data = payload.get("data") if isinstance(payload, dict) else None
-    return data if isinstance(data, dict) else {}

@@ -93,11 +93,6 @@ class DeviceRegistry:
             raise Unauthorized("Missing X-Device-Key header")
         return self._by_hash.get(keys.key_hash(key))
 
-    def authenticate(self, key: str | None) -> Device:
-        """The approved, unrevoked device holding `key`, or the contract's 401/403."""
-        device = self.lookup(key)
-        return self.check(device)
-
     @staticmethod
     def check(device: Device | None) -> Device:
         if device is None or device.revoked:

@@ -16,20 +16,18 @@ at one upload in flight. While offline nothing is sent but probes, spaced by the
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+
+from gateway.retries import backoff_delay
+from gateway.system.ratelimit import TokenBucket
+
+__all__ = ["ByteBucket", "CloudGate", "backoff_delay", "parse_retry_after"]
 
 ONLINE, DEGRADED, OFFLINE, RECOVERING = "online", "degraded", "offline", "recovering"
 STATES = (ONLINE, DEGRADED, OFFLINE, RECOVERING)
 # Statuses that mean "the cloud as a whole wants less traffic": they pause every upload.
 PAUSING_STATUSES = frozenset({429, 503})
-
-
-def backoff_delay(attempts: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
-    """Full jitter: uniform in [0, min(max_s, base_s * 2**(attempts-1))] for the n-th failure."""
-    ceiling = min(max_s, base_s * (2.0 ** min(max(attempts - 1, 0), 60)))
-    return ceiling * rand()
 
 
 def parse_retry_after(value: str | None, now_unix: float) -> float | None:
@@ -158,27 +156,11 @@ class CloudGate:
         return ceiling / 2 + (ceiling / 2) * self.rand()
 
 
-class ByteBucket:
-    """A token bucket over bytes sent, shared by all uploads; `rate` 0 means unlimited.
+class ByteBucket(TokenBucket):
+    """The forwarder's bandwidth cap: one `TokenBucket` over bytes sent, shared by all uploads (and
+    their threads); `rate` 0 means unlimited. The default burst is 64 KiB or 1/20 s of `rate`."""
 
-    Tokens may go negative: a sender takes what it sends and waits off the debt, so concurrent
-    senders queue in virtual time and the long-run rate is exactly `rate`."""
+    __slots__ = ()
 
     def __init__(self, rate: float, clock: Callable[[], float], burst: float | None = None) -> None:
-        self.rate = rate
-        self.clock = clock
-        self.burst = burst if burst is not None else max(64 * 1024.0, rate / 20)
-        self.tokens = self.burst
-        self.updated = clock()
-        self._lock = threading.Lock()  # the senders are threads
-
-    def take(self, n: int) -> float:
-        """Take `n` bytes' worth; returns how long the caller must wait before sending them."""
-        if self.rate <= 0:
-            return 0.0
-        with self._lock:
-            now = self.clock()
-            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            self.tokens -= n
-            return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        super().__init__(rate, burst if burst is not None else max(64 * 1024.0, rate / 20), clock, shared=True)

@@ -1,11 +1,10 @@
 """The forward cache: local copies of images waiting for the cloud, so that the forwarder sends
 them without reading each back from the object store.
 
-With an object store, forwarding an image from the store costs a GET: in `scripts/bench` that was
-2.0 to 2.6 ms of the S3 server's CPU and about 1 ms of the gateway's per 1 MiB image, more than the
-POST itself. An upload that is forwarded later leaves its bytes here instead (written by one
-background thread after the upload is answered, or the spool file renamed in), and the forwarder
-takes them from here.
+With an object store, forwarding an image from the store costs a GET, more CPU than the POST
+itself (figures: docs/design.md, "Measured figures behind the code"). An upload that is forwarded
+later leaves its bytes here instead (written by one background thread after the upload is
+answered, or the spool file renamed in), and the forwarder takes them from here.
 
 Only a cache, never a copy the gateway depends on:
 - the object store keeps the bytes; a miss (not cached, cache full, file gone or damaged) means

@@ -23,13 +23,14 @@ import aiohttp
 import certifi
 import msgspec
 
+from gateway.envelope import Envelope, read_envelope
 from gateway.forward.backoff import parse_retry_after
 from gateway.outbound import Outbound, cloud_proxy
+from gateway.retries import CLOUD
 
 DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
 BODY_KEPT = 2048
 ANSWER_READ = 64 * 1024  # an upload's answer is a small envelope; a longer one is cut and its connection dropped
-RETRYABLE_4XX = frozenset({408, 429})
 PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
 
 
@@ -140,30 +141,10 @@ class LocalBytesChanged(Exception):
 
 
 class CloudAnswer(msgspec.Struct, kw_only=True):
-    """A JSON call's answer: the HTTP status and the parsed envelope ({} when not a JSON object)."""
+    """A JSON call's answer: the HTTP status and the parsed envelope."""
 
     status: int
-    envelope: dict[str, Any]
-
-
-def _envelope(content: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(content)
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
-
-
-def _ids(payload: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-    data = payload.get("data")
-    if not isinstance(data, dict):
-        return None, None, None
-
-    def text(k: str) -> str | None:
-        value = data.get(k)
-        return value if isinstance(value, str) else None
-
-    return text("image_id"), text("batch_id"), text("storage_key")
+    envelope: Envelope
 
 
 def _reason(exc: BaseException) -> str:
@@ -200,10 +181,11 @@ def classify(status: int | None, content: bytes = b"", retry_after: str | None =
         return Outcome(kind=RETRY, error=f"transport error: {_reason(failure)}")
     assert status is not None
     if 200 <= status < 300 or status == 409:
-        image_id, batch_id, storage_key = _ids(_envelope(content))
-        return Outcome(kind=DELIVERED, status=status, image_id=image_id, batch_id=batch_id, storage_key=storage_key)
+        answer = read_envelope(content)
+        return Outcome(kind=DELIVERED, status=status, image_id=answer.data_text("image_id"),
+                       batch_id=answer.data_text("batch_id"), storage_key=answer.data_text("storage_key"))
     snippet = content[:BODY_KEPT].decode("utf-8", "replace")
-    if status in RETRYABLE_4XX or status >= 500:
+    if CLOUD.retries(status):
         wait = parse_retry_after(retry_after, time.time())
         return Outcome(kind=RETRY, status=status, error=f"HTTP {status}: {snippet}", retry_after_s=wait)
     return Outcome(kind=REJECT, status=status, error=f"HTTP {status}: {snippet}")
@@ -235,7 +217,7 @@ class CloudClient:
         `key` or without one; the status and parsed envelope of any HTTP answer. Raises
         `CloudUnreachable` when no whole answer came (transport error, timeout)."""
         raw = await self.request_raw(method, path, key, body, timeout_s)
-        return CloudAnswer(status=raw.status, envelope=_envelope(raw.body))
+        return CloudAnswer(status=raw.status, envelope=read_envelope(raw.body))
 
     async def request_raw(self, method: str, path: str, key: str | None, body: Any = None,
                           timeout_s: float | None = None) -> RelayedAnswer:
@@ -303,12 +285,10 @@ class CloudClient:
             answer = await self.request_json("GET", "/device/self", key, timeout_s=timeout_s)
         except CloudUnreachable:
             return KeyAnswer(status=None)
-        err = answer.envelope.get("error")
-        err = err if isinstance(err, dict) else {}
-        data = answer.envelope.get("data")
-        data = data if isinstance(data, dict) else None
-        return KeyAnswer(status=answer.status, data=data, code=str(err.get("code") or ""),
-                         message=str(err.get("message") or ""))
+        data = answer.envelope.data
+        err = answer.envelope.error
+        return KeyAnswer(status=answer.status, data=data if isinstance(data, dict) else None, code=err.code,
+                         message=err.message)
 
     async def probe(self, key: str | None) -> bool:
         """Whether the cloud answers at all (any HTTP status counts)."""
@@ -326,8 +306,7 @@ class CloudClient:
         answer = await self.request_json("POST", "/device/checkin", key, body, timeout_s=timeout_s)
         if answer.status >= 300:
             raise CloudUnreachable(f"HTTP {answer.status}")
-        data = answer.envelope.get("data")
-        actions = data.get("actions") if isinstance(data, dict) else None
+        actions = answer.envelope.data_dict().get("actions")
         return actions if isinstance(actions, list) else []
 
     async def relay_heartbeat(self, key: str, body: bytes, timeout_s: float) -> list[Any]:
@@ -336,8 +315,7 @@ class CloudClient:
         answer = await self.request_json("POST", "/core/agent/checkin", key, body, timeout_s=timeout_s)
         if answer.status >= 300:
             raise CloudUnreachable(f"HTTP {answer.status}")
-        actions = answer.envelope.get("pending_actions")
-        return actions if isinstance(actions, list) else []
+        return answer.envelope.member_list("pending_actions")
 
     async def relay_provision(self, body: bytes, timeout_s: float) -> RelayedAnswer:
         """Pass a device's provisioning request to `POST /devices/provision` as received; the

@@ -28,7 +28,7 @@ from gateway.devices.keys import KeyUnreadable
 from gateway.devices.registry import DeviceRegistry
 from gateway.forward import connectivity, outbox
 from gateway.forward.attempt import KEY_UNREADABLE, Sender, outcome_label
-from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate, backoff_delay
+from gateway.forward.backoff import OFFLINE, ByteBucket, CloudGate
 from gateway.forward.cache import ForwardCache
 from gateway.forward.classes import UplinkPlan
 from gateway.forward.client import (
@@ -41,6 +41,7 @@ from gateway.forward.client import (
 from gateway.forward.lanes import Lane, Lanes
 from gateway.forward.windows import Moment
 from gateway.ops.metrics import Metrics
+from gateway.retries import cloud_policy
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.forward")
@@ -83,6 +84,7 @@ class Forwarder:
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
         self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
+        self.retry = cloud_policy(f)
         self.uplink = uplink or UplinkPlan.from_settings(f)
         self.uplink.listen(self._arrived)
         self.lanes = Lanes(self.uplink, self.per_device, LOW_WATER)
@@ -249,8 +251,7 @@ class Forwarder:
             # Most likely the catalog refused the result: hold the entry back a while in memory
             # (it is still pending on disk) rather than resend it in a tight loop.
             log.exception("forwarding %s failed unexpectedly", entry.image_id)
-            f = self.settings.forward
-            entry.next_attempt_at = self.clock() + backoff_delay(entry.attempts + 1, f.backoff_base_s, f.backoff_max_s)
+            entry.next_attempt_at = self.clock() + self.retry.delay_s(entry.attempts + 1)
             self._settle(entry, entry)
         finally:
             self.lanes.finished(entry.image_id)
@@ -294,15 +295,13 @@ class Forwarder:
                     self.offline_since = now
                     await connectivity.went_offline(self.catalog, self.client.base_url, outcome.error)
             attempts = entry.attempts + 1
-            max_attempts = self.settings.forward.max_attempts
-            if max_attempts and attempts >= max_attempts:
+            if self.retry.gives_up_after(attempts):
                 reason = f"gave up after {attempts} attempts; last: {outcome.error}"
                 await self.catalog.write(lambda c: outbox.mark_dead(c, [entry.image_id], now, outcome.status, reason,
                                                                     True))
                 self._settle(entry, None)
                 return
-            f = self.settings.forward
-            delay = backoff_delay(attempts, f.backoff_base_s, f.backoff_max_s)
+            delay = self.retry.delay_s(attempts)
             next_at = now + max(delay, outcome.retry_after_s or 0.0)
             await self.catalog.write(lambda c: outbox.mark_retry(c, entry.image_id, next_at, outcome.status,
                                                                  outcome.error))

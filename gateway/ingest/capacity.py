@@ -9,9 +9,9 @@ Below the disk floor the forward cache is emptied first (copies only: the store 
 Then, when the objects live on that disk (folder storage), the local bytes of
 images already delivered to the cloud are evicted first, oldest delivery first (images of drained
 batches before the others while the sync API is on), never an undelivered one; only when nothing
-delivered is left does the upload get its 507. Each eviction marks `bytes_removed_at` before the
-object goes, so a crash in between leaves an object `gateway verify --repair` removes, never a row
-whose bytes are missing. Counted in /metrics: evicted bytes and images, refusals by reason.
+delivered is left does the upload get its 507. Each eviction is a delivered -> removed transition
+of `forward.bytes_lifecycle` (the row marked before the object goes). Counted in /metrics:
+evicted bytes and images, refusals by reason.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import anyio
 
-from gateway.catalog import Catalog, Conn
+from gateway.catalog import Catalog
 from gateway.errors import InsufficientStorage
+from gateway.forward.bytes_lifecycle import LocalBytes, delete_marked, mark_removed, removable
 from gateway.forward.cache import ForwardCache
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
@@ -34,21 +35,6 @@ log = logging.getLogger("gateway.ingest.capacity")
 REFRESH_S = 1.0
 EVICT_BATCH = 100
 EVICT_MAX_PER_CALL = 5000  # bounds the latency one upload can spend making room
-
-
-def delivered_oldest(conn: Conn, drained_only: bool, limit: int) -> list[tuple[str, str, int]]:
-    """(image id, storage key, size) of delivered images still holding local bytes, oldest delivery first."""
-    sql = ("SELECT i.image_id, i.storage_key, i.size FROM images i JOIN outbox o ON o.image_id = i.image_id "
-           "WHERE o.state = 'delivered' AND i.bytes_removed_at IS NULL")
-    if drained_only:
-        sql += " AND i.batch_id IN (SELECT batch_id FROM batches WHERE state = 'drained')"
-    rows = conn.execute(sql + " ORDER BY o.delivered_at, o.seq LIMIT ?", [limit]).fetchall()
-    return [(r[0], r[1], int(r[2])) for r in rows]
-
-
-def _mark_removed(conn: Conn, image_ids: list[str], now: float) -> None:
-    conn.execute("UPDATE images SET bytes_removed_at = ? WHERE image_id IN (SELECT unnest(?::VARCHAR[])) "
-                 "AND bytes_removed_at IS NULL", [now, image_ids])
 
 
 class CapacityGuard:
@@ -116,8 +102,7 @@ class CapacityGuard:
                     free = self._free()
                     if free is None or free - incoming >= self.min_free_disk_bytes + headroom:
                         return free
-                    due = await self.catalog.read(partial(delivered_oldest, drained_only=drained_only,
-                                                          limit=EVICT_BATCH))
+                    due = await self.catalog.read(partial(removable, drained_only=drained_only, limit=EVICT_BATCH))
                     if not due:
                         break
                     removed = await self._evict(due)
@@ -128,24 +113,9 @@ class CapacityGuard:
                 log.warning("disk nearly full: evicted the local bytes of %d delivered image(s)", evicted)
             return self._free()
 
-    async def _evict(self, due: list[tuple[str, str, int]]) -> int:
+    async def _evict(self, due: list[LocalBytes]) -> int:
         assert self.store is not None
-        store = self.store
         now = time.time()
-        ids = [image_id for image_id, _, _ in due]
-        await self.catalog.write(lambda c: _mark_removed(c, ids, now))
-
-        def delete_all() -> int:
-            done = 0
-            for _, key, size in due:
-                try:
-                    store.delete(key)
-                except Exception as exc:  # marked already: `verify --repair` removes the leftover
-                    log.warning("eviction could not remove %s: %s", key, exc)
-                    continue
-                self.metrics.evictions.inc(size)
-                self.metrics.pressure_evictions.inc()
-                done += 1
-            return done
-
-        return await anyio.to_thread.run_sync(delete_all)
+        ids = [item.image_id for item in due]
+        await self.catalog.write(lambda c: mark_removed(c, ids, now))
+        return await anyio.to_thread.run_sync(delete_marked, self.store, self.metrics, due, "eviction", True)

@@ -69,10 +69,9 @@ class UploadForm(msgspec.Struct, kw_only=True):
 
 class MemoryBudget:
     """Image bytes that may be held in memory instead of written to the spool file, across all
-    uploads (event-loop only). With an object store the spool file is only a staging copy: writing
-    every image to the local disk and reading it back cost the event loop about 3 ms per MiB under
-    load (page cache and writeback), and doubles the gateway PC's disk writes. Small images stay in
-    memory up to these bounds; the rest spill to the file as before."""
+    uploads (event-loop only). With an object store the spool file is only a staging copy, and
+    writing every image to disk and reading it back costs the event loop time (docs/design.md) and
+    doubles the disk writes. Small images stay in memory up to these bounds; the rest spill."""
 
     def __init__(self, total: int, per_upload: int) -> None:
         self.total = total

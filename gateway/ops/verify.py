@@ -28,6 +28,7 @@ import msgspec
 import xxhash
 
 from gateway.catalog import Catalog, Conn
+from gateway.forward.bytes_lifecycle import mark_removed
 from gateway.storage import ObjectStore
 from gateway.storage.base import ObjectInfo
 
@@ -98,13 +99,6 @@ def _rows(conn: Conn) -> list[_Row]:
 
 def _row_exists(conn: Conn, key: str) -> bool:
     return conn.execute("SELECT 1 FROM images WHERE storage_key = ? LIMIT 1", [key]).fetchone() is not None
-
-
-def _mark_removed(conn: Conn, image_ids: list[str], now: float) -> None:
-    conn.execute(
-        "UPDATE images SET bytes_removed_at = ? WHERE image_id IN (SELECT unnest(?::VARCHAR[])) "
-        "AND bytes_removed_at IS NULL", [now, image_ids],
-    )
 
 
 class Verifier:
@@ -226,7 +220,7 @@ class Verifier:
                 finding.repaired = True
         if to_mark:
             ids = [f.image_id for f in to_mark if f.image_id]
-            self.catalog.write_sync(lambda c: _mark_removed(c, ids, self.now))
+            self.catalog.write_sync(lambda c: mark_removed(c, ids, self.now))
             for f in to_mark:
                 f.repaired = True
                 f.detail += "; marked bytes_removed_at"

@@ -54,5 +54,3 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
-    def free_bytes(self) -> int | None:
-        """Free space where the objects live, when the backend can tell."""

@@ -162,12 +162,6 @@ class FolderStore:
                         continue
                     yield ObjectInfo(key, st.st_size, st.st_mtime)
 
-    def free_bytes(self) -> int | None:
-        try:
-            return shutil.disk_usage(self.root).free
-        except OSError:
-            return None
-
 
 def _read_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
     import io

@@ -8,9 +8,9 @@ spooled files, stat, list, delete, manifests) is minio's own blocking calls in w
 over a urllib3 pool with short connect timeouts and few retries, so that an unreachable store
 turns into a prompt 503 instead of a request that hangs through minio's default retry schedule.
 
-The event loop's PUT is retried as that pool is: a connection that fails or a 502/503/504 answer
-is tried twice more, 0.1 s and 0.2 s later (a PUT of the same bytes under the same key is
-idempotent); a store that stops making progress, or is not done within the deadline, is not.
+The event loop's PUT is retried as that pool is (`gateway.retries.OBJECT_STORE`: a failed
+connection or a 502/503/504 answer is tried twice more; a PUT of the same bytes under the same key
+is idempotent); a store that stops making progress, or is not done within the deadline, is not.
 """
 
 from __future__ import annotations
@@ -34,15 +34,13 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from gateway.config import MinioSettings
 from gateway.errors import InsufficientStorage, ServiceUnavailable
 from gateway.outbound import Outbound
+from gateway.retries import OBJECT_STORE
 from gateway.storage.base import CHUNK, ObjectInfo
 
 _CONNECT_S, _READ_S, _DEADLINE_S = 3.0, 60.0, 300.0
 _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 _PART = 8 * 1024 * 1024
 FULL_CODES = frozenset({"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded", "StorageFull"})
-_RETRY_STATUS = frozenset({502, 503, 504})
-_RETRIES = 2
-_BACKOFF_S = 0.1
 _MAX_ERROR_BODY = 64 * 1024
 _PRESIGNED_FOR = timedelta(minutes=15)
 
@@ -67,7 +65,8 @@ class S3Store:
             timeout=urllib3.Timeout(connect=connect_s, read=read_s),
             # A read timeout is not retried: a store that accepts connections but does not answer
             # would otherwise hold an upload for 3 x 60 s before its 503.
-            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+            retries=urllib3.Retry(total=OBJECT_STORE.attempts - 1, read=0, backoff_factor=OBJECT_STORE.first_delay_s,
+                                  status_forcelist=sorted(OBJECT_STORE.retry_statuses)),
         )
         self.client = self._client(settings, pool)
         # The readiness probe (also run before uploads while the store is in doubt) answers
@@ -135,7 +134,7 @@ class S3Store:
             return
         url = yarl.URL(self.client.presigned_put_object(self.bucket, key, _PRESIGNED_FOR), encoded=True)
         session = await self.http.session()
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(1, OBJECT_STORE.attempts + 1):
             try:
                 async with session.put(url, data=data, headers={"Content-Type": content_type},
                                        timeout=self.put_timeout, ssl=self.ssl) as resp:
@@ -144,18 +143,18 @@ class S3Store:
                 if status // 100 == 2:
                     return
                 code, message = _s3_error(body)
-                if status not in _RETRY_STATUS or attempt == _RETRIES:
+                if not OBJECT_STORE.retries(status) or OBJECT_STORE.gives_up_after(attempt):
                     raise refusal(code, str(_Refused(status, code, message))[:200])
             except TimeoutError:
                 raise ServiceUnavailable("Object store unreachable", "no progress within the timeouts") from None
             except aiohttp.ClientResponseError as exc:  # an answer the parser refused
-                if attempt == _RETRIES:
+                if OBJECT_STORE.gives_up_after(attempt):
                     raise ServiceUnavailable("Object store unreachable", f"bad answer: {exc.message}"[:200]) from None
             except aiohttp.ClientError as exc:
-                if attempt == _RETRIES:
+                if OBJECT_STORE.gives_up_after(attempt):
                     raise ServiceUnavailable("Object store unreachable",
                                              (str(exc) or type(exc).__name__)[:200]) from None
-            await asyncio.sleep(_BACKOFF_S * 2**attempt)
+            await asyncio.sleep(OBJECT_STORE.delay_s(attempt))
 
     async def read_async(self, key: str) -> AsyncIterator[bytes]:
         """The object's bytes by a presigned GET on the event loop; `KeyError` when missing."""
@@ -221,9 +220,6 @@ class S3Store:
                 yield ObjectInfo(obj.object_name, int(obj.size or 0), modified)
         except (S3Error, Urllib3Error, OSError) as exc:
             raise _store_error(exc) from exc
-
-    def free_bytes(self) -> int | None:
-        return None
 
 
 class _WholeReader:

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.cli.progress import ProgressBar
+from gateway.cli.display import TransferBar
 from gateway.syncjob.drain import AccessDenied, DrainError, DrainJob
 
 
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     job = DrainJob(
         args.url, args.dest, token, jobs=args.jobs, limit_rate=args.limit_rate, timeout_s=args.timeout,
-        verify=args.cacert or True, progress=ProgressBar(enabled=not args.quiet, label="drain"),
+        verify=args.cacert or True, progress=TransferBar(enabled=not args.quiet, label="drain"),
     )
     try:
         report = job.run()

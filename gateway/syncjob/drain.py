@@ -16,16 +16,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import xxhash
 
-from gateway.cli.progress import ProgressBar, RateLimit
+from gateway.cli.display import TransferBar
+from gateway.envelope import read_envelope
 from gateway.ingest.filenames import cap_name
+from gateway.retries import GATEWAY
 from gateway.storage.folder import fsync_dir
+from gateway.system.ratelimit import TokenBucket
 
 HASH_HEADER = "X-Content-XXH3-128"
 CHUNK = 256 * 1024
@@ -97,19 +100,20 @@ class DrainJob:
         jobs: int = 4,
         limit_rate: int = 0,
         timeout_s: float = 60.0,
-        attempts: int = 4,
+        attempts: int = GATEWAY.attempts,
         verify: str | bool = True,
-        progress: ProgressBar | None = None,
+        progress: TransferBar | None = None,
     ) -> None:
         self.base_url = sync_base_url(url)
         self.dest = dest
         self.token = token
         self.jobs = max(1, jobs)
-        self.rate = RateLimit(limit_rate)
+        # Up to 0.5 s of unused allowance carries over, so short pauses are not penalised.
+        self.rate = TokenBucket(limit_rate, limit_rate * 0.5, time.monotonic, full=False, shared=True)
         self.timeout_s = timeout_s
-        self.attempts = max(1, attempts)
+        self.retry = replace(GATEWAY, attempts=max(1, attempts))
         self.verify = verify
-        self.progress = progress or ProgressBar(enabled=False)
+        self.progress = progress or TransferBar(enabled=False)
         self.report = DrainReport()
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
@@ -137,17 +141,16 @@ class DrainJob:
             self._clients.clear()
 
     def _with_retries(self, what: str, attempt: Callable[[], Any]) -> Any:
-        delay = 0.5
-        for n in range(1, self.attempts + 1):
+        failures = 0
+        while True:
             try:
                 return attempt()
             except (httpx.TransportError, _Retry) as exc:
-                if n == self.attempts:
+                failures += 1
+                if self.retry.gives_up_after(failures):
                     raise DrainError(f"{what}: {exc}") from None
                 self.progress.note(f"retrying {what} ({exc})")
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+                time.sleep(self.retry.delay_s(failures))
 
     @staticmethod
     def _check(resp: httpx.Response, what: str) -> None:
@@ -156,15 +159,11 @@ class DrainJob:
             return
         if not resp.is_stream_consumed:
             resp.read()
-        try:
-            err = resp.json().get("error") or {}
-            detail = f" ({err['details']})" if err.get("details") else ""
-            message = f"{err.get('code')}: {err.get('message')}{detail}"
-        except ValueError:
-            message = resp.text[:200]
+        answer = read_envelope(resp.content)
+        message = answer.error.describe("None") if answer.is_object else resp.text[:200]
         if resp.status_code in (401, 403):
             raise AccessDenied(f"{what}: {resp.status_code} {message}")
-        if resp.status_code in (408, 429) or resp.status_code >= 500:
+        if GATEWAY.retries(resp.status_code):
             raise _Retry(f"{resp.status_code} {message}")
         raise DrainError(f"{what}: {resp.status_code} {message}")
 
@@ -280,7 +279,8 @@ class DrainJob:
                         digest.update(chunk)
                         received += len(chunk)
                         self.progress.advance(0, len(chunk))
-                        self.rate.spend(len(chunk))
+                        if (wait := self.rate.take(len(chunk))) > 0:
+                            time.sleep(wait)
                     fh.flush()
                     os.fsync(fh.fileno())
             if received != row["size"] or digest.hexdigest() != row["xxh3_128"]:

@@ -1,12 +1,9 @@
 """glibc malloc settings for a server that holds image bodies in memory (see ingest.form.MemoryBudget).
 
-By default glibc serves each image-sized buffer (up to 8 MiB) with a fresh mmap, or trims the
-heap back after freeing it, so every upload faults its pages in again: 430-510 minor faults per
-5 MiB upload. Serving buffers up to 16 MiB from the heap, and keeping up to 64 MiB of freed heap
-for the next upload, brought that to about 155, and the gateway's CPU per 5 MiB upload from
-20.7-23.1 to 17.5-19.4 ms. In-memory images are bounded (48 MiB in all), so what the heap keeps is
-bounded too (peak RSS in the bench's 8 x 45 MiB test: 203.8 MiB, against 192.7-197.2 before).
-Best effort: glibc only, silent elsewhere.
+By default glibc serves each image-sized buffer with a fresh mmap, or trims the heap after freeing
+it, so every upload faults its pages in again. Buffers up to 16 MiB come from the heap, and up to
+64 MiB of freed heap is kept for the next upload (bounded, as in-memory images are). Figures:
+docs/design.md, "Measured figures behind the code". Best effort: glibc only, silent elsewhere.
 """
 
 from __future__ import annotations

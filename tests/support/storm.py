@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import xxhash
 
+from gateway.envelope import read_envelope
+
 UPLOAD = "/api/device/images/upload"
 KiB = 1024
 
@@ -85,12 +87,14 @@ class Storm:
                 try:
                     resp = client.post(self.url + UPLOAD, headers={"X-Device-Key": key},
                                        files={"image": (f"d{device}.jpg", image, "image/jpeg")})
-                    status, retry, body = resp.status_code, resp.headers.get("retry-after"), resp.json()
-                except (httpx.HTTPError, ValueError):
-                    status, retry, body = 0, None, {}
-                error = body.get("error") or {}
-                attempt = Attempt(device, sent, time.monotonic(), status, retry, error.get("code"),
-                                  body.get("data") if 200 <= status < 300 else None,
+                    status, retry, answer = resp.status_code, resp.headers.get("retry-after"), read_envelope(
+                        resp.content)
+                except httpx.HTTPError:
+                    status, retry, answer = 0, None, read_envelope(b"")
+                if not answer.is_object:  # not an envelope: counted as no answer
+                    status, retry = 0, None
+                attempt = Attempt(device, sent, time.monotonic(), status, retry, answer.error.code or None,
+                                  answer.data if 200 <= status < 300 else None,
                                   xxhash.xxh3_128_hexdigest(image))
                 with self._lock:
                     self.attempts.append(attempt)

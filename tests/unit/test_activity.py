@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from gateway.cli.progress import Progress, ProgressBar
+from gateway.cli.display import StepBar, TransferBar, fields, table
 from gateway.ops.activity import ErrorEntry, RecentErrors, Throughput
 
 
@@ -60,31 +60,61 @@ def test_recent_errors_newest_first_bounded_and_masking_keys() -> None:
     assert all("ab" * 16 not in x.message and "adk_…" in x.message for x in latest)
 
 
-def test_progress_draws_on_a_terminal_only() -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
-    clock = FakeClock(0.0)
+
+def test_progress_draws_on_a_terminal_only() -> None:
     tty = Tty()
-    with Progress(4, "verify", stream=tty, clock=clock, interval_s=0) as bar:
-        clock.t = 2.0
-        bar.advance(2, nbytes=2048)
-        assert "[############............]  50% 2/4" in bar.line()
-        assert "ETA 2s" in bar.line()
-        bar.advance(2)
+    bar = TransferBar(stream=tty, label="drain")
+    bar.start(4, 4096)
+    bar.advance(2, nbytes=2048)
+    bar.note("batch_1: drained")
+    bar.advance(2, nbytes=2048)
+    bar.finish()
     out = tty.getvalue()
-    assert out.startswith("\r") and out.endswith("\n") and "4/4" in out and "in 2s" in out
+    assert "drain" in out and "4/4" in out and "4.1 kB" in out and "100%" in out and "batch_1: drained" in out
 
     plain = io.StringIO()
-    with Progress(4, "verify", stream=plain) as bar:
-        bar.advance(4)
+    bar = TransferBar(stream=plain, label="drain")
+    bar.start(4, 4096)
+    bar.advance(4, nbytes=4096)
+    bar.finish()
     assert plain.getvalue() == ""
+
+
+def test_verify_steps_show_as_a_bar_on_a_terminal_and_as_lines_when_piped() -> None:
+    tty = Tty()
+    bar = StepBar("verify", stream=tty)
+    bar.show("hashing", 5, 10)
+    bar.close()
+    assert "verify: hashing" in tty.getvalue() and "5/10" in tty.getvalue()
+    plain = io.StringIO()
+    bar = StepBar("verify", stream=plain, plain_every_s=3600)
+    bar.show("listing", 1, 0)
+    bar.show("hashing", 5, 10)  # within the interval: no second line
+    bar.close()
+    assert plain.getvalue().startswith("verify: listing 1  ") and plain.getvalue().count("\n") == 1
+
+
+def test_tables_are_plain_when_piped_and_framed_on_a_terminal() -> None:
+    rows = [{"id": "batch_1", "n": 3, "at": None, "ok": True}, {"id": "b_22", "n": 12, "at": None, "ok": False}]
+    columns = [("id", "BATCH"), ("n", "COUNT"), ("at", "SEALED"), ("ok", "OK")]
+    assert table(rows, columns, io.StringIO(), right=("n",)) == (
+        "BATCH    COUNT  SEALED  OK\n"
+        "batch_1      3  -       yes\n"
+        "b_22        12  -       no"
+    )
+    assert fields([("source", "http://127.0.0.1:8080"), ("last error", "-")], io.StringIO()) == (
+        "source      http://127.0.0.1:8080\nlast error  -")
+    framed = table(rows, columns, Tty())
+    assert "\x1b[1m" in framed and "─" in framed and "batch_1" in framed  # bold heading, a rule under it
 
 
 def test_progress_bar_notes_and_byte_counts() -> None:
     out = io.StringIO()
-    bar = ProgressBar(stream=out, label="drain")
+    bar = TransferBar(stream=out, label="drain")
     bar.start(2, 3000)
     bar.advance(nbytes=1000)
     bar.advance(nbytes=-1000)  # a transfer that failed half-way and will be retried
@@ -94,6 +124,6 @@ def test_progress_bar_notes_and_byte_counts() -> None:
     assert out.getvalue() == "batch_1: drained\n"  # not a terminal: notes only, no bar
     assert bar.done == 1 and bar.nbytes == 1500
     quiet = io.StringIO()
-    silent = ProgressBar(stream=quiet, enabled=False)
+    silent = TransferBar(stream=quiet, enabled=False)
     silent.note("nothing")
     assert quiet.getvalue() == ""

@@ -17,6 +17,7 @@ from gateway.forward.backoff import (
     backoff_delay,
     parse_retry_after,
 )
+from gateway.system.ratelimit import TokenBucket
 
 
 class Clock:
@@ -156,3 +157,20 @@ def test_byte_bucket_paces_concurrent_senders_to_the_rate() -> None:
 def test_byte_bucket_unlimited() -> None:
     bucket = ByteBucket(rate=0, clock=Clock())
     assert bucket.take(10**9) == 0.0
+
+
+def test_the_drain_jobs_pacing_is_the_same_bucket_started_empty() -> None:
+    clock = Clock()
+    bucket = TokenBucket(1000.0, 500.0, clock, full=False, shared=True)
+    assert bucket.take(100) == pytest.approx(0.1)  # no allowance at the start
+    clock.now += 10  # a long pause carries over no more than the burst
+    assert bucket.take(600) == pytest.approx(0.1)  # 500 carried over, 100 to wait for
+
+
+def test_try_take_takes_only_what_is_there() -> None:
+    clock = Clock()
+    bucket = TokenBucket(1.0, 2.0, clock)
+    assert bucket.try_take() == 0.0 and bucket.try_take() == 0.0
+    assert bucket.try_take() == pytest.approx(1.0)  # refused, nothing taken: no debt
+    clock.now += 0.5
+    assert bucket.try_take() == pytest.approx(0.5)
