@@ -8,6 +8,7 @@ One run at a time: a second one gets 409.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -16,9 +17,11 @@ from litestar import Request, Response, get, post
 
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
+from gateway.catalog import Catalog
+from gateway.config import Settings
 from gateway.errors import Conflict, ValidationFailed
 from gateway.ops.verify import Verifier, VerifyProgress
-from gateway.runtime import Gateway
+from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.ops.verify")
 
@@ -38,9 +41,10 @@ def _progress(request: Request[Any, Any, Any]) -> VerifyProgress:
 
 
 @post("/verify", status_code=200)
-async def run_verify(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+async def run_verify(request: Request[Any, Any, Any], catalog: Catalog, store: ObjectStore, settings: Settings,
+                     clock: Callable[[], float]) -> Response[bytes]:
     try:
-        body = msgspec.json.decode(await read_json_body(request, gw.settings) or b"{}", type=VerifyRequest)
+        body = msgspec.json.decode(await read_json_body(request, settings) or b"{}", type=VerifyRequest)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
     if body.sample < 0:
@@ -48,9 +52,9 @@ async def run_verify(request: Request[Any, Any, Any], gw: Gateway) -> Response[b
     progress = _progress(request)
     if progress.running:
         raise Conflict("A verification is already running", f"phase {progress.phase}")
-    progress.running, progress.started_at = True, gw.clock()
-    verifier = Verifier(gw.catalog, gw.store, gw.settings.data_dir / "spool", gw.settings.storage.orphan_grace_s,
-                        progress, now=gw.clock())
+    progress.running, progress.started_at = True, clock()
+    verifier = Verifier(catalog, store, settings.data_dir / "spool", settings.storage.orphan_grace_s,
+                        progress, now=clock())
     try:
         report = await anyio.to_thread.run_sync(
             lambda: verifier.run(full=body.full, sample=body.sample, repair=body.repair), abandon_on_cancel=True)

@@ -81,7 +81,7 @@ class Catalog:
     """The gateway's DuckDB catalog (devices, batches, images, outbox)."""
 
     def __init__(self, path: Path, threads: int = 1, linger: float = LINGER_S, apply_max: int = APPLY_MAX,
-                 apply_delay: float = APPLY_DELAY_S) -> None:
+                 apply_delay: float = APPLY_DELAY_S, on_applied: Callable[[], None] | None = None) -> None:
         self.path = path
         self.threads = threads
         self.linger = linger
@@ -106,7 +106,7 @@ class Catalog:
         self._apply_failed: BaseException | None = None
         self._retry_at = 0.0
         self.replayed = 0  # entries found in the journal at open (a crash left them)
-        self.on_applied: Callable[[], None] | None = None  # journal entries reached DuckDB (writer thread)
+        self.on_applied = on_applied  # journal entries reached DuckDB (called in the writer thread)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ async def connect(settings: Settings) -> Control:
             if not token
             else f"its admin API at {settings.admin_url} did not answer; check [admin] url"
         )
-        raise ControlError(f"a running server holds {gw.catalog.path}; {hint}") from None
+        raise ControlError(f"a running server holds {gw.services.catalog.path}; {hint}") from None
     app = create_app(settings, gw, offline=True)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar is an ASGI app
     client = httpx.AsyncClient(transport=transport, base_url="http://offline", timeout=None)

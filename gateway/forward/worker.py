@@ -37,6 +37,7 @@ from gateway.forward.client import (
     MultipartUpload,
     Outcome,
 )
+from gateway.notify import Signal
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 
@@ -67,7 +68,13 @@ class Forwarder:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         cache: ForwardCache | None = None,
+        gate: CloudGate | None = None,
+        wake: Signal | None = None,
+        on_delivered_bytes: Callable[[int], None] | None = None,
+        on_round: Callable[[TaskGroup], None] | None = None,
     ) -> None:
+        """`gate`: the cloud's connectivity, shared with the key checker; `wake`: fired when the outbox
+        has new work; `on_delivered_bytes`: each delivery's size; `on_round`: called each loop round."""
         f = settings.forward
         self.settings = settings
         self.catalog = catalog
@@ -79,11 +86,10 @@ class Forwarder:
         self.clock = clock
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
-        self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
+        self.gate = gate if gate is not None else CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
         self.bucket = ByteBucket(f.bandwidth_bytes_per_s, monotonic)
-        self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
-        # Called once per loop round; the key checker hangs its quarantine re-checks here.
-        self.on_round: Callable[[TaskGroup], None] | None = None
+        self.on_delivered_bytes = on_delivered_bytes  # the status page's throughput
+        self.on_round = on_round  # the key checker hangs its quarantine re-checks here
         self.last_success_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -100,6 +106,8 @@ class Forwarder:
         self._refilled_at = 0.0
         self._rr_next = 0
         self._probing = False
+        if wake is not None:
+            wake.listen(self.notify)
 
     # -- outside world -----------------------------------------------------------------------
 

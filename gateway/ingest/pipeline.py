@@ -80,15 +80,18 @@ class Ingestor:
         store: ObjectStore,
         metrics: Metrics,
         clock: Callable[[], float],
+        collecting: batches.CollectingBatches | None = None,
+        forward_cache: ForwardCache | None = None,
+        on_sealed: Callable[[str], None] | None = None,
     ) -> None:
+        """`collecting`: the open batches, shared with the `BatchSealer`; `forward_cache`: where
+        recorded images wait for the forwarder (object stores); `on_sealed`: a batch filled up."""
         self.settings = settings
         self.catalog = catalog
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self.spool_dir = settings.data_dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        fsync_dir(settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         self._inflight: dict[str, asyncio.Event] = {}
         self._seen: SeenKeys | None = None  # None until built: then every upload asks the catalog
         self._seen_claimed: list[str] | None = []
@@ -98,10 +101,11 @@ class Ingestor:
         # Object stores take small images from memory; folder storage hard-links the spool file.
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
         self._seq = 0
-        self.collecting = batches.CollectingBatches(catalog)  # writer-thread state; sealing goes through it too
+        # Writer-thread state; sealing goes through it too.
+        self.collecting = collecting if collecting is not None else batches.CollectingBatches(catalog)
         self._undo_state: tuple[int, object] = (0, None)
-        self.on_sealed: Callable[[str], None] | None = None
-        self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
+        self.on_sealed = on_sealed
+        self.forward_cache = forward_cache
         self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
 
     @property
@@ -110,6 +114,9 @@ class Ingestor:
         return set(self._active)
 
     async def start(self) -> None:
+        """The spool folder, the last image sequence number and the open batches, from the catalog."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         row = await self.catalog.read(lambda c: c.execute("SELECT max(seq) FROM images").fetchone())
         self._seq = int(row[0]) if row and row[0] is not None else 0
         await self.catalog.write(self.collecting.load)
