@@ -39,6 +39,7 @@ from gateway.notify import Signal
 from gateway.ops.activity import RecentErrors, Throughput
 from gateway.ops.health import Health
 from gateway.ops.metrics import Metrics
+from gateway.ops.verify import VerifyProgress
 from gateway.outbound import Outbound
 from gateway.storage import ObjectStore, open_store
 from gateway.storage.probe import StoreProbe
@@ -82,6 +83,7 @@ class Services:
     provisioner: Provisioner
     admission: Admission
     health: Health
+    verify_progress: VerifyProgress  # the running `gateway verify` (admin API), one at a time
 
     @property
     def forwarding_on(self) -> bool:
@@ -170,6 +172,6 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
         registry=registry, tokens=tokens, collecting=collecting, manifests=manifests, sealer=sealer,
         batch_sealed=batch_sealed, forward_cache=cache, capacity=capacity, ingestor=ingestor, reconciler=reconciler,
         cloud=cloud, forwarder=forwarder, retention=retention, keycheck=keycheck, checkins=CheckinRelay(forwarder),
-        provisioner=provisioner, admission=admission, health=health,
+        provisioner=provisioner, admission=admission, health=health, verify_progress=VerifyProgress(),
     )
 

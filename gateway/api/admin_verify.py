@@ -32,24 +32,16 @@ class VerifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sample: int = 100
 
 
-def _progress(request: Request[Any, Any, Any]) -> VerifyProgress:
-    state = request.app.state
-    if "verify_progress" not in state:
-        state.verify_progress = VerifyProgress()
-    progress: VerifyProgress = state.verify_progress
-    return progress
-
-
 @post("/verify", status_code=200)
 async def run_verify(request: Request[Any, Any, Any], catalog: Catalog, store: ObjectStore, settings: Settings,
-                     clock: Callable[[], float]) -> Response[bytes]:
+                     clock: Callable[[], float], verify_progress: VerifyProgress) -> Response[bytes]:
     try:
         body = msgspec.json.decode(await read_json_body(request, settings) or b"{}", type=VerifyRequest)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
     if body.sample < 0:
         raise ValidationFailed("Invalid request body", "sample must be >= 0")
-    progress = _progress(request)
+    progress = verify_progress
     if progress.running:
         raise Conflict("A verification is already running", f"phase {progress.phase}")
     progress.running, progress.started_at = True, clock()
@@ -67,8 +59,8 @@ async def run_verify(request: Request[Any, Any, Any], catalog: Catalog, store: O
 
 
 @get("/verify/progress")
-async def verify_progress(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return ok(msgspec.to_builtins(_progress(request)))
+async def verify_progress(verify_progress: VerifyProgress) -> Response[bytes]:
+    return ok(msgspec.to_builtins(verify_progress))
 
 
 ROUTES = [run_verify, verify_progress]
