@@ -33,6 +33,7 @@ async def authenticate(keycheck: KeyChecker, request: Request[Any, Any, Any], re
 @post(["/api/device/images/upload", "/api/core/device/images/upload"], status_code=201,
       request_max_body_size=None)  # limits enforced while streaming
 async def upload_image(request: Request[Any, Any, Any], admission: Admission, settings: Settings) -> Response[bytes]:
+    """HTTP only: the body as a stream, `Admission` decides; on a refusal, drain the body or close."""
     server = settings.server
     body = RequestBody(request.receive, server.read_timeout_s, server.min_body_rate_bytes_per_s)
     headers = request.headers
