@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import Dependency
 
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
@@ -33,8 +34,10 @@ class VerifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 @post("/verify", status_code=200)
-async def run_verify(request: Request[Any, Any, Any], catalog: Catalog, store: ObjectStore, settings: Settings,
-                     clock: Callable[[], float], verify_progress: VerifyProgress) -> Response[bytes]:
+async def run_verify(request: Request[Any, Any, Any], catalog: Catalog,
+                     store: Annotated[ObjectStore, Dependency(skip_validation=True)],  # a Protocol: not checkable
+                     settings: Settings, clock: Callable[[], float],
+                     verify_progress: VerifyProgress) -> Response[bytes]:
     try:
         body = msgspec.json.decode(await read_json_body(request, settings) or b"{}", type=VerifyRequest)
     except (msgspec.DecodeError, RecursionError) as exc:
