@@ -191,3 +191,36 @@ def test_gateway_has_no_import_cycle() -> None:
     assert "gateway.services" in graph["gateway.runtime"]  # the graph sees imports at all
     unexpected = [sorted(c) for c in _cycles(graph) if not any(c <= known for known in KNOWN_CYCLES)]
     assert unexpected == []
+
+
+def test_every_service_a_route_takes_passes_litestars_check_unchanged(tmp_path: Path) -> None:
+    """Litestar checks dependencies against their annotations (a failure is a 500); each must pass as is."""
+    import typing
+
+    import msgspec
+    from litestar.params import DependencyKwarg
+
+    from gateway.app import create_app
+
+    settings = Settings()
+    settings.data.dir = str(tmp_path / "data")
+    settings.storage.backend = "folder"
+    gw = Gateway(settings)
+    svc = gw.services
+    names = {f.name for f in dataclasses.fields(svc)}
+    checked = 0
+    for route in create_app(settings, gw, offline=True).routes:
+        for handler in route.route_handlers:  # type: ignore[union-attr]
+            if not handler.fn.__module__.startswith("gateway.api"):
+                continue  # the framework's own (the OpenAPI schema)
+            hints = typing.get_type_hints(handler.fn, include_extras=True)
+            for name in names & set(hints):
+                hint = hints[name]
+                if typing.get_origin(hint) is typing.Annotated and any(
+                        isinstance(m, DependencyKwarg) and m.skip_validation for m in hint.__metadata__):
+                    continue
+                model = msgspec.defstruct("Model", [(name, hint)])
+                value = getattr(svc, name)
+                assert getattr(msgspec.convert({name: value}, model, strict=False), name) is value, name
+                checked += 1
+    assert checked > 20
