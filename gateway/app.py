@@ -1,4 +1,4 @@
-"""The composition root: `create_app(settings)` builds the gateway and wires it to HTTP.
+"""The HTTP app: `create_app(settings)` builds the gateway (`gateway.services`) and serves its routes.
 
 Lifespan order: start the gateway's parts (see `gateway.runtime`), start the background loops,
 serve; on shutdown cancel the loops, then drain and close the catalog.
@@ -6,10 +6,11 @@ serve; on shutdown cancel the loops, then drain and close the catalog.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -27,6 +28,7 @@ from gateway.envelope import read_envelope
 from gateway.logs import request_id
 from gateway.ops.activity import ErrorEntry
 from gateway.runtime import Gateway
+from gateway.services import Services
 
 access_log = logging.getLogger("gateway.access")
 
@@ -35,6 +37,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
     """The HTTP app. `offline`: the CLI's in-process use on a stopped server's files (no lifespan,
     admin routes trusted: whoever can open the files needs no token)."""
     gw = gateway or Gateway(settings)
+    svc = gw.services
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -45,34 +48,45 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
                 try:
                     yield
                 finally:
-                    gw.shutting_down = True
+                    gw.stop_accepting()
                     tg.cancel_scope.cancel()
         finally:
             await gw.stop()
 
-    async def provide_gateway() -> Gateway:
-        return gw
-
     app = Litestar(
         route_handlers=[*device.ROUTES, *provision.ROUTES, *ops.ROUTES, admin.router, outbox.router, journal.router,
                         sync.router, *status_page.ROUTES],
-        dependencies={"gw": Provide(provide_gateway, use_cache=True)},
+        # Routes name the services they use (`registry: DeviceRegistry`, ...): one dependency per field.
+        dependencies={f.name: _provide(getattr(svc, f.name)) for f in dataclasses.fields(svc)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[] if offline else [lifespan],
         # JSON routes read through `api.body.read_json_body`; this is the framework's own net under
         # them. The upload route lifts it (None) and enforces its own limits while streaming.
         request_max_body_size=settings.limits.max_json_body_bytes,
         openapi_config=OpenAPIConfig(title="AcuSight edge gateway", version=__version__, path="/schema"),
-        middleware=[_observe],
+        middleware=[_observer(svc)],
         debug=False,
         logging_config=None,  # gateway.logs configures logging once, in `serve`
     )
     app.state.gateway = gw
+    app.state.services = svc  # for the guards, which take no dependencies
     app.state.offline = offline
     return app
 
 
-def _observe(app: ASGIApp) -> ASGIApp:
+def _provide(value: object) -> Provide:
+    async def provide() -> object:
+        return value
+
+    return Provide(provide, use_cache=True)
+
+
+def _observer(svc: Services) -> Callable[[ASGIApp], ASGIApp]:
+    """The access middleware, reporting to `svc`'s metrics and recent errors."""
+    return lambda app: _observe(app, svc)
+
+
+def _observe(app: ASGIApp, svc: Services) -> ASGIApp:
     """Request id, latency histogram, one access-log line per request, and error responses kept
     for the status page (method, path without query string, status, error code and message)."""
 
@@ -100,15 +114,14 @@ def _observe(app: ASGIApp) -> ASGIApp:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or "unmatched"
-            gw: Gateway = scope["app"].state.gateway
-            gw.metrics.request_seconds.labels(route, str(status)).observe(elapsed)
+            svc.metrics.request_seconds.labels(route, str(status)).observe(elapsed)
             extra: dict[str, object] = {"status": status, "duration_ms": round(elapsed * 1000, 1)}
             if status >= 400:
                 code, message = _envelope_error(error_body)
                 extra["code"] = code
                 client = scope.get("client")
-                gw.recent_errors.add(ErrorEntry(
-                    at=gw.clock(), method=scope["method"], path=scope.get("path", ""), status=status,
+                svc.recent_errors.add(ErrorEntry(
+                    at=svc.clock(), method=scope["method"], path=scope.get("path", ""), status=status,
                     code=code, message=message, request_id=rid, client=client[0] if client else "",
                 ))
             # Successes at debug: at thousands of uploads a second an info line each is a cost.

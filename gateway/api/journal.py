@@ -10,9 +10,9 @@ from litestar import Request, Response, Router, get, post
 
 from gateway.api.admin import admin_guard
 from gateway.api.envelope import ok
+from gateway.catalog import Catalog
 from gateway.catalog.quarantine import Quarantined, held
 from gateway.errors import NotFound, ValidationFailed
-from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway.catalog")
 
@@ -26,7 +26,7 @@ def _view(record: Quarantined) -> dict[str, Any]:
     return {"id": record.id, "at": record.at, "reason": record.reason, "held": held(record)}
 
 
-async def _choice(request: Request[Any, Any, Any], gw: Gateway, allow_all: bool) -> set[str] | None:
+async def _choice(request: Request[Any, Any, Any], catalog: Catalog, allow_all: bool) -> set[str] | None:
     try:
         body = msgspec.json.decode(await request.body() or b"{}", type=Choice)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -35,31 +35,31 @@ async def _choice(request: Request[Any, Any, Any], gw: Gateway, allow_all: bool)
         raise ValidationFailed("Say which records", "a list of ids" + (" or all" if allow_all else ""))
     if body.all:
         return None
-    known = {r.id for r in gw.catalog.quarantine.records()}
+    known = {r.id for r in catalog.quarantine.records()}
     if unknown := sorted(set(body.ids) - known):
         raise NotFound("No such quarantined record", ", ".join(unknown)[:200])
     return set(body.ids)
 
 
 @get("/")
-async def list_quarantine(gw: Gateway) -> Response[bytes]:
-    return ok([_view(r) for r in gw.catalog.quarantine.records()])
+async def list_quarantine(catalog: Catalog) -> Response[bytes]:
+    return ok([_view(r) for r in catalog.quarantine.records()])
 
 
 @post("/apply", status_code=200)
-async def apply_quarantine(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    ids = await _choice(request, gw, allow_all=True)
-    applied, refused = await gw.catalog.apply_quarantined(ids)
+async def apply_quarantine(request: Request[Any, Any, Any], catalog: Catalog) -> Response[bytes]:
+    ids = await _choice(request, catalog, allow_all=True)
+    applied, refused = await catalog.apply_quarantined(ids)
     for record in applied:
         log.info("journal quarantine: record %s applied to the catalog (%s)", record.id, held(record))
     return ok({"applied": [_view(r) for r in applied], "refused": refused})
 
 
 @post("/drop", status_code=200)
-async def drop_quarantine(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    ids = await _choice(request, gw, allow_all=False)
+async def drop_quarantine(request: Request[Any, Any, Any], catalog: Catalog) -> Response[bytes]:
+    ids = await _choice(request, catalog, allow_all=False)
     assert ids is not None
-    dropped = gw.catalog.quarantine.remove(ids)
+    dropped = catalog.quarantine.remove(ids)
     for record in dropped:  # what it acknowledged stays findable in the log
         log.warning("journal quarantine: record %s dropped by an admin; it held %s (reason: %s)",
                     record.id, held(record), record.reason[:300])

@@ -7,34 +7,35 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.envelope import ok
 from gateway.errors import GatewayError
-from gateway.runtime import Gateway
+from gateway.ops.health import Health
+from gateway.ops.metrics import Metrics
 
 
 @get("/api/health")
-async def health(gw: Gateway) -> Response[bytes]:
-    return ok({"status": "alive", "uptime_s": round(gw.clock() - gw.started_at, 1)})
+async def health(health: Health) -> Response[bytes]:
+    return ok({"status": "alive", "uptime_s": round(health.uptime_s(), 1)})
 
 
 @get("/api/ready")
-async def ready(gw: Gateway) -> Response[bytes]:
+async def ready(health: Health, metrics: Metrics) -> Response[bytes]:
     try:
-        checks = await gw.readiness()
+        checks = await health.readiness()
     except Exception:
-        gw.metrics.ready.set(0)
+        metrics.ready.set(0)
         raise
-    gw.metrics.ready.set(1)
+    metrics.ready.set(1)
     return ok({"status": "ready", "checks": checks})
 
 
 @get("/metrics")
-async def metrics(gw: Gateway) -> Response[bytes]:
-    await gw.refresh_gauges()
+async def metrics(health: Health, metrics: Metrics) -> Response[bytes]:
+    await health.refresh_gauges()
     try:  # the ready gauge must not depend on someone having probed /api/ready lately
-        await gw.readiness()
-        gw.metrics.ready.set(1)
+        await health.readiness()
+        metrics.ready.set(1)
     except GatewayError:
-        gw.metrics.ready.set(0)
-    return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        metrics.ready.set(0)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 

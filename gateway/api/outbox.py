@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -11,9 +12,12 @@ from litestar.params import Parameter
 from gateway.api.admin import admin_guard
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
+from gateway.catalog import Catalog
+from gateway.config import Settings
 from gateway.errors import ValidationFailed
 from gateway.forward import outbox
-from gateway.runtime import Gateway
+from gateway.forward.classes import UplinkPlan
+from gateway.notify import Signal
 
 STATES = (outbox.PENDING, outbox.HELD, outbox.DELIVERED, outbox.DEAD, outbox.SKIPPED)
 
@@ -26,7 +30,9 @@ class RetryRequest(msgspec.Struct, kw_only=True):
 
 @get("/")
 async def list_outbox(
-    gw: Gateway,
+    catalog: Catalog,
+    uplink: UplinkPlan,
+    clock: Callable[[], float],
     wanted: str = Parameter(query="state", default="pending,held,dead,skipped"),  # `state` is reserved by Litestar
     device: str | None = None,
     limit: int = 100,
@@ -36,27 +42,27 @@ async def list_outbox(
         raise ValidationFailed("Bad state", f"state is 'all' or a comma-separated list of {', '.join(STATES)}")
     if not 1 <= limit <= 10000:
         raise ValidationFailed("Bad limit", "limit must be in 1..10000")
-    rows = await gw.catalog.read(lambda c: outbox.list_entries(c, states, device, limit))
-    gw.uplink.annotate(rows, gw.clock())  # which window each waits for
+    rows = await catalog.read(lambda c: outbox.list_entries(c, states, device, limit))
+    uplink.annotate(rows, clock())  # which window each waits for
     return ok(rows, meta={"states": states, "limit": limit})
 
 
 @post("/retry", status_code=200)
-async def retry_outbox(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+async def retry_outbox(request: Request[Any, Any, Any], catalog: Catalog, settings: Settings,
+                       clock: Callable[[], float], outbox_changed: Signal) -> Response[bytes]:
     try:
-        body = msgspec.json.decode(await read_json_body(request, gw.settings) or b"{}", type=RetryRequest)
+        body = msgspec.json.decode(await read_json_body(request, settings) or b"{}", type=RetryRequest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ValidationFailed("Invalid request body", str(exc)) from None
     if body.all_dead + body.all_skipped + bool(body.image_ids) != 1:
         raise ValidationFailed("Say what to retry", "either all_dead, all_skipped or a list of image_ids")
-    now = gw.clock()
+    now = clock()
     ids = None if body.all_dead else body.image_ids
-    retried = 0 if body.all_skipped else await gw.catalog.write(lambda c: outbox.retry_dead(c, ids, now))
+    retried = 0 if body.all_skipped else await catalog.write(lambda c: outbox.retry_dead(c, ids, now))
     # Held near-duplicates are released by name, or all at once with all_skipped.
-    released = 0 if body.all_dead else await gw.catalog.write(
+    released = 0 if body.all_dead else await catalog.write(
         lambda c: outbox.release_skipped(c, None if body.all_skipped else ids, now))
-    if gw.forwarder is not None:
-        gw.forwarder.notify()
+    outbox_changed.fire()
     asked = "all dead" if body.all_dead else "all skipped" if body.all_skipped else len(body.image_ids)
     return ok({"retried": retried, "released": released, "asked": asked})
 

@@ -10,19 +10,20 @@ from litestar import Request, Response, get, post
 
 from gateway.api.body import read_json_body
 from gateway.api.envelope import ok
-from gateway.devices.provisioning import CloudAnswered
-from gateway.devices.tokens import DEFAULT_EXPIRY_DAYS
+from gateway.config import Settings
+from gateway.devices.provisioning import CloudAnswered, Provisioner
+from gateway.devices.tokens import DEFAULT_EXPIRY_DAYS, TokenStore
 from gateway.errors import ValidationFailed
-from gateway.runtime import Gateway
 
 
 @post(["/api/devices/provision", "/api/core/devices/provision"], status_code=201)
-async def provision_device(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
+async def provision_device(request: Request[Any, Any, Any], provisioner: Provisioner,
+                           settings: Settings) -> Response[bytes]:
     """Swap a provisioning token for a device key (public: the token is the credential)."""
-    gw.provisioner.admit(request.client.host if request.client else "")
-    raw = await read_json_body(request, gw.settings)
+    provisioner.admit(request.client.host if request.client else "")
+    raw = await read_json_body(request, settings)
     try:
-        data, status = await gw.provisioner.provision(raw, own_endpoint=str(request.base_url).rstrip("/") + "/api")
+        data, status = await provisioner.provision(raw, own_endpoint=str(request.base_url).rstrip("/") + "/api")
     except CloudAnswered as exc:  # the cloud's refusal, as it came
         answer = exc.answer
         headers = {"Retry-After": answer.retry_after} if answer.retry_after else {}
@@ -55,26 +56,26 @@ def setup_line(endpoint: str, token: str) -> str:
 
 
 @post("/tokens", status_code=201)
-async def create_token(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: NewToken = _decode(await read_json_body(request, gw.settings), NewToken)
+async def create_token(request: Request[Any, Any, Any], tokens: TokenStore, settings: Settings) -> Response[bytes]:
+    body: NewToken = _decode(await read_json_body(request, settings), NewToken)
     if body.never_expires and body.expires_in_days is not None:
         raise ValidationFailed("Conflicting expiry", "give expires_in_days or never_expires, not both")
     days = None if body.never_expires else DEFAULT_EXPIRY_DAYS if body.expires_in_days is None else body.expires_in_days
-    token, raw = await gw.tokens.create(body.name, days, body.single_use)
-    endpoint = gw.settings.server.external_url or f"http://<gateway>:{gw.settings.listen_host_port[1]}/api"
+    token, raw = await tokens.create(body.name, days, body.single_use)
+    endpoint = settings.server.external_url or f"http://<gateway>:{settings.listen_host_port[1]}/api"
     return ok({"token": msgspec.to_builtins(token), "value": raw, "setup": setup_line(endpoint, raw),
-               "mode": gw.settings.provisioning_mode}, status=201)
+               "mode": settings.provisioning_mode}, status=201)
 
 
 @get("/tokens")
-async def list_tokens(gw: Gateway) -> Response[bytes]:
-    return ok([msgspec.to_builtins(t) for t in await gw.tokens.all()])
+async def list_tokens(tokens: TokenStore) -> Response[bytes]:
+    return ok([msgspec.to_builtins(t) for t in await tokens.all()])
 
 
 @post("/tokens/revoke", status_code=200)
-async def revoke_token(request: Request[Any, Any, Any], gw: Gateway) -> Response[bytes]:
-    body: TokenRef = _decode(await read_json_body(request, gw.settings), TokenRef)
-    return ok(msgspec.to_builtins(await gw.tokens.revoke(body.ref)))
+async def revoke_token(request: Request[Any, Any, Any], tokens: TokenStore, settings: Settings) -> Response[bytes]:
+    body: TokenRef = _decode(await read_json_body(request, settings), TokenRef)
+    return ok(msgspec.to_builtins(await tokens.revoke(body.ref)))
 
 
 ROUTES = [provision_device]

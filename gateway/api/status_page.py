@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, Response, get
@@ -23,10 +24,13 @@ from litestar.response import Redirect
 
 from gateway import __version__
 from gateway.api.status_render import PageFigures, render_login, render_page
-from gateway.ops.activity import ERRORS_KEPT, ErrorEntry
-from gateway.ops.metrics import PREFIX
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.devices.registry import DeviceRegistry
+from gateway.ops.activity import ERRORS_KEPT, ErrorEntry, RecentErrors, Throughput
+from gateway.ops.health import Health
+from gateway.ops.metrics import PREFIX, Metrics
 from gateway.ops.status import dead_letters, device_activity, recent_uploads
-from gateway.runtime import Gateway
 
 COOKIE = "gateway_status"
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
@@ -96,44 +100,49 @@ def _html(body: str, status: int = 200) -> Response[str]:
 
 
 @get("/", include_in_schema=False)
-async def status_page(request: Request[Any, Any, Any], gw: Gateway, token: str | None = None) -> Response[Any]:
-    admin_token = gw.settings.admin.token
+async def status_page(request: Request[Any, Any, Any], settings: Settings, clock: Callable[[], float],
+                      health: Health, catalog: Catalog, registry: DeviceRegistry, recent_errors: RecentErrors,
+                      throughput: Throughput, metrics: Metrics, token: str | None = None) -> Response[Any]:
+    admin_token = settings.admin.token
     if token is not None:
         if _same(token, admin_token):
-            secure = bool(gw.settings.server.certfile and gw.settings.server.keyfile)
-            cookie = Cookie(key=COOKIE, value=cookie_value(admin_token, gw.clock()), path="/", httponly=True,
+            secure = bool(settings.server.certfile and settings.server.keyfile)
+            cookie = Cookie(key=COOKIE, value=cookie_value(admin_token, clock()), path="/", httponly=True,
                             samesite="strict", secure=secure, max_age=COOKIE_MAX_AGE_S)
             return Redirect(path="/", status_code=303, cookies=[cookie], headers={"Cache-Control": "no-store"})
         return _html(render_login("That token is not the admin token.", enabled=bool(admin_token)), 401)
     allowed = (
-        (gw.settings.admin.loopback_status_page and _is_loopback(request))
+        (settings.admin.loopback_status_page and _is_loopback(request))
         or _same(_bearer(request), admin_token)
-        or cookie_valid(request.cookies.get(COOKIE, ""), admin_token, gw.clock())
+        or cookie_valid(request.cookies.get(COOKIE, ""), admin_token, clock())
     )
     if not allowed:
         return _html(render_login("", enabled=bool(admin_token)), 401 if admin_token else 403)
-    return _html(render_page(await gather(gw)))
+    figures = await gather(health, catalog, registry, recent_errors, throughput, metrics, clock, settings)
+    return _html(render_page(figures))
 
 
-async def gather(gw: Gateway) -> PageFigures:
+async def gather(health: Health, catalog: Catalog, registry: DeviceRegistry, recent_errors: RecentErrors,
+                 throughput: Throughput, metrics: Metrics, clock: Callable[[], float],
+                 settings: Settings) -> PageFigures:
     """Every figure the page shows, read once per page view."""
-    report = await gw.refresh_gauges()
-    devices = await gw.catalog.read(device_activity)
+    report = await health.refresh_gauges()
+    devices = await catalog.read(device_activity)
     # Uploads refresh last-seen in memory only (check-ins persist it): the registry knows best.
-    seen = {d.device_id: d.last_seen_at for d in gw.registry.all()}
+    seen = {d.device_id: d.last_seen_at for d in registry.all()}
     for d in devices:
         d.last_seen_at = max((t for t in (d.last_seen_at, seen.get(d.device_id)) if t is not None), default=None)
     devices.sort(key=lambda d: -max(d.last_seen_at or 0.0, d.last_upload_at or 0.0))
-    uploads = await gw.catalog.read(lambda c: recent_uploads(c, RECENT_ROWS))
-    dead = await gw.catalog.read(lambda c: dead_letters(c, RECENT_ROWS)) if report.dead_count else []
+    uploads = await catalog.read(lambda c: recent_uploads(c, RECENT_ROWS))
+    dead = await catalog.read(lambda c: dead_letters(c, RECENT_ROWS)) if report.dead_count else []
     return PageFigures(
         report=report, devices=devices, uploads=uploads, dead=dead,
-        errors=device_errors(gw.recent_errors.latest(ERRORS_KEPT))[:RECENT_ROWS],
-        minutes=gw.throughput.last_minutes(THROUGHPUT_MINUTES),
-        now=gw.clock(), uptime_s=gw.clock() - gw.started_at, version=__version__,
-        forwarding_on=gw.forwarding_on, cloud_url=gw.settings.cloud.url,
-        near_dup_saved_bytes=int(_sample(gw, "near_duplicate_bytes_not_sent_total")),
-        near_dup_count=int(sum(s.value for m in gw.metrics.near_duplicates.collect() for s in m.samples
+        errors=device_errors(recent_errors.latest(ERRORS_KEPT))[:RECENT_ROWS],
+        minutes=throughput.last_minutes(THROUGHPUT_MINUTES),
+        now=clock(), uptime_s=health.uptime_s(), version=__version__,
+        forwarding_on=health.forwarding_on, cloud_url=settings.cloud.url,
+        near_dup_saved_bytes=int(_sample(metrics, "near_duplicate_bytes_not_sent_total")),
+        near_dup_count=int(sum(s.value for m in metrics.near_duplicates.collect() for s in m.samples
                                if s.name.endswith("_total"))),
     )
 
@@ -143,8 +152,8 @@ def device_errors(errors: list[ErrorEntry]) -> list[ErrorEntry]:
     return [x for x in errors if not (x.path.startswith("/api/admin") or x.path == "/")]
 
 
-def _sample(gw: Gateway, name: str) -> float:
-    return gw.metrics.registry.get_sample_value(f"{PREFIX}_{name}") or 0.0
+def _sample(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(f"{PREFIX}_{name}") or 0.0
 
 
 ROUTES = [status_page]

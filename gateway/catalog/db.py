@@ -49,8 +49,9 @@ class Catalog(CatalogWriter):
     """The gateway's DuckDB catalog (devices, batches, images, outbox)."""
 
     def __init__(self, path: Path, threads: int = 1, linger: float = LINGER_S, apply_max: int = APPLY_MAX,
-                 apply_delay: float = APPLY_DELAY_S) -> None:
-        super().__init__(path, linger, apply_max, apply_delay)
+                 apply_delay: float = APPLY_DELAY_S, on_applied: Callable[[], None] | None = None) -> None:
+        """`on_applied`: called in the writer thread when journal frames reached DuckDB."""
+        super().__init__(path, linger, apply_max, apply_delay, on_applied)
         self.path = path
         self.threads = threads
         self._conn: Conn | None = None

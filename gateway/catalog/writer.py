@@ -61,7 +61,8 @@ class Work:
 class CatalogWriter:
     """The writer thread's state and loop; `Catalog` adds opening, reads and the public API."""
 
-    def __init__(self, path: Path, linger: float, apply_max: int, apply_delay: float) -> None:
+    def __init__(self, path: Path, linger: float, apply_max: int, apply_delay: float,
+                 on_applied: Callable[[], None] | None = None) -> None:
         self.linger = linger
         self.apply_max = apply_max
         self.apply_delay = apply_delay
@@ -80,7 +81,7 @@ class CatalogWriter:
         self._pending_since = 0.0
         self._apply_failed: BaseException | None = None
         self._retry_at = 0.0
-        self.on_applied: Callable[[], None] | None = None  # journal frames reached DuckDB (writer thread)
+        self.on_applied = on_applied  # journal frames reached DuckDB (writer thread)
 
     def _write_loop(self, conn: Conn) -> None:
         name_this_thread("catalog-writer")

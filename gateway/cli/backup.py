@@ -24,7 +24,7 @@ from gateway.errors import StartRefused
 from gateway.humanize import human_bytes
 from gateway.ops.backup import OBJECTS_NOTE, BackupMismatch
 from gateway.ops.restore import RestoreRefused, restore
-from gateway.runtime import catalog_path
+from gateway.services import catalog_path
 
 
 def add_arguments(sub: Any) -> list[argparse.ArgumentParser]:

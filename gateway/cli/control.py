@@ -19,7 +19,8 @@ from gateway.catalog import CatalogLocked
 from gateway.config import DEFAULT_CONFIG_PATH, LoadedSettings, Settings
 from gateway.config.admintoken import AdminTokenError, load_admin_token
 from gateway.envelope import read_envelope
-from gateway.runtime import Gateway, catalog_path
+from gateway.runtime import Gateway
+from gateway.services import catalog_path
 
 
 class ControlError(Exception):
@@ -146,7 +147,7 @@ async def connect(loaded: LoadedSettings) -> Control:
             if not settings.admin.token
             else f"its admin API did not answer at {settings.admin_url}: {where_to_set(loaded)}"
         )
-        raise ControlError(f"{who} holds {gw.catalog.path}; {hint}") from None
+        raise ControlError(f"{who} holds {gw.services.catalog.path}; {hint}") from None
     app = create_app(settings, gw, offline=True)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]  # Litestar is an ASGI app
     client = httpx.AsyncClient(transport=transport, base_url="http://offline", timeout=None)

@@ -105,7 +105,7 @@ def serve(loaded: LoadedSettings) -> int:
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
-            app.state.gateway.shutting_down = True  # readiness turns 503 at once
+            app.state.gateway.stop_accepting()  # readiness turns 503 at once
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,7 +59,9 @@ class KeyChecker:
         recheck_every_s: float = RECHECK_EVERY_S,
         lookups: DeviceRateLimiter | None = None,
         max_quarantined: int | None = None,
+        on_released: Callable[[], None] | None = None,
     ) -> None:
+        """`cloud_reachable`: the forwarder's view of the cloud; `on_released`: held uploads became pending."""
         self.registry = registry
         self.catalog = catalog
         self.settings = cloud
@@ -67,7 +69,7 @@ class KeyChecker:
         self.cloud_reachable = cloud_reachable
         self.monotonic = monotonic
         self.recheck_every_s = recheck_every_s
-        self.on_released: Callable[[], None] | None = None  # held uploads became pending
+        self.on_released = on_released
         self._refused: dict[str, tuple[float, GatewayError]] = {}
         self._asking: dict[str, asyncio.Future[Device]] = {}
         self._rechecked_at = 0.0

@@ -59,3 +59,32 @@ async def open_keybox(catalog: Catalog, setting: str) -> KeyBox:
             "INSERT OR REPLACE INTO gateway_facts VALUES (?, ?)", [FINGERPRINT, fingerprint]))
     log.info("key secret: %s (fingerprint %s)", path, box.fingerprint[:12])
     return box
+
+
+class KeySecret:
+    """The key box under `[keys] secret_file`, read and checked against the catalog at start (`load`)."""
+
+    def __init__(self, catalog: Catalog, setting: str) -> None:
+        self.catalog = catalog
+        self.setting = setting
+        self._box: KeyBox | None = None
+
+    async def load(self) -> None:
+        """Open the secret once the catalog is open; `StartRefused` when it is not the catalog's."""
+        self._box = await open_keybox(self.catalog, self.setting)
+
+    @property
+    def fingerprint(self) -> str:
+        """The secret's fingerprint, as `gateway_facts` keeps it (backups record it)."""
+        return self._opened().fingerprint
+
+    def seal(self, key: str) -> bytes:
+        return self._opened().seal(key)
+
+    def open(self, sealed: bytes) -> str:
+        return self._opened().open(sealed)
+
+    def _opened(self) -> KeyBox:
+        if self._box is None:
+            raise RuntimeError("the key secret is read at start (KeySecret.load)")
+        return self._box

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -70,8 +70,16 @@ def _row_to_device(row: tuple[Any, ...]) -> Device:
     )
 
 
+class KeySealing(Protocol):
+    """What the registry needs of the key secret (`keys.KeyBox`, or `keysecret.KeySecret` opened at start)."""
+
+    def seal(self, key: str) -> bytes: ...
+
+    def open(self, sealed: bytes) -> str: ...
+
+
 class DeviceRegistry:
-    def __init__(self, catalog: Catalog, keybox: keys.KeyBox, organization_id: str, clock: Callable[[], float]) -> None:
+    def __init__(self, catalog: Catalog, keybox: KeySealing, organization_id: str, clock: Callable[[], float]) -> None:
         self.catalog = catalog
         self.keybox = keybox
         self.organization_id = organization_id

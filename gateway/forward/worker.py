@@ -40,6 +40,7 @@ from gateway.forward.client import (
 )
 from gateway.forward.lanes import Lane, Lanes
 from gateway.forward.windows import Moment
+from gateway.notify import Signal
 from gateway.ops.metrics import Metrics
 from gateway.retries import cloud_policy
 from gateway.storage import ObjectStore
@@ -70,7 +71,13 @@ class Forwarder:
         monotonic: Callable[[], float] = time.monotonic,
         cache: ForwardCache | None = None,
         uplink: UplinkPlan | None = None,
+        gate: CloudGate | None = None,
+        wake: Signal | None = None,
+        on_delivered_bytes: Callable[[int], None] | None = None,
+        on_round: Callable[[TaskGroup], None] | None = None,
     ) -> None:
+        """`gate`: the cloud's connectivity, shared with the key checker; `wake`: fired when the outbox
+        has new work; `on_delivered_bytes`: each delivery's size; `on_round`: called each loop round."""
         f = settings.forward
         self.settings = settings
         self.catalog = catalog
@@ -83,15 +90,14 @@ class Forwarder:
         self.clock = clock
         self.monotonic = monotonic
         self.per_device = f.per_device_in_flight
-        self.gate = CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
+        self.gate = gate if gate is not None else CloudGate(f.concurrency, f.backoff_base_s, f.backoff_max_s, monotonic)
         self.retry = cloud_policy(f)
         self.uplink = uplink or UplinkPlan.from_settings(f)
         self.uplink.listen(self._arrived)
         self.lanes = Lanes(self.uplink, self.per_device, LOW_WATER)
         self.bucket = ByteBucket(self.uplink.schedule.at(clock()).cap, monotonic)
-        self.on_delivered_bytes: Callable[[int], None] | None = None  # the status page's throughput
-        # Called once per loop round; the key checker hangs its quarantine re-checks here.
-        self.on_round: Callable[[TaskGroup], None] | None = None
+        self.on_delivered_bytes = on_delivered_bytes  # the status page's throughput
+        self.on_round = on_round  # the key checker hangs its quarantine re-checks here
         self.last_success_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -108,6 +114,8 @@ class Forwarder:
         self._refilled_at = 0.0
         self._probing = False
         self.offline_since: float | None = None  # when the cloud went offline (for the log line)
+        if wake is not None:
+            wake.listen(self.notify)
 
     # -- outside world -----------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ EVICT_MAX_PER_CALL = 5000  # bounds the latency one upload can spend making room
 
 class CapacityGuard:
     def __init__(self, catalog: Catalog, data_dir: Path, max_pending_bytes: int, min_free_disk_bytes: int,
-                 metrics: Metrics, store: ObjectStore | None = None, prefer_drained: bool = False) -> None:
+                 metrics: Metrics, store: ObjectStore | None = None, prefer_drained: bool = False,
+                 forward_cache: ForwardCache | None = None) -> None:
         self.catalog = catalog
         self.data_dir = data_dir
         self.max_pending_bytes = max_pending_bytes
@@ -48,7 +49,7 @@ class CapacityGuard:
         # Evicting frees this disk only when the objects live on it (folder storage).
         self.store = store if store is not None and store.name == "folder" else None
         self.prefer_drained = prefer_drained
-        self.forward_cache: ForwardCache | None = None  # emptied before any upload is refused
+        self.forward_cache = forward_cache  # emptied before any upload is refused
         self._pending = 0
         self._refreshed = 0.0
         self._evicting = anyio.Lock()

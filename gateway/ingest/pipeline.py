@@ -63,7 +63,11 @@ class Ingestor:
         metrics: Metrics,
         clock: Callable[[], float],
         uplink: UplinkPlan | None = None,
+        forward_cache: ForwardCache | None = None,
+        on_sealed: Callable[[str], None] | None = None,
     ) -> None:
+        """`uplink`: the priority classes, decided here; `forward_cache`: where recorded images wait
+        for the forwarder (object stores); `on_sealed`: a batch filled up."""
         self.settings = settings
         self.uplink = uplink or UplinkPlan.from_settings(settings.forward)  # priority classes, decided here
         self.catalog = catalog
@@ -71,8 +75,6 @@ class Ingestor:
         self.metrics = metrics
         self.clock = clock
         self.spool_dir = settings.data_dir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        fsync_dir(settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         self._inflight: dict[str, asyncio.Event] = {}
         self._seen: SeenKeys | None = None  # None until built: then every upload asks the catalog
         self._seen_claimed: list[str] | None = []
@@ -81,8 +83,8 @@ class Ingestor:
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         # Object stores take small images from memory; folder storage hard-links the spool file.
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
-        self.on_sealed: Callable[[str], None] | None = None
-        self.forward_cache: ForwardCache | None = None  # set while forwarding from an object store
+        self.on_sealed = on_sealed
+        self.forward_cache = forward_cache
         self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
 
     @property
@@ -91,6 +93,9 @@ class Ingestor:
         return set(self._active)
 
     async def start(self) -> None:
+        """The spool folder; the last image sequence number and the open batches, from the catalog."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         await self.catalog.write(self.catalog.uploads.load)
 
     async def keep_seen_keys(self) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from pathlib import Path
 
+import anyio
 import msgspec
 
 from gateway.catalog import Catalog
@@ -20,6 +22,11 @@ from gateway.errors import GatewayError
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.reconcile")
+RECONCILE_EVERY_S = 600.0
+RECONCILE_RETRY_S = 5.0
+# After a crash, how long a PUT the dead process had sent may take to land in the store.
+INTENT_QUIET_S = 20.0
+STALE_INTENT_S = 600.0
 
 
 class ReconcileReport(msgspec.Struct, kw_only=True):
@@ -113,3 +120,51 @@ def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50,
             report.missing_objects.append(key)
             log.error("catalog row without its object: %s", key)
     return report
+
+
+class Reconciler:
+    """Settles leftover upload intents at start, then now and then; keeps the figures for the status report.
+
+    Intents a previous process left are retried soon while any remain unsettled (the store was down
+    at start-up); this process's own are settled once clearly abandoned."""
+
+    def __init__(self, catalog: Catalog, store: ObjectStore, spool_dir: Path, active: Callable[[], Collection[str]],
+                 started_at: float) -> None:
+        """`active`: spool names of uploads in progress, which must be left alone."""
+        self.catalog = catalog
+        self.store = store
+        self.spool_dir = spool_dir
+        self.active = active
+        self.started_at = started_at
+        self.startup = ReconcileReport()  # what the start-up pass found
+        self.unsettled = 0  # leftover intents still to settle
+
+    def at_start(self) -> ReconcileReport:
+        """The start-up pass (blocking; a worker thread): leftover intents, then recent objects."""
+        report = settle_intents(self.catalog, self.store, self.spool_dir,
+                                quiet_until=self.started_at + INTENT_QUIET_S)
+        check_recent_objects(self.catalog, self.store, report=report)
+        if report.intents:
+            log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d stray object(s) removed",
+                     report.intents, report.committed, len(report.strays_removed))
+        self.startup = report
+        self.unsettled = report.deferred
+        return report
+
+    def store_down_at_start(self) -> None:
+        """The store did not answer at start: every leftover intent waits for the periodic pass."""
+        self.startup = ReconcileReport(deferred=len(list(self.spool_dir.glob("*.part"))))
+        self.unsettled = self.startup.deferred
+
+    async def run(self) -> None:
+        """Background task: the periodic pass, sooner while intents remain unsettled."""
+        while True:
+            await anyio.sleep(RECONCILE_RETRY_S if self.unsettled else RECONCILE_EVERY_S)
+            try:
+                report = await anyio.to_thread.run_sync(lambda: settle_intents(
+                    self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
+                    before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S))
+                self.unsettled = report.deferred
+            except Exception as exc:
+                log.warning("periodic reconciliation failed: %s", exc)
+                self.unsettled = max(1, self.unsettled)

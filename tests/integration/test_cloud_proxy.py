@@ -135,8 +135,9 @@ def test_the_runtime_gives_its_cloud_client_the_settings_proxy(tmp_path: Path, c
     async def main() -> None:
         await gw.start()
         try:
-            assert gw.cloud is not None and gw.cloud.proxy == "http://proxy.example:3128"
-            assert gw.cloud.http is gw.http  # one client, shared with the store
+            cloud = gw.services.cloud
+            assert cloud is not None and cloud.proxy == "http://proxy.example:3128"
+            assert cloud.http is gw.services.http  # one client, shared with the store
         finally:
             await gw.stop()
 

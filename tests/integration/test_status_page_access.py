@@ -90,7 +90,7 @@ async def _check_token_query_sets_cookie(gw: Gateway) -> None:
         set_cookie = resp.headers["set-cookie"]
         assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
         assert TOKEN not in set_cookie, "the cookie holds an HMAC of the token, never the token"
-        assert f"{COOKIE}={cookie_value(TOKEN, gw.clock())}" in set_cookie
+        assert f"{COOKIE}={cookie_value(TOKEN, gw.services.clock())}" in set_cookie
         resp = await remote.get("/")  # the client kept the cookie
         assert resp.status_code == 200 and "Backlog" in resp.text
         # The cookie opens the page only, not the admin API.
@@ -167,7 +167,7 @@ async def test_loopback_pass_can_be_turned_off(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_device_given_text_is_escaped_and_errors_are_listed_without_keys(gw: Gateway) -> None:
-    device, key = await gw.registry.add('<img src=x onerror="alert(1)">', status="approved")
+    device, key = await gw.services.registry.add('<img src=x onerror="alert(1)">', status="approved")
     async with _client(gw, LOCAL) as local:
         resp = await local.post("/api/device/images/upload", headers={"X-Device-Key": key},
                                 files={"image": ('"><script>alert(2)</script>.png', png_bytes(b"1"), "image/png")})
@@ -191,7 +191,7 @@ async def test_device_given_text_is_escaped_and_errors_are_listed_without_keys(g
 @pytest.mark.anyio
 async def test_page_stays_cheap_with_many_rows(gw: Gateway) -> None:
     """Recent uploads are capped at 20 rows whatever the catalog holds."""
-    _, key = await gw.registry.add("cam-many", status="approved")
+    _, key = await gw.services.registry.add("cam-many", status="approved")
     async with _client(gw, LOCAL) as local:
         for i in range(25):
             resp = await local.post("/api/device/images/upload", headers={"X-Device-Key": key},
