@@ -6,9 +6,8 @@ entry in backoff holds back its lane's later ones); higher classes first, lanes 
 only classes the current window sends (`gateway.forward.windows`) at its cap; at most
 `forward.concurrency` uploads run in total, fewer while the shared `CloudGate` ramps up after a
 pause or an outage. Before lower classes go on, the outbox is read again after an upload of a
-higher class arrives and after an outage (`_hold`). Results go to the catalog through
-`gateway.forward.outbox` (every transition of an entry lives there). Nothing is marked in
-flight in the catalog: on a crash or a stop, what was being sent is simply still pending.
+higher class arrives and after an outage (`_hold`). Results go through `gateway.forward.outbox`
+(every transition of an entry). Nothing is marked in flight: after a crash it is still pending.
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""What a site admin sees and checks: status figures, recent activity, Prometheus metrics and
-`verify` (every catalog row against its object)."""
+"""What a site admin sees and checks: health and status figures, recent activity, Prometheus
+metrics, `verify` (every catalog row against its object), backup and restore, error wording."""
