@@ -10,7 +10,7 @@ the cloud as a whole, so one outage is one pause, not N independent retry loops:
     recovering --(successes double the allowed in-flight count up to the cap)--> online
 
 A `Retry-After`, a 429 or a 503 pauses all sending until the given time and restarts the ramp
-at one upload in flight. While offline nothing is sent but probes, spaced by the same backoff.
+at one upload in flight. While offline nothing is sent but probes, spaced by the same backoff (at most `PROBE_MAX_S`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from gateway.system.ratelimit import TokenBucket
 __all__ = ["ByteBucket", "CloudGate", "backoff_delay", "parse_retry_after"]
 
 ONLINE, DEGRADED, OFFLINE, RECOVERING = "online", "degraded", "offline", "recovering"
+# While offline, probes are at most this far apart (before jitter), whatever forward.backoff_max_s.
+PROBE_MAX_S = 10.0
 STATES = (ONLINE, DEGRADED, OFFLINE, RECOVERING)
 # Statuses that mean "the cloud as a whole wants less traffic": they pause every upload.
 PAUSING_STATUSES = frozenset({429, 503})
@@ -151,8 +153,9 @@ class CloudGate:
         self.limit = 1
 
     def _probe_delay(self) -> float:
-        # "Equal jitter": probes keep a floor so an outage is never probed in a tight loop.
-        ceiling = min(self.max_s, self.base_s * (2.0 ** min(self.probes_failed, 60)))
+        # "Equal jitter": probes keep a floor so an outage is never probed in a tight loop, and a
+        # ceiling of their own (a probe is one small request) so the cloud's return is seen soon.
+        ceiling = min(self.max_s, PROBE_MAX_S, self.base_s * (2.0 ** min(self.probes_failed, 60)))
         return ceiling / 2 + (ceiling / 2) * self.rand()
 
 

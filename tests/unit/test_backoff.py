@@ -11,6 +11,7 @@ from gateway.forward.backoff import (
     DEGRADED,
     OFFLINE,
     ONLINE,
+    PROBE_MAX_S,
     RECOVERING,
     ByteBucket,
     CloudGate,
@@ -105,7 +106,7 @@ def test_offline_after_repeated_connection_failures_then_probe_and_ramp() -> Non
         clock.now += wait
         assert gate.probe_due()
         gate.on_probe(False)
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0]  # probes back off, capped
+    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]  # probes back off, capped at PROBE_MAX_S
     clock.now += gate.wait_s()
     gate.on_probe(True)
     assert gate.state == RECOVERING
@@ -116,6 +117,21 @@ def test_offline_after_repeated_connection_failures_then_probe_and_ramp() -> Non
         gate.on_success()
     assert allowed == [1, 2, 4, 8]
     assert gate.state == ONLINE
+
+
+def test_probes_of_a_long_outage_stay_frequent_whatever_backoff_max_s() -> None:
+    """A site admin waited about 40 s (up to backoff_max_s, 300 s by default) for the gateway to
+    notice the cloud's return; a probe is one small request, so probes keep their own ceiling."""
+    clock = Clock()
+    gate = CloudGate(concurrency=8, base_s=1.0, max_s=300.0, clock=clock, offline_after=1, rand=lambda: 1.0)
+    gate.on_retryable(None, None, connection_failed=True)
+    delays = []
+    for _ in range(12):
+        wait = gate.wait_s()
+        delays.append(wait)
+        clock.now += wait
+        gate.on_probe(False)
+    assert max(delays) == PROBE_MAX_S == 10.0
 
 
 def test_probe_delays_are_jittered_but_never_zero() -> None:
