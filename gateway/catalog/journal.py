@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.catalog import legacy
+import gateway.catalog.legacy as legacy
 from gateway.catalog.records import FORMAT, KINDS, Frame, JournalUnreadable, Unreadable, encode
 from gateway.errors import StartRefused
 

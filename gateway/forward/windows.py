@@ -10,13 +10,30 @@ that same cap). Overlapping windows send the union of their classes; their caps 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from gateway.forward.uplink_config import ForwardWindow
+
+class ForwardWindow(Protocol):
+    """A window as configured (`uplink_config.ForwardWindow`, which imports this module for its
+    checks); only these fields are read here."""
+
+    @property
+    def days(self) -> str: ...
+    @property
+    def start(self) -> str: ...
+    @property
+    def end(self) -> str: ...
+    @property
+    def classes(self) -> list[str] | None: ...
+    @property
+    def bandwidth_bytes_per_s(self) -> int | None: ...
+    @property
+    def name(self) -> str: ...
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 WEEK_MIN = 7 * 1440
@@ -71,7 +88,7 @@ class Moment(msgspec.Struct, frozen=True):
         return always or self.classes is None or class_name in self.classes
 
 
-def compile_windows(windows: list[ForwardWindow], default_cap: int) -> list[Window]:
+def compile_windows(windows: Sequence[ForwardWindow], default_cap: int) -> list[Window]:
     """Parse the configured windows (raises ValueError naming the bad value)."""
     out = []
     for w in windows:
@@ -95,7 +112,7 @@ def zone(timezone: str) -> ZoneInfo | None:
         raise ValueError(f"{timezone!r} is not a known time zone (e.g. Europe/Berlin, UTC): {exc}") from None
 
 
-def problems(windows: list[ForwardWindow], timezone: str, default_cap: int) -> list[str]:
+def problems(windows: Sequence[ForwardWindow], timezone: str, default_cap: int) -> list[str]:
     """One message per bad window value, and per pair of overlapping windows with different caps."""
     out = []
     try:
@@ -137,7 +154,7 @@ def _weekly(w: Window) -> set[int]:
 class Schedule:
     """Answers `at(now)` for a list of windows; answers are cached until the next window edge."""
 
-    def __init__(self, windows: list[ForwardWindow], timezone: str, default_cap: int) -> None:
+    def __init__(self, windows: Sequence[ForwardWindow], timezone: str, default_cap: int) -> None:
         self.windows = compile_windows(windows, default_cap)
         self.tz = zone(timezone)
         self.default_cap = default_cap
