@@ -378,10 +378,10 @@ class Forwarder:
             answered = await self.client.probe(key)
             self.gate.on_probe(answered)
             if answered:
+                self._hold_until_read(float("inf"))  # first (no await before): arrivals may outrank what is in hand
                 since, self.offline_since = self.offline_since, None
                 await connectivity.came_back(self.catalog, self.client.base_url,
                                              None if since is None else self.clock() - since)
-                self._hold_until_read(float("inf"))  # what arrived meanwhile may outrank what is in hand
         except Exception:
             log.exception("cloud probe failed unexpectedly")
             self.gate.on_probe(False)
