@@ -30,6 +30,7 @@ import msgspec
 import gateway.catalog.legacy as legacy
 from gateway.catalog.records import FORMAT, KINDS, Frame, JournalUnreadable, Unreadable, encode
 from gateway.errors import StartRefused
+from gateway.system.files import fsync_dir
 
 _HEAD = struct.Struct("<II")
 _MAX_FRAME = 64 * 1024 * 1024
@@ -213,11 +214,3 @@ def next_whole_frame(data: bytes, start: int) -> int | None:
         return pos
     return None
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new, renamed or replaced file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

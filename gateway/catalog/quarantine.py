@@ -27,8 +27,9 @@ from typing import Any
 import duckdb
 import msgspec
 
-from gateway.catalog.journal import decode, fsync_dir
+from gateway.catalog.journal import decode
 from gateway.catalog.records import BatchSealed, Frame, ImageAccepted, OutboxDelivered, Unreadable, encode
+from gateway.system.files import fsync_dir
 
 log = logging.getLogger("gateway.catalog")
 _HEAD = struct.Struct("<II")

@@ -35,7 +35,7 @@ from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
-from gateway.storage.folder import fsync_dir
+from gateway.system.files import fsync_dir
 
 log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024

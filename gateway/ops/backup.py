@@ -26,6 +26,7 @@ import msgspec
 
 from gateway.catalog import Conn
 from gateway.errors import Conflict, ValidationFailed
+from gateway.system.files import fsync_path
 
 FORMAT = "gateway-backup/1"
 MANIFEST = "manifest.json"
@@ -134,8 +135,8 @@ def finish_backup(dest: Path, counts: dict[str, int], secret: Path, fingerprint:
         counts=counts, files=files)
     _write_atomic(dest / MANIFEST, json.dumps(msgspec.to_builtins(manifest), indent=2).encode() + b"\n")
     for name in (CATALOG_FILE, SECRET_FILE):
-        _fsync(dest / name)
-    _fsync(dest)
+        fsync_path(dest / name)
+    fsync_path(dest)
     return manifest
 
 
@@ -147,13 +148,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     tmp.replace(path)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(src: Path) -> Manifest:

@@ -22,6 +22,7 @@ import anyio
 
 from gateway.errors import InsufficientStorage, ServiceUnavailable, ValidationFailed
 from gateway.storage.base import CHUNK, ObjectInfo
+from gateway.system.files import fsync_dir
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _NAME_REFUSED = {errno.ENAMETOOLONG, errno.EILSEQ}  # the file system will not take this name
@@ -171,14 +172,6 @@ def _read_chunks(fh: object, chunk_size: int) -> Iterator[bytes]:
         while chunk := fh.read(chunk_size):
             yield chunk
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new or renamed file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _store_error(exc: OSError) -> Exception:

@@ -27,7 +27,7 @@ from gateway.cli.display import TransferBar
 from gateway.envelope import read_envelope
 from gateway.ingest.filenames import cap_name
 from gateway.retries import GATEWAY
-from gateway.storage.folder import fsync_dir
+from gateway.system.files import fsync_dir
 from gateway.system.ratelimit import TokenBucket
 
 HASH_HEADER = "X-Content-XXH3-128"
