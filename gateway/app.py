@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import __version__
 from gateway.api import admin, device, journal, ops, outbox, provision, status_page, sync
 from gateway.api.envelope import EXCEPTION_HANDLERS
-from gateway.config import Settings
+from gateway.config import LoadedSettings, Settings
 from gateway.envelope import read_envelope
 from gateway.logs import request_id
 from gateway.ops.activity import ErrorEntry
@@ -33,9 +33,11 @@ from gateway.services import Services
 access_log = logging.getLogger("gateway.access")
 
 
-def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: bool = False) -> Litestar:
+def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: bool = False,
+               sources: LoadedSettings | None = None) -> Litestar:
     """The HTTP app. `offline`: the CLI's in-process use on a stopped server's files (no lifespan,
-    admin routes trusted: whoever can open the files needs no token)."""
+    admin routes trusted: whoever can open the files needs no token). `sources`: where each
+    setting came from (file, env, command line), for `GET /api/admin/config`."""
     gw = gateway or Gateway(settings)
     svc = gw.services
 
@@ -57,7 +59,8 @@ def create_app(settings: Settings, gateway: Gateway | None = None, *, offline: b
         route_handlers=[*device.ROUTES, *provision.ROUTES, *ops.ROUTES, admin.router, outbox.router, journal.router,
                         sync.router, *status_page.ROUTES],
         # Routes name the services they use (`registry: DeviceRegistry`, ...): one dependency per field.
-        dependencies={f.name: _provide(getattr(svc, f.name)) for f in dataclasses.fields(svc)},
+        dependencies={f.name: _provide(getattr(svc, f.name)) for f in dataclasses.fields(svc)}
+        | {"settings_sources": _provide(sources)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[] if offline else [lifespan],
         # JSON routes read through `api.body.read_json_body`; this is the framework's own net under

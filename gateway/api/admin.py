@@ -18,7 +18,7 @@ from gateway.api.sync import list_batches, show_batch  # the same views, behind 
 from gateway.batches import queries as batch_queries
 from gateway.catalog import Catalog
 from gateway.catalog.collecting import CollectingBatches
-from gateway.config import Settings
+from gateway.config import LoadedSettings, Settings
 from gateway.config.rows import settings_rows
 from gateway.devices.registry import DeviceRegistry
 from gateway.errors import ValidationFailed
@@ -103,10 +103,9 @@ async def show_device(ref: str, registry: DeviceRegistry) -> Response[bytes]:
 
 
 @get("/config")
-async def effective_config(request: Request[Any, Any, Any], settings: Settings) -> Response[bytes]:
+async def effective_config(settings: Settings, settings_sources: LoadedSettings | None) -> Response[bytes]:
     """The running server's settings, secrets redacted, each with its source (default, file, env)."""
-    loaded = getattr(request.app.state, "settings_sources", None)
-    return ok(settings_rows(settings, loaded))
+    return ok(settings_rows(settings, settings_sources))
 
 
 @get("/status")

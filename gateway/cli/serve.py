@@ -86,8 +86,7 @@ def serve(loaded: LoadedSettings) -> int:
         log.info("admin token: %s (the CLI on this host reads it there)", admin_from)
     if admin_from != "setting admin.token" and settings.admin.token:
         loaded.sources["admin.token"] = f"admin.token_file {settings.admin.token_file}"
-    app = create_app(settings)
-    app.state.settings_sources = loaded
+    app = create_app(settings, sources=loaded)
     config = HypercornConfig()
     config.bind = [settings.server.listen]
     config.graceful_timeout = settings.server.graceful_timeout_s
