@@ -1,11 +1,12 @@
 """The forwarder's read-ahead: pending entries in one FIFO lane per (class, device), and the order
 in which lanes get a free upload slot.
 
-A higher priority goes first, gateway-wide: while one of its entries is due and waits only for its
-own lane (per-device order), no lower priority starts, so a backlog of routine frames cannot get
-ahead of a defect. Lanes of one priority take turns (round robin), and each lane sends oldest
-`seq` first with at most `per_lane` entries in flight; an entry in backoff holds back only the
-later entries of its own device and class, and lets lower classes go. A lane whose class the
+A higher priority goes first, gateway-wide: while one of its entries is in flight or due, no
+lower priority starts, so a higher class reaches the cloud before a lower one (a routine frame
+started beside a defect could arrive first, and would share the link with it). Lanes of one
+priority take turns (round robin), and each lane sends oldest `seq` first with at most `per_lane`
+entries in flight; an entry in backoff holds back only the later entries of its own device and
+class, and lets lower classes go. A lane whose class the
 current window does not send is skipped (`UplinkPlan.may_send`).
 """
 
@@ -61,18 +62,18 @@ class Lanes:
             if priority < hold_below:
                 return None
             first = self._turn.get(priority, 0)
-            waiting = False  # a due entry of this priority waits for its lane: lower ones wait too
+            busy = False  # an entry of this priority in flight, or due behind one: lower ones wait
             for i in range(len(lanes)):
                 lane = lanes[(first + i) % len(lanes)]
                 entry = self._due(lane, now, moment)
                 if entry is None:
-                    waiting = waiting or self._waiting(lane, now, moment)
+                    busy = busy or lane in self._busy
                     continue
                 self.in_flight[entry.image_id] = lane
                 self._busy[lane] = self._busy.get(lane, 0) + 1
                 self._turn[priority] = (first + i + 1) % len(lanes)
                 return entry
-            if waiting:
+            if busy:
                 return None
         return None
 
@@ -93,16 +94,9 @@ class Lanes:
                     if entry.image_id not in self.in_flight:
                         wait = min(wait, entry.next_attempt_at - now)
                         break
-            if any(self._waiting(lane, now, moment) for lane in lanes):
+            if any(lane in self._busy for lane in lanes):
                 break
         return wait
-
-    def _waiting(self, lane: Lane, now: float, moment: Moment) -> bool:
-        """Whether the lane has a due entry held back only by its own uploads in flight."""
-        if self._busy.get(lane, 0) < self.per_lane or not self.plan.may_send(lane[0], moment):
-            return False
-        return any(e.image_id not in self.in_flight and e.next_attempt_at <= now
-                   for e in self.queues.get(lane, [])[: self.per_lane + 1])
 
     def _due(self, lane: Lane, now: float, moment: Moment) -> Entry | None:
         if self._busy.get(lane, 0) >= self.per_lane or not self.plan.may_send(lane[0], moment):

@@ -232,8 +232,11 @@ def test_lanes_send_higher_classes_first_devices_in_turn_and_backoff_holds_only_
     assert lanes.due_in(50.0, moment, 5.0) == 5.0  # the held-back routine frames do not make the loop spin
     lanes.finished("b2")
     lanes.drop("b", "b2")
-    assert start_all(50.0) == ["b3", "a1", "b1"]  # no defect left waiting: routine frames go, one per device
-    for done in ("b3", "a1", "b1"):
+    assert start_all(50.0) == ["b3"]  # routine frames wait while a defect is in flight: it arrives first
+    lanes.finished("b3")
+    lanes.drop("b", "b3")
+    assert start_all(50.0) == ["a1", "b1"]  # no defect in flight or due: routine frames go, one per device
+    for done in ("a1", "b1"):
         lanes.finished(done)
         lanes.drop(done[0], done)
     assert start_all(50.0, hold=10) == []  # held: only priority >= 10 may start, and a3 is not due
@@ -241,7 +244,11 @@ def test_lanes_send_higher_classes_first_devices_in_turn_and_backoff_holds_only_
     assert start_all(100.0) == []  # a4 waits for a3 (its lane), so the routine a2 waits too
     lanes.finished("a3")
     lanes.drop("a", "a3")
-    assert start_all(100.0) == ["a4", "a2"]
+    assert start_all(100.0) == ["a4"]
+    assert lanes.due_in(100.0, moment, 5.0) == 5.0  # a2 waits for a4's answer, which wakes the loop
+    lanes.finished("a4")
+    lanes.drop("a", "a4")
+    assert start_all(100.0) == ["a2"]
 
 
 def test_lanes_skip_classes_the_window_does_not_send() -> None:
