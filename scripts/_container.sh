@@ -88,17 +88,9 @@ ensure_tools() {
   if [ "${GATEWAY_CONTAINER_INSTALL:-1}" = "0" ]; then
     unavailable "missing ${missing[*]} and GATEWAY_CONTAINER_INSTALL=0 forbids installing them"
   fi
-  if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null; then
-    unavailable "missing ${missing[*]}; installing needs apt-get as root"
-  fi
-  mkdir -p "$STATE"
-  local log="$STATE/apt-install.log"
-  say "installing ${pkgs[*]} with apt-get (log: $log)"
-  if ! { timeout 300 apt-get update -q \
-        && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "${pkgs[@]}"; } \
-      >"$log" 2>&1; then
-    tail -n 5 "$log" >&2
-    unavailable "apt-get could not install ${pkgs[*]} (log: $log)"
+  say "installing ${pkgs[*]} with apt-get"
+  if ! "$ROOT/scripts/apt-install" --with-recommends "${pkgs[@]}"; then
+    unavailable "apt-get could not install ${pkgs[*]}"
   fi
   phase_done "install tools"
 }

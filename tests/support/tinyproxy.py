@@ -1,6 +1,6 @@
 """Debian's `tinyproxy`, started on loopback for a test, with its own log of every request it relays.
 
-Installed with apt-get when missing (CI runs on a fresh machine): a test that needs it fails,
+Installed with scripts/apt-install when missing (CI runs on a fresh machine): a test that needs it fails,
 never skips, when it cannot be had.
 """
 
@@ -13,17 +13,17 @@ import subprocess
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def binary() -> str:
     found = shutil.which("tinyproxy") or next((p for p in ("/usr/bin/tinyproxy", "/usr/sbin/tinyproxy")
                                                if os.path.exists(p)), None)
     if found:
         return found
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "tinyproxy"], check=True,
-                   env=env, capture_output=True, timeout=600)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "apt-install"), "tinyproxy"], capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, f"tinyproxy could not be installed: {result.stderr.strip()[-500:]}"
     found = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
     assert os.path.exists(found), "tinyproxy could not be installed"
     return found
