@@ -183,12 +183,16 @@ class Ingestor:
                 existing = await self.find_duplicate(device.device_id, image.xxh3_128)
                 if existing is not None:
                     return self._duplicate(existing)
-                verdict = await self._near_verdict(device, image, form.metadata)
+                # A frame to reject is judged before anything is stored; to keep or hold, beside its PUT.
+                if self.settings.dedup.near_duplicates == "reject":
+                    verdict: Verdict | asyncio.Future[Verdict] = await self._near_verdict(device, image, form.metadata)
+                else:
+                    verdict = asyncio.ensure_future(self._near_verdict(device, image, form.metadata))
+                    verdict.add_done_callback(_retrieved)  # also when the upload fails before using it
                 self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
                 result = await self._store_and_record(uid, device, image, form.metadata, held, verdict,
                                                       priority_class)
-                self.near.remember(device.device_id, verdict, result.image_id, result.batch_id, result.storage_key)
             finally:
                 del self._inflight[key]
                 done.set()
@@ -253,41 +257,46 @@ class Ingestor:
 
     async def _store_and_record(
         self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool,
-        verdict: Verdict = UNCHECKED, priority_class: str = "default",
+        verdict: Verdict | asyncio.Future[Verdict] = UNCHECKED, priority_class: str = "default",
     ) -> UploadResult:
+        """Store the object, then record it; `verdict` may still be coming (the near-duplicate
+        filter runs beside the PUT): the record waits for it."""
         filename = safe_filename(image.filename, image.content_type)
-        # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
-        skipped = verdict.action == "hold" and verdict.of is not None and not held
-        new = NewImage(
-            image_id=f"img_{uid}",
-            device_id=device.device_id,
-            filename=filename,
-            content_type=image.content_type,
-            size=image.size,
-            xxh3_128=image.xxh3_128,
-            storage_key=f"raw-data/{uid.hex}_{filename}",
-            metadata=metadata,
-            received_at=self.clock(),
-            outbox_state=outbox.SKIPPED if skipped else outbox.HELD if held else outbox.PENDING,
-            batch_max_images=self.settings.batches.max_images,
-            fingerprint=verdict.dhash,
-            near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
-            priority_class=priority_class,
-        )
+        storage_key = f"raw-data/{uid.hex}_{filename}"
         # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
         with self.catalog.expect() as record:
             try:
                 if image.data is not None:  # from memory: the S3 store sends it from the event loop
-                    await self.store.put_bytes_async(new.storage_key, image.data, image.content_type)
+                    await self.store.put_bytes_async(storage_key, image.data, image.content_type)
                 elif image.size > LARGE_PUT_BYTES:
                     async with self._large_puts:
-                        await anyio.to_thread.run_sync(self._put_file, new.storage_key, image)
+                        await anyio.to_thread.run_sync(self._put_file, storage_key, image)
                 else:
-                    await anyio.to_thread.run_sync(self._put_file, new.storage_key, image)
+                    await anyio.to_thread.run_sync(self._put_file, storage_key, image)
             except Exception:
                 # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
                 _truncate(image.path)
                 raise
+            if isinstance(verdict, asyncio.Future):
+                verdict = await _settled(verdict)
+            # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
+            skipped = verdict.action == "hold" and verdict.of is not None and not held
+            new = NewImage(
+                image_id=f"img_{uid}",
+                device_id=device.device_id,
+                filename=filename,
+                content_type=image.content_type,
+                size=image.size,
+                xxh3_128=image.xxh3_128,
+                storage_key=storage_key,
+                metadata=metadata,
+                received_at=self.clock(),
+                outbox_state=outbox.SKIPPED if skipped else outbox.HELD if held else outbox.PENDING,
+                batch_max_images=self.settings.batches.max_images,
+                fingerprint=verdict.dhash,
+                near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
+                priority_class=priority_class,
+            )
             recorded = record.submit_upload(new)
         try:
             placed = await asyncio.wrap_future(recorded)
@@ -297,6 +306,7 @@ class Ingestor:
             await self._discard_object(new.storage_key, image.path)
             raise
         self._keep_for_forwarding(new.image_id, image, held or skipped)
+        self.near.remember(device.device_id, verdict, new.image_id, placed.batch_id, new.storage_key)
         if placed.sealed and self.on_sealed is not None:
             self.on_sealed(placed.batch_id)
         return UploadResult(image_id=new.image_id, batch_id=placed.batch_id, storage_key=new.storage_key,
@@ -324,6 +334,21 @@ class Ingestor:
             log.warning("could not remove unrecorded object %s (reconciled at next start): %s", storage_key, exc)
             return
         _unlink(spool_path)
+
+
+async def _settled(judging: asyncio.Future[Verdict]) -> Verdict:
+    """The filter's verdict; a filter that failed lets the frame through unchecked (it is a
+    saving, never a gate). Cancelling the upload cancels this wait, not the thread it waits for."""
+    try:
+        return await asyncio.shield(judging)
+    except Exception:
+        log.exception("near-duplicate check failed; the frame is stored unchecked")
+        return UNCHECKED
+
+
+def _retrieved(done: asyncio.Future[Verdict]) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: asyncio does not log a failure nobody awaited as "never retrieved"
 
 
 def store_wants_files(store: ObjectStore | None) -> bool:
