@@ -12,10 +12,10 @@
 #                                   architecture made with mmdebstrap on first use and kept
 #                                   (localhost/gateway-base, localhost/gateway-base-arm64)
 #   GATEWAY_CONTAINER_STATE=DIR     where containers.conf lives (default ~/.cache/acusight-gateway)
-#   GATEWAY_VENV=DIR                the project's virtualenv (pip, hadolint)
+#   GATEWAY_VENV=DIR                the project's virtualenv (pip, hadolint), made or reused here
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${GATEWAY_VENV:-$ROOT/.venv}"
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"  # ROOT, VENV
+ensure_venv "test"
 STATE="${GATEWAY_CONTAINER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/acusight-gateway}"
 LOCK="$ROOT/requirements.txt"
 REPO="localhost/acusight-gateway"
