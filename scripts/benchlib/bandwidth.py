@@ -35,8 +35,7 @@ def bandwidth_section(s3: S3Server | S3Cluster, work: Path, quick: bool, cap: in
         gw.start()
         with gw.admin() as client:
             client.post("/api/admin/devices", json={"name": "bw", "key": key}).raise_for_status()
-        for i in range(images):
-            upload(gw, key, jpeg_bytes(size + i), filename=f"bw-{i}.jpg").raise_for_status()
+        refused = sum(upload_as_a_device(gw, key, jpeg_bytes(size + i), f"bw-{i}.jpg") for i in range(images))
         started = time.monotonic()
         cloud.accept_connections()
         cloud.wait_until(lambda c: len(c.stored) == images, timeout=images * size / cap * 3 + 60)
@@ -45,7 +44,21 @@ def bandwidth_section(s3: S3Server | S3Cluster, work: Path, quick: bool, cap: in
         elapsed = max(r.at for r in stored) - started if stored else float("nan")
         rate = sent / elapsed if stored else 0.0
         return {"cap_bytes_per_s": cap, "images": len(stored), "bytes": sent, "seconds": round(elapsed, 2),
-                "rate_bytes_per_s": round(rate), "rate_vs_cap": round(rate / cap, 3), "target": "0.85-1.15"}
+                "rate_bytes_per_s": round(rate), "rate_vs_cap": round(rate / cap, 3), "target": "0.85-1.15",
+                "uploads_refused_503": refused}
     finally:
         gw.stop()
         cloud.stop()
+
+
+def upload_as_a_device(gw: GatewayProcess, key: str, image: bytes, filename: str, attempts: int = 5) -> int:
+    """Upload as a device does: a 503 (the store busy for a moment, e.g. a cluster adding volumes)
+    is sent again after its Retry-After. Returns how many 503s it met."""
+    refused = 0
+    while True:
+        resp = upload(gw, key, image, filename=filename)
+        if resp.status_code != 503 or refused == attempts - 1:
+            resp.raise_for_status()
+            return refused
+        refused += 1
+        time.sleep(float(resp.headers.get("Retry-After", "1")))

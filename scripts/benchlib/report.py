@@ -106,8 +106,10 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"   CPU ms per forwarded image: {cpu}; catalog writes per transaction {f['catalog_group_size']}")
     if "bandwidth" in report:
         b = report["bandwidth"]
+        refused = b.get("uploads_refused_503")
+        again = f"; {refused} upload(s) answered 503 and sent again" if refused else ""
         print(f"\n== 5b. bandwidth cap: {b['images']} images drained at {b['rate_bytes_per_s']:,} B/s against a cap of "
-              f"{b['cap_bytes_per_s']:,} B/s -> {b['rate_vs_cap']} (target {b['target']})")
+              f"{b['cap_bytes_per_s']:,} B/s -> {b['rate_vs_cap']} (target {b['target']}){again}")
     if "startup" in report:
         s = report["startup"]
         print(f"\n== 6. start-up: ready in {s['pending']['ready_s']} s with {s['pending']['outbox_rows']:,} pending "
