@@ -328,6 +328,10 @@ def startup_section(s3: S3Server | S3Cluster, work: Path, rows: int) -> dict[str
     return out
 
 
+ALL_SECTIONS = {"single": "ingest,memory,dedup,forward,bandwidth,startup,neardup",
+                "cluster": "ingest,memory,dedup,forward,bandwidth,startup"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute), as CI runs it")
@@ -335,14 +339,15 @@ def main() -> int:
                         help="the report as JSON, on stdout or into PATH (for `scripts/benchdoc`)")
     parser.add_argument("--store", choices=["single", "cluster"], default="single",
                         help="the S3 store: one `weed mini` (single) or a replicated SeaweedFS cluster")
-    parser.add_argument("--only", default="ingest,memory,dedup,forward,bandwidth,startup,neardup",
-                        help="comma-separated sections to run")
+    parser.add_argument("--only", default="",
+                        help="comma-separated sections to run (default: all; on the cluster all but neardup, "
+                             "whose cost does not depend on the store)")
     parser.add_argument("--concurrency", default="", help="comma-separated ingest concurrencies (default: all)")
     parser.add_argument("--forward-images", type=int, default=0, help="images in the forwarder drain (default 2000)")
     parser.add_argument("--classes", action="store_true",
                         help="forwarder drain with two priority classes and a window configured")
     args = parser.parse_args()
-    only = set(args.only.split(","))
+    only = set((args.only or ALL_SECTIONS[args.store]).split(","))
     started = time.time()
     report: dict[str, Any] = {"quick": args.quick, "cpus": os.cpu_count(), "store": args.store}
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
@@ -366,7 +371,7 @@ def main() -> int:
                 report["forward"] = forward_section(s3, work, args.quick, args.forward_images, args.classes)
             if "startup" in only:
                 report["startup"] = startup_section(s3, work, 100_000)
-            if "neardup" in only:
+            if "neardup" in only and isinstance(s3, S3Server):
                 report["neardup"] = neardup_section(s3, work, args.quick, metered, requests_for)
             if "bandwidth" in only:
                 report["bandwidth"] = bandwidth_section(s3, work, args.quick)

@@ -58,7 +58,8 @@ def upload_as_a_device(gw: GatewayProcess, key: str, image: bytes, filename: str
     while True:
         resp = upload(gw, key, image, filename=filename)
         if resp.status_code != 503 or refused == attempts - 1:
-            resp.raise_for_status()
+            if resp.is_error:
+                raise RuntimeError(f"upload answered {resp.status_code} {resp.text}; gateway log:\n{gw.log_tail()}")
             return refused
         refused += 1
         time.sleep(float(resp.headers.get("Retry-After", "1")))

@@ -15,7 +15,6 @@ import httpx
 from scripts.benchlib.load import Round, multipart_upload, s3_put
 from tests.support.frames import Scene, capture, draw
 from tests.support.gateway_proc import GatewayProcess, s3_env
-from tests.support.s3cluster import S3Cluster
 from tests.support.s3server import S3Server
 
 KiB, MiB = 1024, 1024 * 1024
@@ -50,7 +49,7 @@ def fingerprint_figures(url: str) -> tuple[float, float, float]:
     return done, busy, cpu
 
 
-def neardup_section(s3: S3Server | S3Cluster, work: Path, quick: bool, metered: Callable[..., Round],
+def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[..., Round],
                     requests_for: Callable[[int, int, bool], int]) -> list[dict[str, Any]]:
     gws = {mode: GatewayProcess(work / f"gw-nd-{mode}", s3_env(s3) | {"GATEWAY_DEDUP_NEAR_DUPLICATES": mode}).start()
            for mode in ("off", "keep")}
