@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import jpeg_bytes
-from tests.e2e.test_status_page import OUTPUT, chromium_or_skip, png_size, run_chromium, wait_for_status
+from tests.e2e.test_status_page import OUTPUT, find_chromium, png_size, run_chromium, wait_for_status
 from tests.support.client import upload
 from tests.support.fakecloud import FakeCloud
 from tests.support.gateway_proc import ADMIN_TOKEN, GatewayProcess
@@ -34,7 +34,7 @@ def shoot(chromium: str, gw: GatewayProcess, profile: Path, name: str) -> tuple[
 
 
 def test_status_page_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    chromium = chromium_or_skip()
+    chromium = find_chromium()
     STATES.mkdir(parents=True, exist_ok=True)
     shots = []
 
