@@ -10,7 +10,6 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from tests.conftest import jpeg_bytes
 from tests.support.client import admin_status, upload, wait_for
 from tests.support.fakecloud import FakeCloud
-from tests.support.gateway_proc import GatewayProcess, free_port
+from tests.support.gateway_proc import GatewayProcess, free_port, wait_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -44,18 +43,7 @@ def test_the_cli_from_another_folder_creates_nothing_and_says_which_path_it_trie
 
 
 def _wait_ready(log: Path, port: int, proc: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(log.read_text())
+    wait_until_ready(f"http://127.0.0.1:{port}", proc, log.read_text)
 
 
 def test_serve_listen_start_line_second_server_and_config_with_sources(tmp_path: Path) -> None:

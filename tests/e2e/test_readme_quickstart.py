@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import jpeg_bytes
 from tests.support.fakecloud import FakeCloud
-from tests.support.gateway_proc import free_port
+from tests.support.gateway_proc import free_port, wait_until_ready
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,16 +67,7 @@ class Server:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(["bash", "-c", f"exec {self.command}"], cwd=self.site, env=shell_env(),
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/api/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(self.log.read_text())
+        wait_until_ready(f"http://127.0.0.1:{self.port}", self.proc, self.log.read_text)
 
     def stop(self) -> None:  # Ctrl-C
         if self.proc is not None and self.proc.poll() is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ import pytest
 from gateway.app import create_app
 from gateway.catalog.db import Expected
 from gateway.catalog.records import OutboxDelivered, Record
-from gateway.config import load_settings
 from gateway.forward import outbox, worker
 from gateway.runtime import Gateway
 from tests.conftest import jpeg_bytes
 from tests.support.fakecloud import FakeCloud
+from tests.support.inprocess import folder_settings, wait_for
 
 ADMIN = "races-admin-token"
 RECORD_DELAY_S = 0.03  # each delivery record, before it goes to the journal
@@ -64,24 +63,13 @@ def slowed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return seen
 
 
-async def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.05)
-
-
 @pytest.mark.anyio
 async def test_re_reads_overlapping_slow_delivery_records_send_nothing_twice(
     tmp_path: Path, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = slowed(monkeypatch)
-    (tmp_path / "gateway.toml").write_text("")
-    settings = load_settings(tmp_path / "gateway.toml", env={
-        "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_KEYS_SECRET_FILE": str(tmp_path / "secret.key"),
-        "GATEWAY_ADMIN_TOKEN": ADMIN, "GATEWAY_LIMITS_MIN_FREE_DISK_BYTES": "0",
-        "GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
+    settings = folder_settings(tmp_path, ADMIN, **{
+        "GATEWAY_CLOUD_URL": cloud.url,
         "GATEWAY_FORWARD_CONCURRENCY": "4", "GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2",
         "GATEWAY_FORWARD_BACKOFF_MAX_S": "1.0",
     })

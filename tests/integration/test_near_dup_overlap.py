@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.config import load_settings
 from gateway.ingest import neardup
 from gateway.ingest.pipeline import Ingestor
 from gateway.runtime import Gateway
 from tests.support.frames import Scene, capture, draw
+from tests.support.inprocess import folder_settings
 
 ADMIN = "overlap-admin-token"
 STEP_S = 0.4  # each fingerprint and each store write, at least
@@ -54,12 +54,7 @@ async def test_the_fingerprint_runs_beside_the_store_write_unless_the_frame_may_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
     spans = stretched(monkeypatch)
-    (tmp_path / "gateway.toml").write_text("")
-    settings = load_settings(tmp_path / "gateway.toml", env={
-        "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_KEYS_SECRET_FILE": str(tmp_path / "secret.key"),
-        "GATEWAY_ADMIN_TOKEN": ADMIN, "GATEWAY_LIMITS_MIN_FREE_DISK_BYTES": "0",
-        "GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_DEDUP_NEAR_DUPLICATES": action,
-    })
+    settings = folder_settings(tmp_path, ADMIN, GATEWAY_DEDUP_NEAR_DUPLICATES=action)
     scene = draw(Scene(seed=5, parts=((300, 200),)))
     frames = [capture(scene, i, shift=(i % 2, 0), sigma=3.0, quality=85) for i in range(2)]
     gw = Gateway(settings)

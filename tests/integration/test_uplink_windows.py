@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.config import load_settings
 from gateway.runtime import Gateway
 from tests.conftest import jpeg_bytes
 from tests.support.fakecloud import FakeCloud
+from tests.support.inprocess import folder_settings, wait_for
 
 ADMIN = "windows-admin-token"
 CAP = 300_000  # bytes/s in the window
@@ -53,24 +52,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.05)
-
-
 @pytest.mark.anyio
 async def test_outside_the_window_only_always_classes_move_then_the_rest_drains_at_the_cap(
     tmp_path: Path, cloud: FakeCloud
 ) -> None:
-    (tmp_path / "gateway.toml").write_text(CONFIG)
-    settings = load_settings(tmp_path / "gateway.toml", env={
-        "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_KEYS_SECRET_FILE": str(tmp_path / "secret.key"),
-        "GATEWAY_ADMIN_TOKEN": ADMIN, "GATEWAY_LIMITS_MIN_FREE_DISK_BYTES": "0",
-        "GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
-    })
+    settings = folder_settings(tmp_path, ADMIN, CONFIG, GATEWAY_CLOUD_URL=cloud.url)
     opens_at = datetime(2026, 12, 7, 6, 0, tzinfo=UTC).timestamp()  # the gateway's clock
     opens_mono = time.monotonic() + LEAD_S  # the same instant, on the fake cloud's clock
     shift = opens_at - (time.time() + LEAD_S)

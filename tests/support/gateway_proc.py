@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,20 +94,8 @@ class GatewayProcess:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/api/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.log_tail()}")
+        assert self.proc is not None
+        wait_until_ready(self.url, self.proc, self.log_tail, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -180,3 +169,19 @@ class GatewayProcess:
             resp.raise_for_status()
             data = resp.json()["data"]
         return data["device"]["device_id"], data["key"]
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen[bytes], log: Callable[[], str], timeout: float = 60.0) -> None:
+    """Until `url`/api/ready answers 200; RuntimeError with `log()` when the process exits first or
+    `timeout` runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(f"{url}/api/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway not ready in {timeout}s:\n{log()}")
