@@ -184,11 +184,13 @@ class Ingestor:
                 if existing is not None:
                     return self._duplicate(existing)
                 # A frame to reject is judged before anything is stored; to keep or hold, beside its PUT.
-                if self.settings.dedup.near_duplicates == "reject":
-                    verdict: Verdict | asyncio.Future[Verdict] = await self._near_verdict(device, image, form.metadata)
-                else:
-                    verdict = asyncio.ensure_future(self._near_verdict(device, image, form.metadata))
-                    verdict.add_done_callback(_retrieved)  # also when the upload fails before using it
+                verdict: Verdict | asyncio.Future[Verdict] = UNCHECKED
+                if self.near.enabled and not device.near_dup_exempt:
+                    if self.settings.dedup.near_duplicates == "reject":
+                        verdict = await self._near_verdict(device, image, form.metadata)
+                    else:
+                        verdict = asyncio.ensure_future(self._near_verdict(device, image, form.metadata))
+                        verdict.add_done_callback(_retrieved)  # also when the upload fails before using it
                 self._claim_seen(key)
                 intent_handed_over = True  # from here on _store_and_record owns the spool file
                 result = await self._store_and_record(uid, device, image, form.metadata, held, verdict,
@@ -210,8 +212,6 @@ class Ingestor:
     async def _near_verdict(self, device: Device, image: SpooledImage, metadata: bytes | None) -> Verdict:
         """Is this frame a near-duplicate of a recent one of its device? Refused here when the
         action is `reject` (nothing stored yet)."""
-        if not self.near.enabled or device.near_dup_exempt:
-            return UNCHECKED
         source = image.data if image.data is not None else image.path
         verdict = await self.near.judge(device.device_id, source, metadata, image.size)
         if verdict.action == "reject" and verdict.of is not None:
