@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,16 +70,24 @@ def _fingerprint(source: bytes | Path) -> Fingerprint | None:
 
 def _local_range(gray: Image.Image) -> tuple[Image.Image, Image.Image, Image.Image]:
     """3x3 minimum and maximum of every inner pixel, and the inner pixels themselves (the 1-px
-    border goes: a camera's jitter brings new content in there)."""
+    border goes: a camera's jitter brings new content in there). A 3x3 minimum is the minimum of
+    three row minima of 3x1, so each takes four operations, not eight."""
     w, h = gray.size
     core = gray.crop((1, 1, w - 1, h - 1))
-    low = high = core
-    for dx in range(3):
-        for dy in range(3):
-            if dx != 1 or dy != 1:
-                shifted = gray.crop((dx, dy, dx + w - 2, dy + h - 2))
-                low, high = ImageChops.darker(low, shifted), ImageChops.lighter(high, shifted)
+    rows = [gray.crop((dx, 0, dx + w - 2, h)) for dx in range(3)]  # the 3 horizontal neighbours
+    row_low = ImageChops.darker(ImageChops.darker(rows[0], rows[1]), rows[2])
+    row_high = ImageChops.lighter(ImageChops.lighter(rows[0], rows[1]), rows[2])
+    low, high = (_column_fold(img, h, fold) for img, fold in ((row_low, ImageChops.darker),
+                                                              (row_high, ImageChops.lighter)))
     return low, high, core
+
+
+def _column_fold(img: Image.Image, h: int, fold: Callable[[Image.Image, Image.Image], Image.Image]
+                 ) -> Image.Image:
+    """`fold` of each pixel's vertical 3x1 neighbourhood (one row shorter at the top and bottom)."""
+    w = img.size[0]
+    up, mid, down = (img.crop((0, dy, w, dy + h - 2)) for dy in range(3))
+    return fold(fold(up, mid), down)
 
 
 def hamming(a: int, b: int) -> int:

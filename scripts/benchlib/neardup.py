@@ -1,5 +1,5 @@
 """`scripts/bench --only neardup`: ingest with the near-duplicate filter on (`keep`) and off, with
-real decodable JPEGs, against the direct S3 PUT of the same bytes, rounds alternated."""
+real decodable JPEGs, against the direct S3 PUT of the same bytes, in rounds whose order rotates."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from tests.support.s3server import S3Server
 
 KiB, MiB = 1024, 1024 * 1024
 UPLOAD = "/api/device/images/upload"
+ROUNDS = 4  # rounds per size in a full run (one in --quick)
+MIN_REQUESTS = 96  # per round in a full run: a 5 MiB round of fewer lasted about a second
+ORDER = ["off", "keep", "s3"]
 # Frame sizes (pixels, JPEG quality, sensor noise) whose JPEGs come near 100 KiB, 1 MiB and 5 MiB.
 FRAMES = {100 * KiB: (1024, 768, 88, 3.0), 1 * MiB: (2048, 1536, 95, 6.0), 5 * MiB: (4096, 3072, 95, 8.0)}
 
@@ -55,14 +58,23 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
            for mode in ("off", "keep")}
     keys = {mode: gw.add_device(f"bench-nd-{mode}")[1] for mode, gw in gws.items()}
     rows = []
+    rounds = 1 if quick else ROUNDS
     try:
         for size in [100 * KiB, 1 * MiB] if quick else [100 * KiB, 1 * MiB, 5 * MiB]:
             jpeg = real_jpeg(size)
-            n, conc = requests_for(len(jpeg), 8, quick), 8
+            n, conc = max(requests_for(len(jpeg), 8, quick), 0 if quick else MIN_REQUESTS), 8
             got: dict[str, list[Round]] = {"off": [], "keep": [], "s3": []}
             counts = [0.0, 0.0, 0.0]  # fingerprints done, unchecked (busy), CPU seconds: this size's rounds
-            for _ in range(1 if quick else 2):
-                for mode, gw in gws.items():
+            for i in range(rounds):
+                # Each round runs the three clients in a rotated order, so that none always
+                # follows another (a round after a gateway round meets the store still flushing).
+                for mode in ORDER[i % len(ORDER):] + ORDER[:i % len(ORDER)]:
+                    if mode == "s3":
+                        got["s3"].append(metered({"s3": s3.pid, "client": os.getpid()}, None,
+                                                 functools.partial(s3_put, jpeg=jpeg), s3.endpoint,
+                                                 s3.access_key, s3.secret_key, "bench-nd", len(jpeg), conc, n))
+                        continue
+                    gw = gws[mode]
                     before = fingerprint_figures(gw.url)
                     got[mode].append(metered({"gateway": gw.pid, "s3": s3.pid, "client": os.getpid()}, gw.pid,
                                              functools.partial(multipart_upload, jpeg=jpeg),
@@ -70,16 +82,16 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                     after = fingerprint_figures(gw.url)
                     if mode == "keep":
                         counts = [c + a - b for c, a, b in zip(counts, after, before, strict=True)]
-                got["s3"].append(metered({"s3": s3.pid, "client": os.getpid()}, None,
-                                         functools.partial(s3_put, jpeg=jpeg),
-                                         s3.endpoint, s3.access_key, s3.secret_key, "bench-nd", len(jpeg), conc, n))
             off, on, direct = (max(got[k], key=lambda r: r.rps) for k in ("off", "keep", "s3"))
             done, busy, cpu = counts
             rows.append({
-                "size": len(jpeg), "concurrency": conc, "requests": n,
+                "size": len(jpeg), "concurrency": conc, "requests": n, "rounds": rounds,
                 "off_rps": round(off.rps, 1), "on_rps": round(on.rps, 1), "s3_rps": round(direct.rps, 1),
                 "ratio_off": round(off.rps / direct.rps, 3), "ratio_on": round(on.rps / direct.rps, 3),
                 "ratio_drop": round((off.rps - on.rps) / direct.rps, 3),
+                # Each round's own drop (off minus on, over the round's direct PUT): the noise.
+                "round_drops": [round((a.rps - b.rps) / d.rps, 3)
+                                for a, b, d in zip(got["off"], got["keep"], got["s3"], strict=True)],
                 "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
                 "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
                 "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
@@ -99,6 +111,9 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         print(f"{r['size'] // KiB:>5} KiB {r['concurrency']:>4} {r['off_rps']:>7} {r['on_rps']:>7} {r['s3_rps']:>7} "
               f"{r['ratio_off']:>6} {r['ratio_on']:>6} {r['ratio_drop']:>6} {r['fingerprint_cpu_ms']!s:>9} "
               f"{r['fingerprinted_share']:>8} {cpu['off']!s:>7}/{cpu['on']!s:<8}")
-    print("   (fp CPU ms: fingerprint and comparison CPU per fingerprinted upload; fp share: uploads fingerprinted,"
+        if r.get("round_drops"):
+            print(f"{'':>14} drop in each of the {r['rounds']} rounds: {', '.join(map(str, r['round_drops']))}")
+    print("   (drop: (off - on) / S3 of the best rounds; fp CPU ms: fingerprint and comparison CPU per fingerprinted"
+          " upload; fp share: uploads fingerprinted,"
           " the rest found the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked)")
 

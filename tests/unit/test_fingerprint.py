@@ -5,6 +5,7 @@ scratched part, a moved part or a new part a near-duplicate of the frame before.
 from __future__ import annotations
 
 import io
+import random
 import secrets
 import struct
 import zlib
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from gateway.config import DedupSettings
-from gateway.ingest.fingerprint import fingerprint, region_difference
+from gateway.ingest.fingerprint import _local_range, fingerprint, region_difference
 from gateway.ingest.neardup import has_annotations
 from tests.conftest import png_bytes
 from tests.support.frames import Pair, labelled_pairs, precision_recall, scores
@@ -71,3 +72,19 @@ def test_annotations_are_recognised() -> None:
     assert not has_annotations(b'{"annotations": []}')
     assert not has_annotations(b'{"model_id": "m"}')
     assert not has_annotations(None)
+
+
+def test_local_range_is_the_3x3_minimum_and_maximum() -> None:
+    """The separable minimum and maximum (rows, then columns) equal the 3x3 ones, pixel by pixel."""
+    rng = random.Random(5)
+    for width, height in ((9, 8), (31, 17), (64, 3)):
+        gray = Image.frombytes("L", (width, height), bytes(rng.randrange(256) for _ in range(width * height)))
+        low, high, core = _local_range(gray)
+        px = gray.load()
+        assert px is not None
+        for y in range(1, height - 1):
+            for x in range(1, width - 1):
+                around = [px[x + dx, y + dy] for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+                assert low.getpixel((x - 1, y - 1)) == min(around)
+                assert high.getpixel((x - 1, y - 1)) == max(around)
+                assert core.getpixel((x - 1, y - 1)) == px[x, y]
