@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from types import SimpleNamespace
+import weakref
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +29,14 @@ class CleanConnector(aiohttp.TCPConnector):
 
     aiohttp pools a connection once its answer is read; if the peer then sends more (an extra,
     unsolicited response), the next request on it would take those bytes for its own answer. Such
-    a connection is closed here when taken from the pool, and a fresh one used instead."""
+    a connection is closed here when taken from the pool, and a fresh one used instead.
+
+    `on_new` is called for each connection handed out for the first time (tests count them)."""
+
+    def __init__(self, on_new: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_new = on_new
+        self.seen: weakref.WeakSet[Any] = weakref.WeakSet()  # the protocols (connections) handed out
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
                       ) -> Connection:
@@ -36,6 +44,9 @@ class CleanConnector(aiohttp.TCPConnector):
             conn = await super().connect(req, traces, timeout)
             proto = conn.protocol
             if proto is None or not proto.should_close:
+                if proto is not None and proto not in self.seen:
+                    self.seen.add(proto)
+                    self.on_new()
                 return conn
             conn.close()  # leftover bytes, a parse error or an unread payload: not reusable
 
@@ -47,23 +58,22 @@ class Outbound:
         self.limit = limit
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.connections_opened = 0  # counted by a trace hook: tests check reuse with it
+        self.connections_opened = 0  # tests check reuse with it
 
     async def start(self) -> None:
         """Open the session in the running loop (again, after `aclose` or in another loop)."""
         loop = asyncio.get_running_loop()
         if self._session is not None and self._loop is loop and not self._session.closed:
             return
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(self._opened)
-        connector = CleanConnector(limit=self.limit, limit_per_host=0)
+        # No trace hooks: with any, aiohttp awaits a signal per body chunk and request step.
+        connector = CleanConnector(self._opened, limit=self.limit, limit_per_host=0)
         self._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, auto_decompress=False, trace_configs=[trace],
+            connector=connector, trust_env=False, auto_decompress=False,
             headers={"User-Agent": USER_AGENT}, timeout=aiohttp.ClientTimeout(total=None),
         )
         self._loop = loop
 
-    async def _opened(self, _session: aiohttp.ClientSession, _ctx: SimpleNamespace, _params: Any) -> None:
+    def _opened(self) -> None:
         self.connections_opened += 1
 
     async def session(self) -> aiohttp.ClientSession:

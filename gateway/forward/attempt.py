@@ -12,7 +12,16 @@ from gateway.errors import GatewayError
 from gateway.forward import outbox
 from gateway.forward.backoff import ByteBucket
 from gateway.forward.cache import ForwardCache
-from gateway.forward.client import DELIVERED, REJECT, RETRY, CloudClient, LocalBytesChanged, MultipartUpload, Outcome
+from gateway.forward.client import (
+    DELIVERED,
+    REJECT,
+    RETRY,
+    CloudClient,
+    Held,
+    LocalBytesChanged,
+    MultipartUpload,
+    Outcome,
+)
 from gateway.storage import ObjectStore
 
 # The reason of a dead letter whose device key does not open under the key secret (status, metrics).
@@ -45,7 +54,7 @@ class Sender:
                                                   "check keys.secret_file, then `gateway outbox retry`"), False
         if key is None:
             return Outcome(kind=REJECT, error="no key stored for this device; cannot act as it"), False
-        image: bytes | bytearray | AsyncIterable[bytes] | None = None
+        image: Held | AsyncIterable[bytes] | None = None
         if self.cache is not None:
             image = self.cache.read_from_memory(entry.image_id, entry.size, entry.xxh3_128)
             if image is None:

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import certifi
 import msgspec
+from aiohttp.abc import AbstractStreamWriter
 
 from gateway.envelope import Envelope, read_envelope
 from gateway.forward.backoff import parse_retry_after
@@ -32,6 +33,7 @@ DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
 BODY_KEPT = 2048
 ANSWER_READ = 64 * 1024  # an upload's answer is a small envelope; a longer one is cut and its connection dropped
 PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
+Held = bytes | bytearray | memoryview  # an image's bytes held whole in memory
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -97,19 +99,19 @@ class MultipartUpload:
     def length(self) -> int:
         return len(self.head) + self.size + len(self.tail)
 
-    def parts(self, image: bytes | bytearray) -> tuple[bytes, bytes | bytearray, bytes]:
+    def parts(self, image: Held) -> tuple[bytes, Held, bytes]:
         """The body's three pieces around an image held whole; raises `LocalBytesChanged` when
         `image` is not the size recorded."""
         if len(image) != self.size:
             raise LocalBytesChanged(f"stored object has {len(image)} bytes, {self.size} recorded")
         return self.head, image, self.tail
 
-    async def stream(self, image: bytes | bytearray | AsyncIterable[bytes],
+    async def stream(self, image: Held | AsyncIterable[bytes],
                      pace: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         """The body, piece by piece: `image` whole or streamed (checked against the recorded
         size, `LocalBytesChanged` otherwise); `pace(n)` waits before each piece under a cap."""
         yield self.head
-        if isinstance(image, bytes | bytearray):
+        if isinstance(image, Held):
             self.parts(image)  # the size check
             pieces: AsyncIterable[bytes] = _once(image)
         else:
@@ -132,8 +134,29 @@ class MultipartUpload:
         yield self.tail
 
 
-async def _once(data: bytes | bytearray) -> AsyncIterator[bytes]:
+async def _once(data: Held) -> AsyncIterator[bytes]:
     yield data  # type: ignore[misc]  # aiohttp writes a bytearray as it is
+
+
+class WholeBody(aiohttp.Payload):
+    """An upload body around an image held whole: three writes, no generator to step through
+    (aiohttp's public payload interface; `size` gives the request its Content-Length)."""
+
+    def __init__(self, form: MultipartUpload, image: Held) -> None:
+        super().__init__(image, content_type=form.content_type)
+        self.pieces = form.parts(image)
+        self.length = form.length
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("an image upload's body is binary")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for piece in self.pieces:
+            await writer.write(piece)
 
 
 class LocalBytesChanged(Exception):
@@ -239,7 +262,7 @@ class CloudClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CloudUnreachable(_reason(exc)) from exc
 
-    async def upload(self, key: str, form: MultipartUpload, image: bytes | bytearray | AsyncIterable[bytes],
+    async def upload(self, key: str, form: MultipartUpload, image: Held | AsyncIterable[bytes],
                      pace: Callable[[int], Awaitable[None]] | None = None, extra_s: float = 0.0) -> Outcome:
         """POST one image as the device; never raises for cloud-side failures (they are
         outcomes, `classify`). Raises what `image` raises (`LocalBytesChanged`, the store's
@@ -255,10 +278,13 @@ class CloudClient:
                 body_error.append(exc)
                 raise
 
+        # An image held whole and not paced goes in three writes; otherwise piece by piece.
+        data: aiohttp.Payload | AsyncIterator[bytes] = (
+            WholeBody(form, image) if pace is None and isinstance(image, Held) else body())
         status: int | None = None
         session = await self.http.session()
         try:
-            async with session.post(self.base_url + "/device/images/upload", data=body(), headers=headers,
+            async with session.post(self.base_url + "/device/images/upload", data=data, headers=headers,
                                     timeout=self.timeout(extra_s=extra_s), proxy=self.proxy, ssl=self.ssl or True,
                                     allow_redirects=False) as resp:
                 status = resp.status
