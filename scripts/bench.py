@@ -90,6 +90,13 @@ def grouped(url: str, run: Callable[[], Round]) -> Round:
     return r
 
 
+def cpu_limit_rps(cpu_ms: dict[str, float]) -> float:
+    """Requests per second the machine's cores allow at `cpu_ms` (per process, per request; the
+    "gateway <role>" entries split the gateway's own figure and are not counted again)."""
+    total = sum(v for k, v in cpu_ms.items() if not k.startswith("gateway "))
+    return round((os.cpu_count() or 1) * 1000 / total, 1) if total > 0 else 0.0
+
+
 def best(rounds: list[Round]) -> Round:
     return max(rounds, key=lambda r: r.rps)
 
@@ -151,6 +158,10 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                     "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
                     "catalog_group_size": g.group,
                     "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
+                    # If CPU were the only limit: the cores over the CPU one upload costs in all
+                    # processes (client, gateway, store), against the direct client's measured rate.
+                    "cpu_limit_rps": cpu_limit_rps(g.cpu),
+                    "cpu_limit_ratio": round(cpu_limit_rps(g.cpu) / d.rps, 3) if d.rps else None,
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "
