@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,18 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                     if mode == "keep":
                         counts = [c + a - b for c, a, b in zip(counts, after, before, strict=True)]
             off, on, direct = (max(got[k], key=lambda r: r.rps) for k in ("off", "keep", "s3"))
+            drops = [round((a.rps - b.rps) / d.rps, 3) for a, b, d in zip(got["off"], got["keep"], got["s3"],
+                                                                          strict=True)]
             done, busy, cpu = counts
             rows.append({
                 "size": len(jpeg), "concurrency": conc, "requests": n, "rounds": rounds,
                 "off_rps": round(off.rps, 1), "on_rps": round(on.rps, 1), "s3_rps": round(direct.rps, 1),
                 "ratio_off": round(off.rps / direct.rps, 3), "ratio_on": round(on.rps / direct.rps, 3),
                 "ratio_drop": round((off.rps - on.rps) / direct.rps, 3),
-                # Each round's own drop (off minus on, over the round's direct PUT): the noise.
-                "round_drops": [round((a.rps - b.rps) / d.rps, 3)
-                                for a, b, d in zip(got["off"], got["keep"], got["s3"], strict=True)],
+                # Each round's own drop (off minus on, over the round's direct PUT), and their median:
+                # paired within a round, so a slow spell of the machine hits both sides alike.
+                "round_drops": drops,
+                "median_round_drop": round(statistics.median(drops), 3),
                 "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
                 "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
                 "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
@@ -114,7 +118,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
               f"{r['ratio_off']:>6} {r['ratio_on']:>6} {r['ratio_drop']:>6} {r['fingerprint_cpu_ms']!s:>9} "
               f"{r['fingerprinted_share']:>8} {cpu['off']!s:>7}/{cpu['on']!s:<8}")
         if r.get("round_drops"):
-            print(f"{'':>14} drop in each of the {r['rounds']} rounds: {', '.join(map(str, r['round_drops']))}")
+            print(f"{'':>14} drop in each of the {r['rounds']} rounds: {', '.join(map(str, r['round_drops']))}; "
+                  f"median {r['median_round_drop']}")
     print("   (drop: (off - on) / S3 of the best rounds; fp CPU ms: fingerprint and comparison CPU per fingerprinted"
           " upload; fp share: uploads fingerprinted,"
           " the rest found the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked)")

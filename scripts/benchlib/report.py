@@ -213,9 +213,10 @@ def markdown(report: dict[str, Any], source: str = "") -> str:
                   "PUT (best rounds). fp CPU: fingerprint and comparison per fingerprinted upload; fp share: uploads "
                   "fingerprinted (the rest found the CPU budget spent and went unchecked).", ""]
         lines += _table(["size", "concurrency", "off req/s", "on req/s", "S3 req/s", "off / S3", "on / S3", "drop",
-                         "fp CPU ms", "fp share", "gateway CPU ms off / on"],
+                         "median drop of a round", "fp CPU ms", "fp share", "gateway CPU ms off / on"],
                         [[_size(r["size"]), r["concurrency"], r["off_rps"], r["on_rps"], r["s3_rps"], r["ratio_off"],
-                          r["ratio_on"], r["ratio_drop"], r["fingerprint_cpu_ms"], r["fingerprinted_share"],
+                          r["ratio_on"], r["ratio_drop"], r.get("median_round_drop", ""), r["fingerprint_cpu_ms"],
+                          r["fingerprinted_share"],
                           f"{r['gateway_cpu_ms_per_request']['off']} / {r['gateway_cpu_ms_per_request']['on']}"]
                          for r in report["neardup"]])
     missing = [s for s in ("ingest", "memory", "dedup", "forward", "startup", "neardup") if s not in report]
