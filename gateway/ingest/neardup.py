@@ -28,7 +28,7 @@ import anyio
 import msgspec
 
 from gateway.config import DedupSettings
-from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, region_difference
+from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, regions_within
 from gateway.ops.metrics import Metrics
 
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
@@ -144,8 +144,7 @@ class NearDuplicates:
             for ref in reversed(refs):  # newest first
                 if hamming(fp.dhash, ref.fingerprint.dhash) > self.settings.near_max_distance:
                     continue
-                diff = region_difference(fp, ref.fingerprint)
-                if diff is not None and diff <= self.settings.near_max_region_diff:
+                if regions_within(fp, ref.fingerprint, self.settings.near_max_region_diff):
                     match = ref
                     break
         return fp, match, time.thread_time() - started

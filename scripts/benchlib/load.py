@@ -11,7 +11,7 @@ import io
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
@@ -94,16 +94,19 @@ def _stamp_and_tail(size: int, jpeg: bytes | None) -> tuple[bytes, bytes]:
 
 
 def multipart_upload(port: int, path: str, key: str | None, size: int, concurrency: int, total: int,
-                     expect: tuple[int, ...] = (200, 201), jpeg: bytes | None = None) -> Round:
+                     expect: tuple[int, ...] = (200, 201), jpeg: bytes | Sequence[bytes] | None = None) -> Round:
     """POST multipart uploads (the device contract) to 127.0.0.1:port; with `jpeg`, each body is
-    that real JPEG with a fresh comment, else JPEG magic and random bytes."""
-    stamp, tail = _stamp_and_tail(size, jpeg)
+    that real JPEG (or the next of several, in turn) with a fresh comment, else JPEG magic and
+    random bytes."""
+    frames = [_stamp_and_tail(size, j) for j in ([jpeg] if jpeg is None or isinstance(jpeg, bytes) else jpeg)]
+    stamp, tail = frames[0]
     size = len(JPEG) + len(stamp) + 16 + len(tail)
     boundary = "benchb0undary" + secrets.token_hex(4)
     epilogue = f"\r\n--{boundary}--\r\n".encode()
 
     def one(n: int, conn: object) -> None:
         assert isinstance(conn, http.client.HTTPConnection)
+        stamp, tail = frames[n % len(frames)]
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f{n}.jpg\"\r\n"
                 "Content-Type: image/jpeg\r\n\r\n").encode() + JPEG + stamp + secrets.token_bytes(16)
         conn.putrequest("POST", path, skip_accept_encoding=True)

@@ -11,10 +11,10 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from gateway.config import DedupSettings
-from gateway.ingest.fingerprint import _local_range, fingerprint, region_difference
+from gateway.ingest.fingerprint import _local_range, fingerprint, region_difference, regions_within
 from gateway.ingest.neardup import has_annotations
 from tests.conftest import png_bytes
 from tests.support.frames import Pair, labelled_pairs, precision_recall, scores
@@ -88,3 +88,20 @@ def test_local_range_is_the_3x3_minimum_and_maximum() -> None:
                 assert low.getpixel((x - 1, y - 1)) == min(around)
                 assert high.getpixel((x - 1, y - 1)) == max(around)
                 assert core.getpixel((x - 1, y - 1)) == px[x, y]
+
+
+def test_the_quick_region_check_decides_as_the_full_one() -> None:
+    """`regions_within` takes a short cut for frames whose pixels barely differ; on the labelled
+    pairs and at every threshold it must call exactly the pairs the full comparison calls."""
+    pairs = labelled_pairs(12, seed=23)
+    prints = [(fingerprint(p.earlier), fingerprint(p.later)) for p in pairs]
+    short_cuts = 0
+    for a, b in prints:
+        assert a is not None and b is not None
+        full = region_difference(a, b)
+        assert full is not None
+        for limit in (0, 10, 20, 30, 40, 60, 255):
+            assert regions_within(a, b, limit) == (full <= limit), (limit, full)
+        plain = ImageChops.difference(a.region, b.region).getextrema()[1]
+        short_cuts += isinstance(plain, int) and plain <= 30
+    assert short_cuts > 0, "the short cut is never taken on these pairs: it tests nothing"
