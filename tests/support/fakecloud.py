@@ -56,6 +56,8 @@ from typing import Any, Literal
 import multipart
 import xxhash
 
+from tests.support.ports import free_port
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -494,7 +496,8 @@ class FakeCloud:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FakeCloud:
-        """Listen on 127.0.0.1 (port 0 picks a free one, kept for the cloud's lifetime)."""
+        """Listen on 127.0.0.1 (port 0 picks a free one below the ephemeral range, kept for the
+        cloud's lifetime, so that it is still free when the cloud comes back)."""
         with self._lifecycle:
             if not self._started:
                 self._started = True
@@ -547,14 +550,15 @@ class FakeCloud:
 
     def _listen(self) -> None:
         deadline = time.monotonic() + 5
+        first = self._port == 0  # a port of our own choosing, below the ephemeral range (ports.py)
         while True:
             try:
-                server = _Server(self, self._port)
+                server = _Server(self, free_port() if first else self._port)
                 break
             except OSError:
-                if self._port == 0 or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                time.sleep(0 if first else 0.05)  # taken since it was picked: pick another
         self._port = server.server_address[1]
         self._server = server
         threading.Thread(

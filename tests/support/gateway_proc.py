@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from typing import Any
 
 import httpx
 
+from tests.support.ports import free_port as free_port  # the port helper the tests import from here
+
 ADMIN_TOKEN = "test-admin-token-0123456789"
 SYNC_TOKEN = "test-sync-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gateway_env(workdir: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -47,7 +47,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +57,8 @@ from types import FrameType, TracebackType
 
 import urllib3
 from minio import Minio
+
+from tests.support.ports import bindable, ephemeral_low
 
 ENV_ENDPOINT = "GATEWAY_TEST_S3_ENDPOINT"
 ENV_ACCESS_KEY = "GATEWAY_TEST_S3_ACCESS_KEY"
@@ -136,7 +137,7 @@ def write_identities(path: Path, access_key: str, secret_key: str) -> None:
 def pick_port_pairs(count: int) -> list[int]:
     """`count` distinct free loopback ports P, each with P + 10000 (weed's gRPC port) free too,
     below the ephemeral range (see the module docstring)."""
-    low, high = 10000, _ephemeral_low()
+    low, high = 10000, ephemeral_low()
     rng = random.SystemRandom()
     taken: set[int] = set()
     ports: list[int] = []
@@ -145,7 +146,7 @@ def pick_port_pairs(count: int) -> list[int]:
             break
         port = rng.randrange(low, high - GRPC_OFFSET)
         pair = {port, port + GRPC_OFFSET}
-        if not pair & taken and all(_bindable(p) for p in pair):
+        if not pair & taken and all(bindable(p) for p in pair):
             taken |= pair
             ports.append(port)
     if len(ports) < count:
@@ -153,25 +154,9 @@ def pick_port_pairs(count: int) -> list[int]:
     return ports
 
 
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _pick_ports() -> _Ports:
     """Ten distinct free loopback ports below the ephemeral range; admin gRPC = admin + 10000."""
-    low, high = 10000, _ephemeral_low()
+    low, high = 10000, ephemeral_low()
     if high - GRPC_OFFSET <= low + 100:
         raise RuntimeError(f"ephemeral port range starts too low ({high}) to place weed's ports")
     rng = random.SystemRandom()
@@ -181,7 +166,7 @@ def _pick_ports() -> _Ports:
         for _ in range(2000):
             port = rng.randrange(lo, hi)
             pair = {port, port + GRPC_OFFSET} if plus_grpc else {port}
-            if pair & taken or not all(_bindable(p) for p in pair):
+            if pair & taken or not all(bindable(p) for p in pair):
                 continue
             taken.update(pair)
             return port

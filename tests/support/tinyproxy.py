@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,9 +36,7 @@ class TinyProxy:
 
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.log_file = workdir / "tinyproxy.log"
         self.conf = workdir / "tinyproxy.conf"
         self.conf.write_text(
