@@ -33,7 +33,7 @@ DELIVERED, RETRY, REJECT = "delivered", "retry", "reject"
 BODY_KEPT = 2048
 ANSWER_READ = 64 * 1024  # an upload's answer is a small envelope; a longer one is cut and its connection dropped
 PIECE = 64 * 1024  # bytes per bandwidth-bucket take: smooth pacing without a take per byte
-Held = bytes | bytearray | memoryview  # an image's bytes held whole in memory
+Held = bytes | bytearray  # an image's bytes held whole in memory
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -153,6 +153,9 @@ class WholeBody(aiohttp.Payload):
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("an image upload's body is binary")
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"".join(self.pieces)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         for piece in self.pieces:

@@ -35,8 +35,13 @@ def bindable(port: int) -> bool:
 
 
 def free_port(high: int | None = None) -> int:
-    """A port free on 127.0.0.1 now, below the ephemeral range (or below `high`)."""
+    """A port free on 127.0.0.1 now, below the ephemeral range (or below `high`); where that range
+    starts too low to leave room, any port the kernel gives."""
     top = min(high or ephemeral_low(), ephemeral_low())
+    if top - LOWEST < 1000:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            return int(sock.getsockname()[1])
     rng = random.SystemRandom()
     for _ in range(2000):
         port = rng.randrange(LOWEST, top)
