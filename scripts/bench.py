@@ -160,8 +160,8 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                     "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
                     # If CPU were the only limit: the cores over the CPU one upload costs in all
                     # processes (client, gateway, store), against the direct client's measured rate.
-                    "cpu_limit_rps": cpu_limit_rps(g.cpu),
-                    "cpu_limit_ratio": round(cpu_limit_rps(g.cpu) / d.rps, 3) if d.rps else None,
+                    "cpu_limit_rps": (limit := cpu_limit_rps(g.cpu)),
+                    "cpu_limit_ratio": round(limit / d.rps, 3) if d.rps else None,
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "

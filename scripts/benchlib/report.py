@@ -73,7 +73,6 @@ def print_table(report: dict[str, Any]) -> None:
     if report.get("ingest"):
         print(f"   (CPU lim: gw/S3 if CPU were the only limit: {os.cpu_count()} cores over the CPU one gateway upload "
               "costs in client, gateway and store together, against the direct client's rate)")
-    if report.get("ingest"):
         print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
         print(f"{'size':>8} {'conc':>4} | {'gateway':>7} {'loop':>6} {'writer':>6} {'other':>6} {'S3':>6} "
               f"{'client':>6} | direct: {'S3':>6} {'client':>6} | discard: {'server':>6} | {'group':>5}")

@@ -34,10 +34,10 @@ def bindable(port: int) -> bool:
     return True
 
 
-def free_port(high: int | None = None) -> int:
-    """A port free on 127.0.0.1 now, below the ephemeral range (or below `high`); where that range
-    starts too low to leave room, any port the kernel gives."""
-    top = min(high or ephemeral_low(), ephemeral_low())
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, below the ephemeral range; where that range starts too low
+    to leave room, any port the kernel gives."""
+    top = ephemeral_low()
     if top - LOWEST < 1000:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((HOST, 0))

@@ -58,7 +58,7 @@ from types import FrameType, TracebackType
 import urllib3
 from minio import Minio
 
-from tests.support.ports import bindable, ephemeral_low
+from tests.support.ports import LOWEST, bindable, ephemeral_low
 
 ENV_ENDPOINT = "GATEWAY_TEST_S3_ENDPOINT"
 ENV_ACCESS_KEY = "GATEWAY_TEST_S3_ACCESS_KEY"
@@ -137,7 +137,7 @@ def write_identities(path: Path, access_key: str, secret_key: str) -> None:
 def pick_port_pairs(count: int) -> list[int]:
     """`count` distinct free loopback ports P, each with P + 10000 (weed's gRPC port) free too,
     below the ephemeral range (see the module docstring)."""
-    low, high = 10000, ephemeral_low()
+    low, high = LOWEST, ephemeral_low()
     rng = random.SystemRandom()
     taken: set[int] = set()
     ports: list[int] = []
@@ -156,7 +156,7 @@ def pick_port_pairs(count: int) -> list[int]:
 
 def _pick_ports() -> _Ports:
     """Ten distinct free loopback ports below the ephemeral range; admin gRPC = admin + 10000."""
-    low, high = 10000, ephemeral_low()
+    low, high = LOWEST, ephemeral_low()
     if high - GRPC_OFFSET <= low + 100:
         raise RuntimeError(f"ephemeral port range starts too low ({high}) to place weed's ports")
     rng = random.SystemRandom()
