@@ -145,10 +145,16 @@ class DedupSettings(_Section):
         float, _help("CPU (in cores) fingerprints may use on average; beyond it frames are stored unchecked. A JPEG "
                      "costs about half its full decode (docs/design.md).", gt=0, le=64)
     ] = 0.5
+    near_min_idle_cores: Annotated[
+        float, _help("Fingerprint only while the machine (or the container's CPU quota) had at least this many "
+                     "cores idle over the last half second, counting what fingerprints used: below it ingest "
+                     "needs the CPU and frames are stored unchecked. At most half the CPUs; 0 = whatever the "
+                     "load.", ge=0)
+    ] = 1.0
     near_busy_uploads: Annotated[
-        int, _help("While more uploads than this are in progress the gateway is saturated: frames are stored "
-                   "unchecked, ingest keeps the CPU; 0 = check whatever the load.", ge=0)
-    ] = 4
+        int, _help("While more uploads than this are in progress frames are stored unchecked too; 0 = no such "
+                   "limit.", ge=0)
+    ] = 0
 
 
 class BatchSettings(_Section):

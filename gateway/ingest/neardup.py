@@ -10,10 +10,10 @@ would mean keeping thumbnails in the catalog, for the saving of one frame per de
 
 A frame is a near-duplicate of a reference when their difference hashes are within
 `near_max_distance` bits and no region differs by more than `near_max_region_diff` gray levels
-(`gateway.ingest.fingerprint`). Fingerprints run in worker threads, within a CPU budget
-(`near_cpu_share` of a core on average, a token bucket), and only while the gateway is not
-saturated (at most `near_busy_uploads` uploads in progress); otherwise the frame is stored
-unchecked rather than slowing ingest down.
+(`gateway.ingest.fingerprint`). Fingerprints are background work: they run in worker threads,
+within a CPU budget (`near_cpu_share` of a core on average, a token bucket), and only while the
+machine has CPU to spare (`near_min_idle_cores` idle, counting what fingerprints used:
+`gateway.system.cpuidle`); otherwise the frame is stored unchecked rather than slowing ingest down.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import msgspec
 from gateway.config import DedupSettings
 from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, regions_within
 from gateway.ops.metrics import Metrics
+from gateway.system.cpuidle import IdleCpu
 
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
 BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell
@@ -81,9 +82,13 @@ class NearDuplicates:
     """The per-device windows of reference frames, and the fingerprint workers."""
 
     def __init__(self, settings: DedupSettings, metrics: Metrics, clock: Callable[[], float],
-                 uploads_in_progress: Callable[[], int] = lambda: 0) -> None:
+                 uploads_in_progress: Callable[[], int] = lambda: 0, idle_cpu: IdleCpu | None = None) -> None:
         self.settings = settings
         self.uploads_in_progress = uploads_in_progress
+        self.idle_cpu = idle_cpu or IdleCpu()
+        # An idle core is worth asking for only where there are cores to spare at all.
+        self.min_idle_cores = min(settings.near_min_idle_cores, self.idle_cpu.cores / 2)
+        self._cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
         self.metrics = metrics
         self.clock = clock
         self._windows: dict[str, deque[Reference]] = {}
@@ -108,6 +113,7 @@ class NearDuplicates:
         finally:
             self._admitted -= 1
         self._budget -= cpu
+        self._cpu_spent += cpu
         self.metrics.fingerprint_cpu_seconds.inc(cpu)
         self.metrics.fingerprints.labels("undecodable" if fp is None else "done").inc()
         if ref is None:
@@ -121,10 +127,14 @@ class NearDuplicates:
         return Verdict(fingerprint=fp, of=ref, action=action)
 
     def _may_start(self) -> bool:
-        """Room for one more fingerprint: a worker slot free or nearly, the gateway not saturated,
-        and CPU budget left."""
+        """Room for one more fingerprint: a worker slot free or nearly, CPU to spare on the machine,
+        the gateway not saturated, and CPU budget left."""
         if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
             return False
+        if self.min_idle_cores:
+            spare = self.idle_cpu.idle_cores(reclaimable_s=self._cpu_spent)
+            if spare is not None and spare < self.min_idle_cores:
+                return False
         busy = self.settings.near_busy_uploads
         if busy and self.uploads_in_progress() > busy:
             return False
@@ -167,3 +177,4 @@ class NearDuplicates:
             window = self._windows[device_id] = deque(maxlen=self.settings.near_window)
         window.append(Reference(image_id=image_id, batch_id=batch_id, storage_key=storage_key, at=self.clock(),
                                 fingerprint=verdict.fingerprint))
+

@@ -46,7 +46,9 @@ class Round:
 
 
 def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int, object], None],
-         connect: Callable[[], object]) -> Round:
+         connect: Callable[[], object], rate: float | None = None) -> Round:
+    """`total` requests from `concurrency` threads, each as soon as a thread is free, or with `rate`,
+    request n not before n / rate seconds from the start (a steady load below saturation)."""
     lock = threading.Lock()
     issued = [0]
     latencies: list[float] = []
@@ -60,6 +62,8 @@ def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int,
                     return
                 issued[0] += 1
                 n = issued[0]
+            if rate:
+                time.sleep(max(0.0, t0 + (n - 1) / rate - time.perf_counter()))
             started = time.perf_counter()
             try:
                 one(n, conn)
@@ -94,10 +98,11 @@ def _stamp_and_tail(size: int, jpeg: bytes | None) -> tuple[bytes, bytes]:
 
 
 def multipart_upload(port: int, path: str, key: str | None, size: int, concurrency: int, total: int,
-                     expect: tuple[int, ...] = (200, 201), jpeg: bytes | Sequence[bytes] | None = None) -> Round:
+                     expect: tuple[int, ...] = (200, 201), jpeg: bytes | Sequence[bytes] | None = None,
+                     rate: float | None = None) -> Round:
     """POST multipart uploads (the device contract) to 127.0.0.1:port; with `jpeg`, each body is
     that real JPEG (or the next of several, in turn) with a fresh comment, else JPEG magic and
-    random bytes."""
+    random bytes; with `rate`, at that many requests per second at most."""
     frames = [_stamp_and_tail(size, j) for j in ([jpeg] if jpeg is None or isinstance(jpeg, bytes) else jpeg)]
     stamp, tail = frames[0]
     size = len(JPEG) + len(stamp) + 16 + len(tail)
@@ -123,7 +128,7 @@ def multipart_upload(port: int, path: str, key: str | None, size: int, concurren
         if resp.status not in expect:
             raise RuntimeError(f"status {resp.status}")
 
-    return _run("http", size, concurrency, total, one, lambda: http.client.HTTPConnection("127.0.0.1", port))
+    return _run("http", size, concurrency, total, one, lambda: http.client.HTTPConnection("127.0.0.1", port), rate)
 
 
 class _Body(io.RawIOBase):

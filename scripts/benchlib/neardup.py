@@ -7,6 +7,7 @@ import functools
 import os
 import random
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ ROUNDS = 4  # rounds per size in a full run (one in --quick)
 # of 1-2 s gave per-round drops anywhere from -0.2 to +0.35 at 1 MiB).
 REQUESTS = {100 * KiB: 1200, 1 * MiB: 480, 5 * MiB: 120}
 ORDER = ["off", "keep", "s3"]
+STEADY_SHARE = 0.25  # the steady round's rate, of the best rate with the filter off
+STEADY_S = 6.0  # ...and its length
 FRAME_COUNT = 6  # distinct frames sent in turn (each with a fresh comment, so exact dedup lets all in)
 # Frame sizes (pixels, JPEG quality, sensor noise) whose JPEGs come near 100 KiB, 1 MiB and 5 MiB.
 FRAMES = {100 * KiB: (1024, 768, 88, 3.0), 1 * MiB: (2048, 1536, 95, 6.0), 5 * MiB: (4096, 3072, 95, 8.0)}
@@ -100,6 +103,15 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                     if mode == "keep":
                         counts = [c + a - b for c, a, b in zip(counts, after, before, strict=True)]
             off, on, direct = (max(got[k], key=lambda r: r.rps) for k in ("off", "keep", "s3"))
+            # Below saturation, at a steady quarter of the rate: the share of frames a gateway with CPU
+            # to spare checks, and what a fingerprint costs (saturated rounds fingerprint few or none).
+            rate = STEADY_SHARE * off.rps
+            time.sleep(1.0)  # the filter's idle-CPU figure covers the last half second: not a saturated round's
+            before = fingerprint_figures(gws["keep"].url)
+            steady = metered({"gateway": gws["keep"].pid}, None,
+                             functools.partial(multipart_upload, jpeg=shots, rate=rate),
+                             gws["keep"].port, UPLOAD, keys["keep"], len(jpeg), conc, max(20, int(rate * STEADY_S)))
+            s_done, s_busy, s_cpu = (a - b for a, b in zip(fingerprint_figures(gws["keep"].url), before, strict=True))
             drops = [round((a.rps - b.rps) / d.rps, 3) for a, b, d in zip(got["off"], got["keep"], got["s3"],
                                                                           strict=True)]
             done, busy, cpu = counts
@@ -114,6 +126,10 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                 "median_round_drop": round(statistics.median(drops), 3),
                 "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
                 "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
+                "steady": {"rps": round(steady.rps, 1), "fingerprinted_share":
+                           round(s_done / (s_done + s_busy), 3) if s_done + s_busy else None,
+                           "fingerprint_cpu_ms": round(1000 * s_cpu / s_done, 2) if s_done else None,
+                           "gateway_cpu_ms_per_request": steady.cpu.get("gateway")},
                 "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
             })
     finally:
@@ -134,7 +150,12 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         if r.get("round_drops"):
             print(f"{'':>14} drop in each of the {r['rounds']} rounds: {', '.join(map(str, r['round_drops']))}; "
                   f"median {r['median_round_drop']}")
+        if r.get("steady"):
+            st = r["steady"]
+            print(f"{'':>14} steady {st['rps']}/s: fingerprinted {st['fingerprinted_share']}, fp CPU ms "
+                  f"{st['fingerprint_cpu_ms']}, gateway CPU ms {st['gateway_cpu_ms_per_request']}")
     print("   (drop: (off - on) / S3 of the best rounds; fp CPU ms: fingerprint and comparison CPU per fingerprinted"
-          " upload; fp share: uploads fingerprinted,"
-          " the rest found the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked)")
+          " upload; fp share: uploads fingerprinted, the rest found no core to spare [dedup.near_min_idle_cores],"
+          " the CPU budget [dedup.near_cpu_share] spent or the workers busy and went unchecked; steady: the"
+          f" gateway with the filter on at {STEADY_SHARE:.0%} of the best rate with it off)")
 

@@ -54,7 +54,8 @@ async def test_the_fingerprint_runs_beside_the_store_write_unless_the_frame_may_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
     spans = stretched(monkeypatch)
-    settings = folder_settings(tmp_path, ADMIN, GATEWAY_DEDUP_NEAR_DUPLICATES=action)
+    settings = folder_settings(tmp_path, ADMIN, GATEWAY_DEDUP_NEAR_DUPLICATES=action,
+                               GATEWAY_DEDUP_NEAR_MIN_IDLE_CORES="0")
     scene = draw(Scene(seed=5, parts=((300, 200),)))
     frames = [capture(scene, i, shift=(i % 2, 0), sigma=3.0, quality=85) for i in range(2)]
     gw = Gateway(settings)

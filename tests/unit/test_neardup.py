@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import pytest
@@ -11,6 +12,7 @@ from gateway.config import DedupSettings
 from gateway.ingest import neardup
 from gateway.ingest.neardup import NearDuplicates, Verdict
 from gateway.ops.metrics import Metrics
+from gateway.system.cpuidle import IdleCpu
 from tests.support.frames import Scene, capture, draw
 
 ANNOTATED = json.dumps({"annotations": [{"class_value": "x", "type": "bbox", "geometry": [0.5, 0.5, 0.1, 0.1]}]})
@@ -39,7 +41,8 @@ def judge(nd: NearDuplicates, frame: bytes, metadata: str | None = None) -> Verd
 
 def test_near_duplicates_point_at_references_which_expire(shots: list[bytes]) -> None:
     clock = Clock()
-    nd = NearDuplicates(DedupSettings(near_duplicates="hold", near_window_s=60), Metrics(), clock)
+    nd = NearDuplicates(DedupSettings(near_duplicates="hold", near_window_s=60, near_min_idle_cores=0), Metrics(),
+                        clock)
     first = judge(nd, shots[0])
     assert first.of is None and first.fingerprint is not None
     nd.remember("dev", first, "img_1", "batch_1", "raw-data/1")
@@ -56,15 +59,61 @@ def test_frames_go_unchecked_once_the_cpu_budget_is_spent(shots: list[bytes],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(neardup, "BURST_CPU_S", 0.0001)
     metrics = Metrics()
-    nd = NearDuplicates(DedupSettings(near_cpu_share=1e-6), metrics, Clock())
+    nd = NearDuplicates(DedupSettings(near_cpu_share=1e-6, near_min_idle_cores=0), metrics, Clock())
     assert judge(nd, shots[0]).fingerprint is not None  # within the initial burst
     assert judge(nd, shots[1]).fingerprint is None  # budget spent: stored unchecked
     assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
 
 
-def test_a_saturated_gateway_stores_frames_unchecked(shots: list[bytes]) -> None:
+def test_a_gateway_with_too_many_uploads_in_progress_stores_frames_unchecked(shots: list[bytes]) -> None:
     in_progress = [5]
-    nd = NearDuplicates(DedupSettings(near_busy_uploads=4), Metrics(), Clock(), lambda: in_progress[0])
+    nd = NearDuplicates(DedupSettings(near_busy_uploads=4, near_min_idle_cores=0), Metrics(), Clock(),
+                        lambda: in_progress[0])
     assert judge(nd, shots[0]).fingerprint is None  # 5 uploads in progress: ingest keeps the CPU
     in_progress[0] = 4
+    assert judge(nd, shots[0]).fingerprint is not None
+
+
+class Idle(IdleCpu):
+    """The machine's idle cores as the test sets them, and the reclaimable CPU it was told."""
+
+    def __init__(self, cores: float) -> None:
+        super().__init__(proc=Path("/nonexistent"), cgroup_root=Path("/nonexistent"))
+        self.idle: float | None = None
+        self.told: list[float] = []
+        self._cores = cores
+
+    @property
+    def cores(self) -> float:
+        return self._cores
+
+    def idle_cores(self, reclaimable_s: float = 0.0) -> float | None:
+        self.told.append(reclaimable_s)
+        return self.idle
+
+
+def test_frames_go_unchecked_while_the_machine_has_no_core_to_spare(shots: list[bytes]) -> None:
+    idle = Idle(cores=2)
+    metrics = Metrics()
+    nd = NearDuplicates(DedupSettings(), metrics, Clock(), idle_cpu=idle)
+    assert nd.min_idle_cores == 1.0
+    assert judge(nd, shots[0]).fingerprint is not None  # not measured yet: checked
+    idle.idle = 0.45  # a saturated 2-core gateway at 100 KiB (docs/design.md)
+    assert judge(nd, shots[1]).fingerprint is None
+    assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
+    idle.idle = 1.2
+    spent = metrics.registry.get_sample_value("acusight_gateway_fingerprint_cpu_seconds_total")
+    assert judge(nd, shots[2]).fingerprint is not None
+    # what fingerprints spent so far is offered as reclaimable, so that they do not stop themselves
+    assert idle.told[0] == 0 and idle.told[-1] == spent and spent > 0
+
+
+def test_a_one_core_machine_asks_for_half_a_core_and_zero_asks_for_none(shots: list[bytes]) -> None:
+    idle = Idle(cores=1)
+    nd = NearDuplicates(DedupSettings(), Metrics(), Clock(), idle_cpu=idle)
+    assert nd.min_idle_cores == 0.5
+    idle.idle = 0.6
+    assert judge(nd, shots[0]).fingerprint is not None
+    nd = NearDuplicates(DedupSettings(near_min_idle_cores=0), Metrics(), Clock(), idle_cpu=idle)
+    idle.idle = 0.0
     assert judge(nd, shots[0]).fingerprint is not None
