@@ -7,7 +7,8 @@ Two readings, the smaller wins:
   cgroup used (cpu.stat), since a throttled container sees an idle host.
 
 Readings are averaged over at least `interval` seconds: `idle_cores()` returns the last complete
-interval's figure, or None until one has passed or where neither file can be read (not Linux).
+interval's figure, or None until one has passed (again, after a spell without readings) or where
+neither file can be read (not Linux).
 The caller's own deferrable work counts as idle (`reclaimable_s`, its running CPU total), so that
 background work which stops when the machine is busy does not stop itself.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 INTERVAL_S = 0.5
+STALE_AFTER = 3  # intervals: a reading older than this is a fresh start, not a baseline
 
 
 class IdleCpu:
@@ -52,7 +54,9 @@ class IdleCpu:
         if self._last is not None and now - self._last[0] < self.interval:
             return self._idle
         reading = (now, self._host_idle_s(), self._cgroup_used_s(), reclaimable_s)
-        if self._last is not None:
+        if self._last is not None and now - self._last[0] > STALE_AFTER * self.interval:
+            self._idle = None  # no reading for a while: an average over that spell says nothing of now
+        elif self._last is not None:
             span = now - self._last[0]
             figures = []
             if reading[1] is not None and self._last[1] is not None:

@@ -66,6 +66,20 @@ def test_idle_cores_are_the_hosts_idle_time_over_the_last_interval(tmp_path: Pat
     assert idle.idle_cores() == pytest.approx(0.2, abs=0.02)
 
 
+def test_after_a_spell_without_readings_the_figure_starts_again(tmp_path: Path) -> None:
+    machine, clock = Machine(tmp_path), Clock()
+    idle = machine.idle_cpu(clock)
+    idle.idle_cores()
+    clock.now += 10.0  # nobody asked for 10 s (no uploads), while other work kept the machine busy
+    machine.idle_s += 0.5
+    machine.write()
+    assert idle.idle_cores() is None  # an average over those 10 s says nothing of the last half second
+    clock.now += 0.5
+    machine.idle_s += 0.9
+    machine.write()
+    assert idle.idle_cores() == pytest.approx(1.8, abs=0.02)
+
+
 def test_a_cgroup_quota_caps_what_counts_as_idle(tmp_path: Path) -> None:
     machine, clock = Machine(tmp_path, "/machine.slice/gateway.scope"), Clock()
     machine.quota(machine.folder, None)  # no quota here...
