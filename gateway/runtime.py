@@ -61,6 +61,7 @@ class Gateway:
     def run_background(self, tg: TaskGroup) -> None:
         svc = self.services
         tg.start_soon(svc.ingestor.keep_seen_keys)
+        tg.start_soon(svc.ingestor.near.watch_cpu)
         tg.start_soon(svc.sealer.run)
         tg.start_soon(svc.manifests.run)
         tg.start_soon(svc.reconciler.run)

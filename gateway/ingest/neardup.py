@@ -88,7 +88,7 @@ class NearDuplicates:
         self.idle_cpu = idle_cpu or IdleCpu()
         # An idle core is worth asking for only where there are cores to spare at all.
         self.min_idle_cores = min(settings.near_min_idle_cores, self.idle_cpu.cores / 2)
-        self._cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
+        self.cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
         self.metrics = metrics
         self.clock = clock
         self._windows: dict[str, deque[Reference]] = {}
@@ -100,6 +100,12 @@ class NearDuplicates:
     @property
     def enabled(self) -> bool:
         return self.settings.near_duplicates != "off"
+
+    async def watch_cpu(self) -> None:
+        """Background task: the machine's idle CPU, read every half second, fingerprints' own CPU
+        counted as spare (they would stop if it were needed)."""
+        if self.enabled and self.min_idle_cores:
+            await self.idle_cpu.run(lambda: self.cpu_spent)
 
     async def judge(self, device_id: str, source: bytes | Path, metadata: bytes | None, size: int) -> Verdict:
         """Fingerprint a frame (in a worker thread) and compare it with its device's references."""
@@ -113,7 +119,7 @@ class NearDuplicates:
         finally:
             self._admitted -= 1
         self._budget -= cpu
-        self._cpu_spent += cpu
+        self.cpu_spent += cpu
         self.metrics.fingerprint_cpu_seconds.inc(cpu)
         self.metrics.fingerprints.labels("undecodable" if fp is None else "done").inc()
         if ref is None:
@@ -132,7 +138,7 @@ class NearDuplicates:
         if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
             return False
         if self.min_idle_cores:
-            spare = self.idle_cpu.idle_cores(reclaimable_s=self._cpu_spent)
+            spare = self.idle_cpu.idle_cores()
             if spare is not None and spare < self.min_idle_cores:
                 return False
         busy = self.settings.near_busy_uploads

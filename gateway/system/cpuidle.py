@@ -6,11 +6,11 @@ Two readings, the smaller wins:
 - where the gateway's cgroup (v2) has a CPU quota (`podman run --cpus`), the quota less what the
   cgroup used (cpu.stat), since a throttled container sees an idle host.
 
-Readings are averaged over at least `interval` seconds: `idle_cores()` returns the last complete
-interval's figure, or None until one has passed (again, after a spell without readings) or where
-neither file can be read (not Linux).
-The caller's own deferrable work counts as idle (`reclaimable_s`, its running CPU total), so that
-background work which stops when the machine is busy does not stop itself.
+`run` takes a reading every `interval` seconds (a background task); `idle_cores()` answers the
+last interval's figure at once, or None before the first interval, when readings stopped, or where
+neither file can be read (not Linux). The caller's own deferrable work counts as idle (its running
+CPU total, `reclaimable`), so that background work which stops when the machine is busy does not
+stop itself.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+
 INTERVAL_S = 0.5
-STALE_AFTER = 3  # intervals: a reading older than this is a fresh start, not a baseline
+STALE_AFTER = 3  # intervals: a figure older than this is not an answer (the sampler stopped)
 
 
 class IdleCpu:
-    """Idle cores over the last interval, read lazily (at most one pair of file reads per interval)."""
+    """Idle cores over the last interval."""
 
     def __init__(self, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup"),
                  clock: Callable[[], float] = time.monotonic, interval: float = INTERVAL_S) -> None:
@@ -47,16 +49,24 @@ class IdleCpu:
             cpus = float(os.cpu_count() or 1)
         return min(cpus, self._cgroup[1]) if self._cgroup else cpus
 
-    def idle_cores(self, reclaimable_s: float = 0.0) -> float | None:
-        """Idle cores over the last complete interval, plus the cores the caller's reclaimable work
-        used in it (None: not known yet, or not measurable here)."""
+    def idle_cores(self) -> float | None:
+        """Idle cores over the last interval, plus the cores the caller's reclaimable work used in
+        it (None: not known)."""
+        if self._last is None or self.clock() - self._last[0] > STALE_AFTER * self.interval:
+            return None
+        return self._idle
+
+    async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
+        """Background task: a reading every interval, for as long as the gateway runs."""
+        while True:
+            self.sample(reclaimable())
+            await anyio.sleep(self.interval)
+
+    def sample(self, reclaimable_s: float = 0.0) -> None:
+        """Take a reading; the figure is the average since the previous one."""
         now = self.clock()
-        if self._last is not None and now - self._last[0] < self.interval:
-            return self._idle
         reading = (now, self._host_idle_s(), self._cgroup_used_s(), reclaimable_s)
-        if self._last is not None and now - self._last[0] > STALE_AFTER * self.interval:
-            self._idle = None  # no reading for a while: an average over that spell says nothing of now
-        elif self._last is not None:
+        if self._last is not None and now > self._last[0]:
             span = now - self._last[0]
             figures = []
             if reading[1] is not None and self._last[1] is not None:
@@ -66,7 +76,6 @@ class IdleCpu:
             reclaimed = (reclaimable_s - self._last[3]) / span
             self._idle = max(0.0, min(figures) + reclaimed) if figures else None
         self._last = reading
-        return self._idle
 
     def _host_idle_s(self) -> float | None:
         try:
