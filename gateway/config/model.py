@@ -147,7 +147,7 @@ class DedupSettings(_Section):
     ] = 0.5
     near_min_idle_cores: Annotated[
         float, _help("Fingerprint only while the machine (or the container's CPU quota) had at least this many "
-                     "cores idle over the last half second, counting what fingerprints used: below it ingest "
+                     "cores idle over the last 0.2 s, counting what fingerprints used: below it ingest "
                      "needs the CPU and frames are stored unchecked. At most half the CPUs; 0 = whatever the "
                      "load.", ge=0)
     ] = 1.0

@@ -102,7 +102,7 @@ class NearDuplicates:
         return self.settings.near_duplicates != "off"
 
     async def watch_cpu(self) -> None:
-        """Background task: the machine's idle CPU, read every half second, fingerprints' own CPU
+        """Background task: the machine's idle CPU, read every 0.2 s, fingerprints' own CPU
         counted as spare (they would stop if it were needed)."""
         if self.enabled and self.min_idle_cores:
             await self.idle_cpu.run(lambda: self.cpu_spent)

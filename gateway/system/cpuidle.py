@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-INTERVAL_S = 0.5
+INTERVAL_S = 0.2  # short: a burst after a quiet spell is seen within this
 STALE_AFTER = 3  # intervals: a figure older than this is not an answer (the sampler stopped)
 
 

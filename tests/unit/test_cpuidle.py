@@ -48,7 +48,7 @@ class Machine:
         (folder / "cpu.max").write_text("max 100000\n" if cores is None else f"{round(cores * 100000)} 100000\n")
 
     def idle_cpu(self, clock: Clock) -> IdleCpu:
-        return IdleCpu(proc=self.proc, cgroup_root=self.cgroups, clock=clock)
+        return IdleCpu(proc=self.proc, cgroup_root=self.cgroups, clock=clock, interval=0.5)
 
 
 def test_idle_cores_are_the_hosts_idle_time_over_the_last_interval(tmp_path: Path) -> None:
