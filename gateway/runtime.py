@@ -3,7 +3,8 @@ stopped in a known order.
 
 Start: data folders -> catalog (migrations) -> key secret -> devices -> forward cache -> ingest
 (spool, open batches) -> object store check and leftover upload intents settled; then the
-background loops (seen keys, batch sealer, manifest writer, reconciliation, forwarder, retention).
+background loops (seen keys, idle CPU for near-duplicates, batch sealer, manifest writer,
+reconciliation, forwarder, retention).
 Stop: refuse new work (readiness off) -> background loops cancelled -> catalog drained and closed.
 """
 
@@ -61,7 +62,7 @@ class Gateway:
     def run_background(self, tg: TaskGroup) -> None:
         svc = self.services
         tg.start_soon(svc.ingestor.keep_seen_keys)
-        tg.start_soon(svc.ingestor.near.watch_cpu)
+        tg.start_soon(svc.ingestor.watch_cpu)
         tg.start_soon(svc.sealer.run)
         tg.start_soon(svc.manifests.run)
         tg.start_soon(svc.reconciler.run)

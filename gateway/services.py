@@ -45,6 +45,7 @@ from gateway.ops.verify import VerifyProgress
 from gateway.outbound import Outbound
 from gateway.storage import ObjectStore, open_store
 from gateway.storage.probe import StoreProbe
+from gateway.system.cpuidle import IdleCpu
 from gateway.system.ratelimit import DeviceRateLimiter
 
 
@@ -136,7 +137,8 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
         manifests.sealed(batch_id)
         sealer.wake()
 
-    ingestor = Ingestor(s, catalog, store, metrics, clock, uplink, forward_cache=cache, on_sealed=batch_sealed)
+    ingestor = Ingestor(s, catalog, store, metrics, clock, uplink, forward_cache=cache, on_sealed=batch_sealed,
+                        idle_cpu=IdleCpu())
     reconciler = Reconciler(catalog, store, ingestor.spool_dir, lambda: ingestor.active_intents, started_at)
 
     cloud = CloudClient(http, s.cloud.url, s.cloud.timeout_s, s.cloud.deadline_s, s.cloud.proxy) if forwarding_on \

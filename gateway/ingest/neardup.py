@@ -18,6 +18,7 @@ machine has CPU to spare (`near_min_idle_cores` idle, counting what fingerprints
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from gateway.ingest.fingerprint import Fingerprint, fingerprint, hamming, region
 from gateway.ops.metrics import Metrics
 from gateway.system.cpuidle import IdleCpu
 
+log = logging.getLogger("gateway.ingest.neardup")
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
 BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell
 
@@ -83,14 +85,15 @@ class NearDuplicates:
 
     def __init__(self, settings: DedupSettings, metrics: Metrics, clock: Callable[[], float],
                  uploads_in_progress: Callable[[], int] = lambda: 0, idle_cpu: IdleCpu | None = None) -> None:
+        """`idle_cpu`: the machine's idle CPU (None: fingerprint whatever the load, as in tests)."""
         self.settings = settings
         self.uploads_in_progress = uploads_in_progress
-        self.idle_cpu = idle_cpu or IdleCpu()
-        # An idle core is worth asking for only where there are cores to spare at all.
-        self.min_idle_cores = min(settings.near_min_idle_cores, self.idle_cpu.cores / 2)
-        self.cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
         self.metrics = metrics
         self.clock = clock
+        self.idle_cpu = idle_cpu
+        # An idle core is worth asking for only where there are cores to spare at all.
+        self.min_idle_cores = 0.0 if idle_cpu is None else min(settings.near_min_idle_cores, idle_cpu.cores / 2)
+        self.cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
         self._windows: dict[str, deque[Reference]] = {}
         self._limiter = anyio.CapacityLimiter(settings.near_fingerprint_threads)
         self._admitted = 0
@@ -102,16 +105,29 @@ class NearDuplicates:
         return self.settings.near_duplicates != "off"
 
     async def watch_cpu(self) -> None:
-        """Background task: the machine's idle CPU, read every 0.2 s, fingerprints' own CPU
-        counted as spare (they would stop if it were needed)."""
-        if self.enabled and self.min_idle_cores:
-            await self.idle_cpu.run(lambda: self.cpu_spent)
+        """Background task: the machine's idle CPU, read every `cpuidle.INTERVAL_S`, fingerprints'
+        own CPU counted as spare (they would stop if it were needed)."""
+        if not (self.enabled and self.min_idle_cores and self.idle_cpu):
+            return
+        quota = self.idle_cpu.quota
+        log.info("fingerprints while %.2g of %.3g cores are idle%s", self.min_idle_cores, self.idle_cpu.cores,
+                 f" (CPU quota of cgroup {quota.folder})" if quota else "")
+        if not self.idle_cpu.measurable:
+            log.warning("idle CPU cannot be read here (no /proc/stat): frames are fingerprinted whatever the load")
+        await self.idle_cpu.run(lambda: self.cpu_spent)
+
+    def admit(self) -> bool:
+        """Whether a frame arriving now is fingerprinted; if not, it is stored unchecked (counted by
+        reason). Decided on the event loop, before any task is made for the frame."""
+        reason = self._refusal()
+        if reason is None:
+            return True
+        self.metrics.fingerprints.labels(reason).inc()
+        return False
 
     async def judge(self, device_id: str, source: bytes | Path, metadata: bytes | None, size: int) -> Verdict:
-        """Fingerprint a frame (in a worker thread) and compare it with its device's references."""
-        if not self._may_start():
-            self.metrics.fingerprints.labels("busy").inc()
-            return UNCHECKED
+        """Fingerprint an admitted frame (in a worker thread) and compare it with its device's
+        references."""
         refs = self._recent(device_id)
         self._admitted += 1
         try:
@@ -132,22 +148,22 @@ class NearDuplicates:
             self.metrics.near_duplicate_bytes_not_sent.inc(size)
         return Verdict(fingerprint=fp, of=ref, action=action)
 
-    def _may_start(self) -> bool:
-        """Room for one more fingerprint: a worker slot free or nearly, CPU to spare on the machine,
-        the gateway not saturated, and CPU budget left."""
+    def _refusal(self) -> str | None:
+        """Why one more fingerprint may not start now (None: it may): the workers' queue full, less
+        CPU idle than asked for, too many uploads in progress, or the CPU budget spent."""
         if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
-            return False
-        if self.min_idle_cores:
+            return "busy"
+        if self.min_idle_cores and self.idle_cpu is not None:
             spare = self.idle_cpu.idle_cores()
             if spare is not None and spare < self.min_idle_cores:
-                return False
+                return "no_idle_cpu"
         busy = self.settings.near_busy_uploads
         if busy and self.uploads_in_progress() > busy:
-            return False
+            return "busy"
         now = time.monotonic()
         self._budget = min(BURST_CPU_S, self._budget + (now - self._budget_at) * self.settings.near_cpu_share)
         self._budget_at = now
-        return self._budget > 0
+        return None if self._budget > 0 else "busy"
 
     def _compare(
         self, source: bytes | Path, refs: tuple[Reference, ...]
@@ -183,4 +199,3 @@ class NearDuplicates:
             window = self._windows[device_id] = deque(maxlen=self.settings.near_window)
         window.append(Reference(image_id=image_id, batch_id=batch_id, storage_key=storage_key, at=self.clock(),
                                 fingerprint=verdict.fingerprint))
-

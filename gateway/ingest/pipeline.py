@@ -35,6 +35,7 @@ from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
+from gateway.system.cpuidle import IdleCpu
 from gateway.system.files import fsync_dir
 
 log = logging.getLogger("gateway.ingest")
@@ -65,9 +66,11 @@ class Ingestor:
         uplink: UplinkPlan | None = None,
         forward_cache: ForwardCache | None = None,
         on_sealed: Callable[[str], None] | None = None,
+        idle_cpu: IdleCpu | None = None,
     ) -> None:
         """`uplink`: the priority classes, decided here; `forward_cache`: where recorded images wait
-        for the forwarder (object stores); `on_sealed`: a batch filled up."""
+        for the forwarder (object stores); `on_sealed`: a batch filled up; `idle_cpu`: the machine's
+        idle CPU, which near-duplicate fingerprints leave to ingest (None: they run whatever the load)."""
         self.settings = settings
         self.uplink = uplink or UplinkPlan.from_settings(settings.forward)  # priority classes, decided here
         self.catalog = catalog
@@ -85,7 +88,7 @@ class Ingestor:
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
         self.on_sealed = on_sealed
         self.forward_cache = forward_cache
-        self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active))
+        self.near = NearDuplicates(settings.dedup, metrics, clock, lambda: len(self._active), idle_cpu)
 
     @property
     def active_intents(self) -> set[str]:
@@ -97,6 +100,10 @@ class Ingestor:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
         await self.catalog.write(self.catalog.uploads.load)
+
+    async def watch_cpu(self) -> None:
+        """Background task: the idle CPU the near-duplicate filter needs (`NearDuplicates.watch_cpu`)."""
+        await self.near.watch_cpu()
 
     async def keep_seen_keys(self) -> None:
         """Background task: build the filter of stored dedup keys, and rebuild it when it fills up.
@@ -185,7 +192,7 @@ class Ingestor:
                     return self._duplicate(existing)
                 # A frame to reject is judged before anything is stored; to keep or hold, beside its PUT.
                 verdict: Verdict | asyncio.Future[Verdict] = UNCHECKED
-                if self.near.enabled and not device.near_dup_exempt:
+                if self.near.enabled and not device.near_dup_exempt and self.near.admit():
                     if self.settings.dedup.near_duplicates == "reject":
                         verdict = await self._near_verdict(device, image, form.metadata)
                     else:

@@ -57,7 +57,8 @@ class Metrics:
                                                      "Image bytes of near-duplicates held or rejected: uplink saved.",
                                                      registry=r)
         self.fingerprints = Counter(f"{PREFIX}_fingerprints",
-                                    "Frames fingerprinted, by result (done, undecodable, busy: stored unchecked).",
+                                    "Frames fingerprinted, by result (done, undecodable; stored unchecked: "
+                                    "no_idle_cpu, busy).",
                                     ["result"], registry=r)
         self.fingerprint_cpu_seconds = Counter(f"{PREFIX}_fingerprint_cpu_seconds",
                                                "CPU time spent fingerprinting and comparing frames.", registry=r)

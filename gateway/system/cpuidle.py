@@ -2,28 +2,46 @@
 fingerprints) can run without taking CPU from ingest.
 
 Two readings, the smaller wins:
-- the host's idle time from /proc/stat (idle + iowait, all CPUs);
-- where the gateway's cgroup (v2) has a CPU quota (`podman run --cpus`), the quota less what the
-  cgroup used (cpu.stat), since a throttled container sees an idle host.
+- idle time (idle + iowait) of the CPUs this process may run on, from /proc/stat;
+- where a cgroup (v2) of the gateway has a CPU quota (`podman run --cpus`), the tightest quota's
+  headroom: the quota less what that cgroup used (cpu.stat), since a throttled container sees an
+  idle host. cgroup v1 quotas are not read.
 
-`run` takes a reading every `interval` seconds (a background task); `idle_cores()` answers the
-last interval's figure at once, or None before the first interval, when readings stopped, or where
-neither file can be read (not Linux). The caller's own deferrable work counts as idle (its running
-CPU total, `reclaimable`), so that background work which stops when the machine is busy does not
-stop itself.
+`run` takes a reading every `interval` seconds (a background task) and `idle_cores()` answers at
+once: the last interval's figure or the mean of the last `SMOOTHING` intervals, whichever is
+smaller, so that a burst shuts background work out within one interval while a short idle spell
+in a busy second does not let it in; None where nothing can be read (not Linux) or before the
+first interval, 0 when the readings fell behind (the event loop itself is overloaded). The caller's own
+deferrable work counts as idle (its running CPU total, `reclaimable`), so that background work
+which stops when the machine is busy does not stop itself.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 
 INTERVAL_S = 0.2  # short: a burst after a quiet spell is seen within this
-STALE_AFTER = 3  # intervals: a figure older than this is not an answer (the sampler stopped)
+STALE_AFTER = 3  # intervals without a reading: the event loop is too busy to take one
+SMOOTHING = 5  # intervals in the mean (1 s)
+
+
+class Quota(NamedTuple):
+    folder: Path  # the cgroup whose cpu.max sets it
+    cores: float
+
+
+class Reading(NamedTuple):
+    at: float
+    host_idle_s: float | None  # idle seconds of this process's CPUs, all told
+    cgroup_used_s: float | None  # CPU seconds the quota's cgroup used, all told
+    reclaimable_s: float  # the caller's deferrable work, all told
 
 
 class IdleCpu:
@@ -34,62 +52,81 @@ class IdleCpu:
         self.proc = proc
         self.clock = clock
         self.interval = interval
+        self.quota = tightest_quota(proc, cgroup_root)
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._cgroup = _quota_cgroup(proc, cgroup_root)
-        # when, host idle seconds, cgroup used seconds, the caller's reclaimable seconds
-        self._last: tuple[float, float | None, float | None, float] | None = None
+        self._cpus = {f"cpu{n}".encode() for n in _allowed_cpus()}
+        self._last: Reading | None = None
         self._idle: float | None = None
+        self._recent: deque[tuple[float, float]] = deque(maxlen=SMOOTHING)  # (span, idle cores) of each
 
     @property
     def cores(self) -> float:
-        """CPUs this process may use: its affinity, or the cgroup's quota where smaller."""
-        try:
-            cpus = float(len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            cpus = float(os.cpu_count() or 1)
-        return min(cpus, self._cgroup[1]) if self._cgroup else cpus
+        """CPUs this process may use: its affinity, or the cgroup quota where smaller."""
+        cpus = float(len(self._cpus))
+        return min(cpus, self.quota.cores) if self.quota else cpus
+
+    @property
+    def measurable(self) -> bool:
+        """Whether there is anything to read here (Linux: /proc/stat)."""
+        return self._host_idle_s() is not None
 
     def idle_cores(self) -> float | None:
         """Idle cores over the last interval, plus the cores the caller's reclaimable work used in
         it (None: not known)."""
-        if self._last is None or self.clock() - self._last[0] > STALE_AFTER * self.interval:
+        if self._last is None:
             return None
+        if self.clock() - self._last.at > STALE_AFTER * self.interval:
+            return 0.0  # the sampler could not run on time: the loop is busy, nothing is idle
         return self._idle
 
     async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
-        """Background task: a reading every interval, for as long as the gateway runs."""
+        """Background task: a reading every interval, for as long as the gateway runs (returns at
+        once where nothing can be read)."""
+        if not self.measurable:
+            return
         while True:
             self.sample(reclaimable())
             await anyio.sleep(self.interval)
 
     def sample(self, reclaimable_s: float = 0.0) -> None:
         """Take a reading; the figure is the average since the previous one."""
-        now = self.clock()
-        reading = (now, self._host_idle_s(), self._cgroup_used_s(), reclaimable_s)
-        if self._last is not None and now > self._last[0]:
-            span = now - self._last[0]
-            figures = []
-            if reading[1] is not None and self._last[1] is not None:
-                figures.append((reading[1] - self._last[1]) / span)
-            if reading[2] is not None and self._last[2] is not None and self._cgroup:
-                figures.append(self._cgroup[1] - (reading[2] - self._last[2]) / span)
-            reclaimed = (reclaimable_s - self._last[3]) / span
-            self._idle = max(0.0, min(figures) + reclaimed) if figures else None
-        self._last = reading
+        now = Reading(self.clock(), self._host_idle_s(), self._cgroup_used_s(), reclaimable_s)
+        last, self._last = self._last, now
+        if last is None or now.at <= last.at:
+            return
+        span = now.at - last.at
+        figures = []
+        if now.host_idle_s is not None and last.host_idle_s is not None:
+            figures.append((now.host_idle_s - last.host_idle_s) / span)
+        if self.quota and now.cgroup_used_s is not None and last.cgroup_used_s is not None:
+            figures.append(self.quota.cores - (now.cgroup_used_s - last.cgroup_used_s) / span)
+        reclaimed = (now.reclaimable_s - last.reclaimable_s) / span
+        if not figures:
+            self._idle = None
+            return
+        idle = max(0.0, min(figures) + reclaimed)
+        self._recent.append((span, idle))
+        mean = sum(s * i for s, i in self._recent) / sum(s for s, _ in self._recent)
+        self._idle = min(idle, mean)
 
     def _host_idle_s(self) -> float | None:
         try:
             with open(self.proc / "stat", "rb") as f:
-                fields = f.readline().split()
-            return (int(fields[4]) + int(fields[5])) / self._ticks  # idle + iowait, in jiffies
+                lines = f.read().splitlines()
+            idle = 0
+            for line in lines[1:]:  # cpu0, cpu1, ...: the ones this process may run on
+                fields = line.split()
+                if fields and fields[0] in self._cpus:
+                    idle += int(fields[4]) + int(fields[5])  # idle + iowait, in clock ticks
+            return idle / self._ticks
         except (OSError, IndexError, ValueError):
             return None
 
     def _cgroup_used_s(self) -> float | None:
-        if self._cgroup is None:
+        if self.quota is None:
             return None
         try:
-            for line in (self._cgroup[0] / "cpu.stat").read_text().splitlines():
+            for line in (self.quota.folder / "cpu.stat").read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "usage_usec":
                     return int(value) / 1e6
@@ -98,24 +135,33 @@ class IdleCpu:
         return None
 
 
-def _quota_cgroup(proc: Path, root: Path) -> tuple[Path, float] | None:
-    """The nearest cgroup (v2) of this process, itself or an ancestor, with a CPU quota, and the
-    quota in cores; None where there is none."""
+def tightest_quota(proc: Path, root: Path) -> Quota | None:
+    """The smallest CPU quota among this process's cgroup (v2) and its ancestors; None where none
+    is set or the cgroup cannot be found."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
         return None
     relative = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if relative is None:
+    if relative is None or ".." in Path(relative).parts:  # outside our view of the hierarchy
         return None
-    folder = root / relative.lstrip("/")
+    folder, tightest = root / relative.lstrip("/"), None
     while True:
         try:
             quota, period = (folder / "cpu.max").read_text().split()[:2]
             if quota != "max":
-                return folder, int(quota) / int(period)
-        except (OSError, ValueError):
+                cores = int(quota) / int(period)
+                if tightest is None or cores < tightest.cores:
+                    tightest = Quota(folder, cores)
+        except (OSError, ValueError, ZeroDivisionError):
             pass
         if folder == root or root not in folder.parents:
-            return None
+            return tightest
         folder = folder.parent
+
+
+def _allowed_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))

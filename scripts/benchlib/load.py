@@ -48,7 +48,7 @@ class Round:
 def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int, object], None],
          connect: Callable[[], object], rate: float | None = None) -> Round:
     """`total` requests from `concurrency` threads, each as soon as a thread is free, or with `rate`,
-    request n not before n / rate seconds from the start (a steady load below saturation)."""
+    the n-th request not before (n - 1) / rate seconds from the start (a steady load below saturation)."""
     lock = threading.Lock()
     issued = [0]
     latencies: list[float] = []

@@ -56,13 +56,14 @@ def camera_frames(target: int, count: int = FRAME_COUNT) -> list[bytes]:
 
 
 def fingerprint_figures(url: str) -> tuple[float, float, float]:
-    """(fingerprints done, frames left unchecked as busy, fingerprint CPU seconds) from /metrics."""
+    """(fingerprints done, frames left unchecked for want of CPU, fingerprint CPU seconds) from /metrics."""
     done = busy = cpu = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
         if line.startswith('acusight_gateway_fingerprints_total{result="done"}'):
             done = float(line.split()[-1])
-        elif line.startswith('acusight_gateway_fingerprints_total{result="busy"}'):
-            busy = float(line.split()[-1])
+        elif line.startswith(('acusight_gateway_fingerprints_total{result="busy"}',
+                              'acusight_gateway_fingerprints_total{result="no_idle_cpu"}')):
+            busy += float(line.split()[-1])
         elif line.startswith("acusight_gateway_fingerprint_cpu_seconds_total "):
             cpu = float(line.split()[-1])
     return done, busy, cpu

@@ -27,7 +27,7 @@ async def test_the_gateway_reads_idle_cpu_while_the_filter_is_on(tmp_path: Path,
     try:
         async with anyio.create_task_group() as tg:
             gw.run_background(tg)
-            await anyio.sleep(1.2)  # two intervals, with no upload and nobody asking
+            await anyio.sleep(1.2)  # several intervals, with no upload and nobody asking
             if action == "keep":
                 figure = idle.idle_cores()  # ready at the first frame after a quiet spell
                 assert figure is not None and 0 <= figure <= idle.cores + 0.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -33,16 +34,16 @@ class Clock:
 
 
 def judge(nd: NearDuplicates, frame: bytes, metadata: str | None = None) -> Verdict:
+    """A frame's verdict as the ingest path gets it: admitted, then judged, or unchecked."""
     async def run() -> Verdict:
         return await nd.judge("dev", frame, None if metadata is None else metadata.encode(), len(frame))
 
-    return anyio.run(run)
+    return anyio.run(run) if nd.admit() else neardup.UNCHECKED
 
 
 def test_near_duplicates_point_at_references_which_expire(shots: list[bytes]) -> None:
     clock = Clock()
-    nd = NearDuplicates(DedupSettings(near_duplicates="hold", near_window_s=60, near_min_idle_cores=0), Metrics(),
-                        clock)
+    nd = NearDuplicates(DedupSettings(near_duplicates="hold", near_window_s=60), Metrics(), clock)
     first = judge(nd, shots[0])
     assert first.of is None and first.fingerprint is not None
     nd.remember("dev", first, "img_1", "batch_1", "raw-data/1")
@@ -59,7 +60,7 @@ def test_frames_go_unchecked_once_the_cpu_budget_is_spent(shots: list[bytes],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(neardup, "BURST_CPU_S", 0.0001)
     metrics = Metrics()
-    nd = NearDuplicates(DedupSettings(near_cpu_share=1e-6, near_min_idle_cores=0), metrics, Clock())
+    nd = NearDuplicates(DedupSettings(near_cpu_share=1e-6), metrics, Clock())
     assert judge(nd, shots[0]).fingerprint is not None  # within the initial burst
     assert judge(nd, shots[1]).fingerprint is None  # budget spent: stored unchecked
     assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
@@ -67,7 +68,7 @@ def test_frames_go_unchecked_once_the_cpu_budget_is_spent(shots: list[bytes],
 
 def test_a_gateway_with_too_many_uploads_in_progress_stores_frames_unchecked(shots: list[bytes]) -> None:
     in_progress = [5]
-    nd = NearDuplicates(DedupSettings(near_busy_uploads=4, near_min_idle_cores=0), Metrics(), Clock(),
+    nd = NearDuplicates(DedupSettings(near_busy_uploads=4), Metrics(), Clock(),
                         lambda: in_progress[0])
     assert judge(nd, shots[0]).fingerprint is None  # 5 uploads in progress: ingest keeps the CPU
     in_progress[0] = 4
@@ -75,11 +76,12 @@ def test_a_gateway_with_too_many_uploads_in_progress_stores_frames_unchecked(sho
 
 
 class Idle(IdleCpu):
-    """The machine's idle cores as the test sets them."""
+    """The machine's idle cores as the test sets them; `run` notes what it was given as reclaimable."""
 
     def __init__(self, cores: float) -> None:
         super().__init__(proc=Path("/nonexistent"), cgroup_root=Path("/nonexistent"))
         self.idle: float | None = None
+        self.reclaimable: list[float] = []
         self._cores = cores
 
     @property
@@ -88,6 +90,9 @@ class Idle(IdleCpu):
 
     def idle_cores(self) -> float | None:
         return self.idle
+
+    async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
+        self.reclaimable.append(reclaimable())
 
 
 def test_frames_go_unchecked_while_the_machine_has_no_core_to_spare(shots: list[bytes]) -> None:
@@ -98,11 +103,27 @@ def test_frames_go_unchecked_while_the_machine_has_no_core_to_spare(shots: list[
     assert judge(nd, shots[0]).fingerprint is not None  # not measured yet: checked
     idle.idle = 0.45  # a saturated 2-core gateway at 100 KiB (docs/design.md)
     assert judge(nd, shots[1]).fingerprint is None
-    assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "busy"}) == 1
+    assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "no_idle_cpu"}) == 1
     idle.idle = 1.2
     assert judge(nd, shots[2]).fingerprint is not None
+
+
+def test_the_idle_cpu_watch_counts_fingerprints_as_spare(shots: list[bytes]) -> None:
+    idle = Idle(cores=2)
+    metrics = Metrics()
+    nd = NearDuplicates(DedupSettings(), metrics, Clock(), idle_cpu=idle)
+    judge(nd, shots[0])
+    anyio.run(nd.watch_cpu)
     # what fingerprints spent is what the sampler counts as spare, so that they do not stop themselves
-    assert nd.cpu_spent == metrics.registry.get_sample_value("acusight_gateway_fingerprint_cpu_seconds_total") > 0
+    spent = metrics.registry.get_sample_value("acusight_gateway_fingerprint_cpu_seconds_total")
+    assert idle.reclaimable == [nd.cpu_spent] and nd.cpu_spent == spent > 0
+
+
+def test_by_default_uploads_in_progress_do_not_decide(shots: list[bytes]) -> None:
+    idle = Idle(cores=2)
+    idle.idle = 1.5
+    nd = NearDuplicates(DedupSettings(), Metrics(), Clock(), lambda: 50, idle_cpu=idle)
+    assert judge(nd, shots[0]).fingerprint is not None  # 50 slow senders, the CPU idle: checked
 
 
 def test_a_one_core_machine_asks_for_half_a_core_and_zero_asks_for_none(shots: list[bytes]) -> None:
