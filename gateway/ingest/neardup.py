@@ -35,6 +35,9 @@ from gateway.system.cpuidle import IdleCpu
 
 log = logging.getLogger("gateway.ingest.neardup")
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
+# Of the idle cores asked for, the share that must be idle with fingerprints running: their own CPU
+# counts as spare only while they leave some idle, not while they take it from ingest.
+LEFT_IDLE_SHARE = 0.25
 BURST_CPU_S = 1.0  # CPU seconds of fingerprinting that may be spent at once after a quiet spell
 
 
@@ -154,9 +157,11 @@ class NearDuplicates:
         if self._admitted >= QUEUED_PER_THREAD * self.settings.near_fingerprint_threads:
             return "busy"
         if self.min_idle_cores and self.idle_cpu is not None:
-            spare = self.idle_cpu.idle_cores()
+            spare, left = self.idle_cpu.idle_cores(), self.idle_cpu.left_idle()
             if spare is not None and spare < self.min_idle_cores:
                 return "no_idle_cpu"
+            if left is not None and left < LEFT_IDLE_SHARE * self.min_idle_cores:
+                return "no_idle_cpu"  # fingerprints are crowding ingest out: what they would give back is not idle
         busy = self.settings.near_busy_uploads
         if busy and self.uploads_in_progress() > busy:
             return "busy"

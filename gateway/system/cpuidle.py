@@ -11,7 +11,9 @@ Two readings, the smaller wins:
 once: the last interval's figure or the mean of the last `SMOOTHING` intervals, whichever is
 smaller, so that a burst shuts background work out within one interval while a short idle spell
 in a busy second does not let it in; None where nothing can be read (not Linux) or before the
-first interval, 0 when the readings fell behind (the event loop itself is overloaded). The caller's own
+first interval, 0 when the readings fell behind (the event loop itself is overloaded).
+`left_idle()` is the last interval's idle CPU without the caller's work: background work that
+crowds the rest out leaves nothing idle, however much it would give back. The caller's own
 deferrable work counts as idle (its running CPU total, `reclaimable`), so that background work
 which stops when the machine is busy does not stop itself.
 """
@@ -57,6 +59,7 @@ class IdleCpu:
         self._cpus = {f"cpu{n}".encode() for n in _allowed_cpus()}
         self._last: Reading | None = None
         self._idle: float | None = None
+        self._left: float | None = None  # the last interval's idle cores, reclaimable work not counted
         self._recent: deque[tuple[float, float]] = deque(maxlen=SMOOTHING)  # (span, idle cores) of each
 
     @property
@@ -78,6 +81,15 @@ class IdleCpu:
         if self.clock() - self._last.at > STALE_AFTER * self.interval:
             return 0.0  # the sampler could not run on time: the loop is busy, nothing is idle
         return self._idle
+
+    def left_idle(self) -> float | None:
+        """Idle cores over the last interval, the caller's reclaimable work not counted (None: not
+        known; 0 when the readings fell behind)."""
+        if self._last is None:
+            return None
+        if self.clock() - self._last.at > STALE_AFTER * self.interval:
+            return 0.0
+        return self._left
 
     async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
         """Background task: a reading every interval, for as long as the gateway runs (returns at
@@ -102,8 +114,9 @@ class IdleCpu:
             figures.append(self.quota.cores - (now.cgroup_used_s - last.cgroup_used_s) / span)
         reclaimed = (now.reclaimable_s - last.reclaimable_s) / span
         if not figures:
-            self._idle = None
+            self._idle = self._left = None
             return
+        self._left = max(0.0, min(figures))
         idle = max(0.0, min(figures) + reclaimed)
         self._recent.append((span, idle))
         mean = sum(s * i for s, i in self._recent) / sum(s for s, _ in self._recent)

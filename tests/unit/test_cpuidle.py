@@ -61,7 +61,7 @@ def test_idle_cores_are_idle_and_iowait_of_our_cpus_over_the_last_interval(tmp_p
     machine, clock = Machine(tmp_path), Clock()
     idle = machine.idle_cpu(clock)
     assert idle.cores == len(CPUS) and idle.measurable
-    assert idle.idle_cores() is None  # no reading yet
+    assert idle.idle_cores() is None and idle.left_idle() is None  # no reading yet
     idle.sample()
     assert idle.idle_cores() is None  # nothing to compare with yet
     clock.now += 1.0
@@ -109,7 +109,7 @@ def test_readings_that_fell_behind_mean_nothing_is_idle(tmp_path: Path) -> None:
     clock.now += 1.5
     assert idle.idle_cores() == pytest.approx(1.8, abs=0.02)
     clock.now += 0.1  # three intervals without a reading: the event loop could not run the sampler
-    assert idle.idle_cores() == 0.0
+    assert idle.idle_cores() == 0.0 and idle.left_idle() == 0.0
 
 
 def test_the_sampler_reads_every_interval_with_the_callers_reclaimable_cpu(tmp_path: Path) -> None:
@@ -198,6 +198,7 @@ def test_the_callers_own_background_work_counts_as_idle(tmp_path: Path) -> None:
     idle.sample(reclaimable_s=10.5)
     # 0.4 idle, and 0.5 of a core went to work that would stop if the machine were busy
     assert idle.idle_cores() == pytest.approx(0.9, abs=0.02)
+    assert idle.left_idle() == pytest.approx(0.4, abs=0.02)  # what it left to the others
 
 
 def test_nothing_to_read_means_not_known_and_no_sampler(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ class Idle(IdleCpu):
     def __init__(self, cores: float) -> None:
         super().__init__(proc=Path("/nonexistent"), cgroup_root=Path("/nonexistent"))
         self.idle: float | None = None
+        self.left: float | None = None  # idle without fingerprints' CPU (None: as `idle`)
         self.reclaimable: list[float] = []
         self._cores = cores
 
@@ -90,6 +91,9 @@ class Idle(IdleCpu):
 
     def idle_cores(self) -> float | None:
         return self.idle
+
+    def left_idle(self) -> float | None:
+        return self.idle if self.left is None else self.left
 
     async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
         self.reclaimable.append(reclaimable())
@@ -106,6 +110,15 @@ def test_frames_go_unchecked_while_the_machine_has_no_core_to_spare(shots: list[
     assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "no_idle_cpu"}) == 1
     idle.idle = 1.2
     assert judge(nd, shots[2]).fingerprint is not None
+
+
+def test_fingerprints_that_crowd_ingest_out_do_not_count_as_spare(shots: list[bytes]) -> None:
+    idle = Idle(cores=2)
+    nd = NearDuplicates(DedupSettings(), Metrics(), Clock(), idle_cpu=idle)
+    idle.idle, idle.left = 1.1, 0.6  # fingerprints used half a core, 0.6 stayed idle: go on
+    assert judge(nd, shots[0]).fingerprint is not None
+    idle.idle, idle.left = 1.0, 0.05  # a core of fingerprints, nothing else idle: they take it from ingest
+    assert judge(nd, shots[1]).fingerprint is None
 
 
 def test_the_idle_cpu_watch_counts_fingerprints_as_spare(shots: list[bytes]) -> None:
