@@ -57,6 +57,17 @@ class Machine:
         return IdleCpu(proc=self.proc, cgroup_root=self.cgroups, clock=clock, interval=0.5)
 
 
+def elapse(machine: Machine, clock: Clock, idle: IdleCpu, idle_s: float, used: dict[Path, float] | None = None,
+           seconds: float = 1.0) -> None:
+    """`seconds` pass with `idle_s` idle on our CPUs and `used` CPU seconds in those cgroups; then a reading."""
+    clock.now += seconds
+    machine.idle_s += idle_s
+    for folder, spent in (used or {}).items():
+        machine.used[folder] += spent
+    machine.write()
+    idle.sample()
+
+
 def test_idle_cores_are_idle_and_iowait_of_our_cpus_over_the_last_interval(tmp_path: Path) -> None:
     machine, clock = Machine(tmp_path), Clock()
     idle = machine.idle_cpu(clock)
@@ -84,16 +95,10 @@ def test_a_busy_second_is_not_forgotten_for_one_idle_moment(tmp_path: Path) -> N
     idle = machine.idle_cpu(clock)
     idle.sample()
     for step_idle in (0.1, 0.1, 0.1, 0.1, 1.0):  # four busy intervals (0.2 cores idle), then 2 cores idle
-        clock.now += 0.5
-        machine.idle_s += step_idle
-        machine.write()
-        idle.sample()
+        elapse(machine, clock, idle, step_idle, seconds=0.5)
     assert idle.idle_cores() == pytest.approx((4 * 0.2 + 2.0) / 5, abs=0.02)  # the mean, not the moment
     for _ in range(5):  # a whole second idle: the figure is up again
-        clock.now += 0.5
-        machine.idle_s += 1.0
-        machine.write()
-        idle.sample()
+        elapse(machine, clock, idle, 1.0, seconds=0.5)
     assert idle.idle_cores() == pytest.approx(2.0, abs=0.02)
 
 
@@ -142,12 +147,9 @@ def test_the_tightest_cgroup_quota_caps_what_counts_as_idle(tmp_path: Path) -> N
     assert idle.quota is not None and idle.quota.folder == scope
     assert idle.cores == min(1.5, len(CPUS))
     idle.sample()
-    clock.now += 1.0
-    machine.idle_s += 1.9  # the host is nearly idle, but the scope used 1.2 of its 1.5 cores
-    machine.used[scope] += 1.2
-    machine.used[slice_] += 1.7  # (the looser quota's cgroup used more: not the one that binds)
-    machine.write()
-    idle.sample()
+    # the host is nearly idle, but the scope used 1.2 of its 1.5 cores (the looser quota's cgroup
+    # used more: not the one that binds)
+    elapse(machine, clock, idle, 1.9, {scope: 1.2, slice_: 1.7})
     assert idle.idle_cores() == pytest.approx(0.3, abs=0.02)
 
 
@@ -158,11 +160,7 @@ def test_a_quota_at_the_namespace_root_counts(tmp_path: Path) -> None:
     idle = machine.idle_cpu(clock)
     assert idle.cores == 1.0
     idle.sample()
-    clock.now += 1.0
-    machine.idle_s += 1.8
-    machine.used[machine.cgroups] += 0.75
-    machine.write()
-    idle.sample()
+    elapse(machine, clock, idle, 1.8, {machine.cgroups: 0.75})
     assert idle.idle_cores() == pytest.approx(0.25, abs=0.02)
 
 
@@ -172,11 +170,7 @@ def test_without_a_quota_the_cgroup_does_not_count(tmp_path: Path) -> None:
     idle = machine.idle_cpu(clock)
     assert idle.quota is None and idle.cores == len(CPUS)
     idle.sample()
-    clock.now += 1.0
-    machine.idle_s += 0.8
-    machine.used[machine.folder] += 1.9
-    machine.write()
-    idle.sample()
+    elapse(machine, clock, idle, 0.8, {machine.folder: 1.9})
     assert idle.idle_cores() == pytest.approx(0.8, abs=0.02)
 
 
