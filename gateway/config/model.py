@@ -146,10 +146,11 @@ class DedupSettings(_Section):
                      "costs about half its full decode (docs/design.md).", gt=0, le=64)
     ] = 0.5
     near_min_idle_cores: Annotated[
-        float, _help("Fingerprint only while the machine (or the container's CPU quota) had at least this many "
-                     "cores idle over the last 0.2 s, counting what fingerprints used: below it ingest "
-                     "needs the CPU and frames are stored unchecked. At most half the CPUs; 0 = whatever the "
-                     "load.", ge=0)
+        float, _help("Fingerprint only while the machine (or the container's CPU quota) has at least this many "
+                     "cores idle, both lately (a fraction of a second) and over the last second: below it "
+                     "ingest needs the CPU and frames are stored unchecked. Fingerprints' own CPU counts as "
+                     "idle while they leave a quarter of this idle. At most half the CPUs; 0 = whatever "
+                     "the load.", ge=0)
     ] = 1.0
     near_busy_uploads: Annotated[
         int, _help("While more uploads than this are in progress frames are stored unchecked too; 0 = no such "

@@ -112,11 +112,12 @@ class NearDuplicates:
         own CPU counted as spare (they would stop if it were needed)."""
         if not (self.enabled and self.min_idle_cores and self.idle_cpu):
             return
+        if not self.idle_cpu.measurable:
+            log.warning("idle CPU cannot be read here (no /proc/stat): frames are fingerprinted whatever the load")
+            return
         quota = self.idle_cpu.quota
         log.info("fingerprints while %.2g of %.3g cores are idle%s", self.min_idle_cores, self.idle_cpu.cores,
                  f" (CPU quota of cgroup {quota.folder})" if quota else "")
-        if not self.idle_cpu.measurable:
-            log.warning("idle CPU cannot be read here (no /proc/stat): frames are fingerprinted whatever the load")
         await self.idle_cpu.run(lambda: self.cpu_spent)
 
     def admit(self) -> bool:

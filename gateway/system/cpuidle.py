@@ -3,17 +3,19 @@ fingerprints) can run without taking CPU from ingest.
 
 Two readings, the smaller wins:
 - idle time (idle + iowait) of the CPUs this process may run on, from /proc/stat;
-- where a cgroup (v2) of the gateway has a CPU quota (`podman run --cpus`), the tightest quota's
-  headroom: the quota less what that cgroup used (cpu.stat), since a throttled container sees an
-  idle host. cgroup v1 quotas are not read.
+- where cgroups (v2) of the gateway have CPU quotas (`podman run --cpus`), the smallest headroom
+  among them: each quota less what its cgroup used (cpu.stat), since a throttled container sees
+  an idle host. cgroup v1 quotas are not read, nor quotas above a cgroup namespace's root (a
+  pod's), which cannot be seen from inside it.
 
 `run` takes a reading every `interval` seconds (a background task) and `idle_cores()` answers at
 once: the last interval's figure or the mean of the last `SMOOTHING` intervals, whichever is
 smaller, so that a burst shuts background work out within one interval while a short idle spell
 in a busy second does not let it in; None where nothing can be read (not Linux) or before the
 first interval, 0 when the readings fell behind (the event loop itself is overloaded).
-`left_idle()` is the last interval's idle CPU without the caller's work: background work that
-crowds the rest out leaves nothing idle, however much it would give back. The caller's own
+`left_idle()` is the last interval's idle CPU without the caller's work, unsmoothed: background
+work that crowds the rest out leaves nothing idle, however much it would give back, and a check
+that only refuses should refuse at once. The caller's own
 deferrable work counts as idle (its running CPU total, `reclaimable`), so that background work
 which stops when the machine is busy does not stop itself.
 """
@@ -42,19 +44,20 @@ class Quota(NamedTuple):
 class Reading(NamedTuple):
     at: float
     host_idle_s: float | None  # idle seconds of this process's CPUs, all told
-    cgroup_used_s: float | None  # CPU seconds the quota's cgroup used, all told
+    cgroup_used_s: tuple[float | None, ...]  # CPU seconds each quota's cgroup used, all told
     reclaimable_s: float  # the caller's deferrable work, all told
 
 
 class IdleCpu:
-    """Idle cores over the last interval."""
+    """Idle cores lately, read by a background task."""
 
     def __init__(self, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup"),
                  clock: Callable[[], float] = time.monotonic, interval: float = INTERVAL_S) -> None:
         self.proc = proc
         self.clock = clock
         self.interval = interval
-        self.quota = tightest_quota(proc, cgroup_root)
+        self.quotas = cgroup_quotas(proc, cgroup_root)
+        self.quota = min(self.quotas, key=lambda q: q.cores) if self.quotas else None  # the tightest
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._cpus = {f"cpu{n}".encode() for n in _allowed_cpus()}
         self._last: Reading | None = None
@@ -74,22 +77,21 @@ class IdleCpu:
         return self._host_idle_s() is not None
 
     def idle_cores(self) -> float | None:
-        """Idle cores over the last interval, plus the cores the caller's reclaimable work used in
-        it (None: not known)."""
-        if self._last is None:
-            return None
-        if self.clock() - self._last.at > STALE_AFTER * self.interval:
-            return 0.0  # the sampler could not run on time: the loop is busy, nothing is idle
-        return self._idle
+        """Idle cores plus the cores the caller's reclaimable work used, the smaller of the last
+        interval's and the last second's mean (None: not known; 0 when the readings fell behind)."""
+        return self._unless_stale(self._idle)
 
     def left_idle(self) -> float | None:
         """Idle cores over the last interval, the caller's reclaimable work not counted (None: not
         known; 0 when the readings fell behind)."""
+        return self._unless_stale(self._left)
+
+    def _unless_stale(self, figure: float | None) -> float | None:
         if self._last is None:
             return None
         if self.clock() - self._last.at > STALE_AFTER * self.interval:
-            return 0.0
-        return self._left
+            return 0.0  # the sampler could not run on time: the loop is busy, nothing is idle
+        return figure
 
     async def run(self, reclaimable: Callable[[], float] = lambda: 0.0) -> None:
         """Background task: a reading every interval, for as long as the gateway runs (returns at
@@ -110,8 +112,9 @@ class IdleCpu:
         figures = []
         if now.host_idle_s is not None and last.host_idle_s is not None:
             figures.append((now.host_idle_s - last.host_idle_s) / span)
-        if self.quota and now.cgroup_used_s is not None and last.cgroup_used_s is not None:
-            figures.append(self.quota.cores - (now.cgroup_used_s - last.cgroup_used_s) / span)
+        for quota, used, used_before in zip(self.quotas, now.cgroup_used_s, last.cgroup_used_s, strict=True):
+            if used is not None and used_before is not None:
+                figures.append(quota.cores - (used - used_before) / span)
         reclaimed = (now.reclaimable_s - last.reclaimable_s) / span
         if not figures:
             self._idle = self._left = None
@@ -135,42 +138,43 @@ class IdleCpu:
         except (OSError, IndexError, ValueError):
             return None
 
-    def _cgroup_used_s(self) -> float | None:
-        if self.quota is None:
-            return None
-        try:
-            for line in (self.quota.folder / "cpu.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "usage_usec":
-                    return int(value) / 1e6
-        except (OSError, ValueError):
-            pass
-        return None
+    def _cgroup_used_s(self) -> tuple[float | None, ...]:
+        return tuple(_usage_s(quota.folder) for quota in self.quotas)
 
 
-def tightest_quota(proc: Path, root: Path) -> Quota | None:
-    """The smallest CPU quota among this process's cgroup (v2) and its ancestors; None where none
-    is set or the cgroup cannot be found."""
+def cgroup_quotas(proc: Path, root: Path) -> list[Quota]:
+    """The CPU quotas of this process's cgroup (v2) and its ancestors, nearest first; none where
+    none is set or the cgroup cannot be found."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
     relative = next((line[3:] for line in lines if line.startswith("0::")), None)
     if relative is None or ".." in Path(relative).parts:  # outside our view of the hierarchy
-        return None
-    folder, tightest = root / relative.lstrip("/"), None
+        return []
+    folder, quotas = root / relative.lstrip("/"), []
     while True:
         try:
             quota, period = (folder / "cpu.max").read_text().split()[:2]
             if quota != "max":
-                cores = int(quota) / int(period)
-                if tightest is None or cores < tightest.cores:
-                    tightest = Quota(folder, cores)
+                quotas.append(Quota(folder, int(quota) / int(period)))
         except (OSError, ValueError, ZeroDivisionError):
             pass
         if folder == root or root not in folder.parents:
-            return tightest
+            return quotas
         folder = folder.parent
+
+
+def _usage_s(folder: Path) -> float | None:
+    """CPU seconds a cgroup used, all told (cpu.stat's usage_usec)."""
+    try:
+        for line in (folder / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) / 1e6
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _allowed_cpus() -> set[int]:

@@ -107,7 +107,7 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
             # Below saturation, at a steady quarter of the rate: the share of frames a gateway with CPU
             # to spare checks, and what a fingerprint costs (saturated rounds fingerprint few or none).
             rate = STEADY_SHARE * off.rps
-            time.sleep(1.0)  # the filter's idle-CPU figure covers the last 0.2 s: not a saturated round's
+            time.sleep(1.5)  # the filter's idle-CPU figure covers the last second: not a saturated round's
             before = fingerprint_figures(gws["keep"].url)
             steady = metered({"gateway": gws["keep"].pid}, None,
                              functools.partial(multipart_upload, jpeg=shots, rate=rate),

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from gateway.system.cpuidle import IdleCpu, tightest_quota
+from gateway.system.cpuidle import IdleCpu, cgroup_quotas
 
 TICKS = os.sysconf("SC_CLK_TCK")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -137,7 +137,7 @@ def test_the_sampler_reads_every_interval_with_the_callers_reclaimable_cpu(tmp_p
     assert figure is not None and 0 < figure <= 0.01 / 0.05
 
 
-def test_the_tightest_cgroup_quota_caps_what_counts_as_idle(tmp_path: Path) -> None:
+def test_the_tightest_cgroup_quota_headroom_caps_what_counts_as_idle(tmp_path: Path) -> None:
     machine, clock = Machine(tmp_path, "/machine.slice/libpod-1.scope/container"), Clock()
     scope, slice_ = machine.folder.parent, machine.folder.parent.parent
     machine.quota(machine.folder, None)  # no quota on the leaf...
@@ -151,6 +151,9 @@ def test_the_tightest_cgroup_quota_caps_what_counts_as_idle(tmp_path: Path) -> N
     # used more: not the one that binds)
     elapse(machine, clock, idle, 1.9, {scope: 1.2, slice_: 1.7})
     assert idle.idle_cores() == pytest.approx(0.3, abs=0.02)
+    # the looser quota binds once its other children use it up: 3.0 less 2.9 leaves 0.1
+    elapse(machine, clock, idle, 1.9, {scope: 1.0, slice_: 2.9})
+    assert idle.left_idle() == pytest.approx(0.1, abs=0.02)
 
 
 def test_a_quota_at_the_namespace_root_counts(tmp_path: Path) -> None:
@@ -176,10 +179,10 @@ def test_without_a_quota_the_cgroup_does_not_count(tmp_path: Path) -> None:
 
 def test_a_cgroup_outside_our_view_or_a_broken_quota_is_no_quota(tmp_path: Path) -> None:
     machine = Machine(tmp_path, "/../elsewhere")
-    assert tightest_quota(machine.proc, machine.cgroups) is None
+    assert cgroup_quotas(machine.proc, machine.cgroups) == []
     machine = Machine(tmp_path / "b", "/box")
     (machine.folder / "cpu.max").write_text("50000 0\n")
-    assert tightest_quota(machine.proc, machine.cgroups) is None
+    assert cgroup_quotas(machine.proc, machine.cgroups) == []
 
 
 def test_the_callers_own_background_work_counts_as_idle(tmp_path: Path) -> None:

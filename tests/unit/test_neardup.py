@@ -89,6 +89,10 @@ class Idle(IdleCpu):
     def cores(self) -> float:
         return self._cores
 
+    @property
+    def measurable(self) -> bool:
+        return True
+
     def idle_cores(self) -> float | None:
         return self.idle
 
@@ -114,11 +118,13 @@ def test_frames_go_unchecked_while_the_machine_has_no_core_to_spare(shots: list[
 
 def test_fingerprints_that_crowd_ingest_out_do_not_count_as_spare(shots: list[bytes]) -> None:
     idle = Idle(cores=2)
-    nd = NearDuplicates(DedupSettings(), Metrics(), Clock(), idle_cpu=idle)
+    metrics = Metrics()
+    nd = NearDuplicates(DedupSettings(), metrics, Clock(), idle_cpu=idle)
     idle.idle, idle.left = 1.1, 0.6  # fingerprints used half a core, 0.6 stayed idle: go on
     assert judge(nd, shots[0]).fingerprint is not None
     idle.idle, idle.left = 1.0, 0.05  # a core of fingerprints, nothing else idle: they take it from ingest
     assert judge(nd, shots[1]).fingerprint is None
+    assert metrics.registry.get_sample_value("acusight_gateway_fingerprints_total", {"result": "no_idle_cpu"}) == 1
 
 
 def test_the_idle_cpu_watch_counts_fingerprints_as_spare(shots: list[bytes]) -> None:
