@@ -19,6 +19,7 @@ machine has CPU to spare (`near_min_idle_cores` idle, counting what fingerprints
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from gateway.system.cpuidle import IdleCpu
 
 log = logging.getLogger("gateway.ingest.neardup")
 QUEUED_PER_THREAD = 4  # fingerprints admitted (running or waiting) per thread before frames go unchecked
+_THREAD_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # another thread's CPU time can be read (not macOS)
 # Of the idle cores asked for, the share that must be idle with fingerprints running: their own CPU
 # counts as spare only while they leave some idle, not while they take it from ingest.
 LEFT_IDLE_SHARE = 0.25
@@ -96,7 +98,11 @@ class NearDuplicates:
         self.idle_cpu = idle_cpu
         # An idle core is worth asking for only where there are cores to spare at all.
         self.min_idle_cores = 0.0 if idle_cpu is None else min(settings.near_min_idle_cores, idle_cpu.cores / 2)
-        self.cpu_spent = 0.0  # CPU seconds fingerprints used, all told (idle_cpu counts them as spare)
+        # CPU seconds fingerprints used, all told, those still running included (idle_cpu counts
+        # them as spare): finished ones, and the CPU clock of each worker thread at work.
+        self._cpu_lock = threading.Lock()
+        self._cpu_done = 0.0
+        self._cpu_running: dict[int, tuple[int, float]] = {}  # thread id: its CPU clock, its CPU time at start
         self._windows: dict[str, deque[Reference]] = {}
         self._limiter = anyio.CapacityLimiter(settings.near_fingerprint_threads)
         self._admitted = 0
@@ -118,7 +124,14 @@ class NearDuplicates:
         quota = self.idle_cpu.quota
         log.info("fingerprints while %.2g of %.3g cores are idle%s", self.min_idle_cores, self.idle_cpu.cores,
                  f" (CPU quota of cgroup {quota.folder})" if quota else "")
-        await self.idle_cpu.run(lambda: self.cpu_spent)
+        await self.idle_cpu.run(self.cpu_used)
+
+    def cpu_used(self) -> float:
+        """CPU seconds fingerprints have used so far, those still running included: a large
+        frame's fingerprint is credited as it runs, not all at once when it ends."""
+        with self._cpu_lock:
+            running = sum(time.clock_gettime(clock) - start for clock, start in self._cpu_running.values())
+            return self._cpu_done + running
 
     def admit(self) -> bool:
         """Whether a frame arriving now is fingerprinted; if not, it is stored unchecked (counted by
@@ -139,7 +152,6 @@ class NearDuplicates:
         finally:
             self._admitted -= 1
         self._budget -= cpu
-        self.cpu_spent += cpu
         self.metrics.fingerprint_cpu_seconds.inc(cpu)
         self.metrics.fingerprints.labels("undecodable" if fp is None else "done").inc()
         if ref is None:
@@ -176,16 +188,26 @@ class NearDuplicates:
     ) -> tuple[Fingerprint | None, Reference | None, float]:
         """The frame's fingerprint, the reference it nearly repeats, and the CPU seconds spent."""
         started = time.thread_time()
-        fp = fingerprint(source)
-        match = None
-        if fp is not None:
-            for ref in reversed(refs):  # newest first
-                if hamming(fp.dhash, ref.fingerprint.dhash) > self.settings.near_max_distance:
-                    continue
-                if regions_within(fp, ref.fingerprint, self.settings.near_max_region_diff):
-                    match = ref
-                    break
-        return fp, match, time.thread_time() - started
+        thread = threading.get_ident()
+        if _THREAD_CLOCKS:
+            with self._cpu_lock:
+                self._cpu_running[thread] = (time.pthread_getcpuclockid(thread), started)
+        try:
+            fp = fingerprint(source)
+            match = None
+            if fp is not None:
+                for ref in reversed(refs):  # newest first
+                    if hamming(fp.dhash, ref.fingerprint.dhash) > self.settings.near_max_distance:
+                        continue
+                    if regions_within(fp, ref.fingerprint, self.settings.near_max_region_diff):
+                        match = ref
+                        break
+        finally:
+            spent = time.thread_time() - started
+            with self._cpu_lock:
+                self._cpu_running.pop(thread, None)
+                self._cpu_done += spent
+        return fp, match, spent
 
     def _recent(self, device_id: str) -> tuple[Reference, ...]:
         window = self._windows.get(device_id)

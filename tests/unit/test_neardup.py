@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,7 +136,30 @@ def test_the_idle_cpu_watch_counts_fingerprints_as_spare(shots: list[bytes]) -> 
     anyio.run(nd.watch_cpu)
     # what fingerprints spent is what the sampler counts as spare, so that they do not stop themselves
     spent = metrics.registry.get_sample_value("acusight_gateway_fingerprint_cpu_seconds_total")
-    assert idle.reclaimable == [nd.cpu_spent] and nd.cpu_spent == spent > 0
+    assert idle.reclaimable == [nd.cpu_used()] and nd.cpu_used() == spent > 0
+
+
+def test_a_running_fingerprint_is_credited_as_it_runs(shots: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(source: bytes) -> neardup.Fingerprint | None:
+        deadline = time.thread_time() + 0.3  # a large frame's fingerprint: CPU, not waiting
+        while time.thread_time() < deadline:
+            pass
+        return fingerprint(source)
+
+    fingerprint = neardup.fingerprint
+    monkeypatch.setattr(neardup, "fingerprint", slow)
+    nd = NearDuplicates(DedupSettings(), Metrics(), Clock())
+    seen: list[float] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(nd.judge, "dev", shots[0], None, len(shots[0]))
+            await anyio.sleep(0.15)
+            seen.append(nd.cpu_used())  # halfway through
+        seen.append(nd.cpu_used())
+
+    anyio.run(main)
+    assert 0.03 < seen[0] < 0.3 <= seen[1]
 
 
 def test_by_default_uploads_in_progress_do_not_decide(shots: list[bytes]) -> None:
