@@ -211,15 +211,16 @@ def markdown(report: dict[str, Any], source: str = "") -> str:
         lines += ["## Near-duplicate filter", "", "Filter on (keep) against off, real JPEGs, against a direct S3 "
                   "PUT (best rounds). fp CPU: fingerprint and comparison per fingerprinted upload; fp share: uploads "
                   "fingerprinted (the rest found no core to spare, or the CPU budget spent, and went unchecked). "
-                  "Steady: the filter on at a quarter of the best rate with it off, below saturation.", ""]
+                  "Steady: the filter on at a quarter of the best rate with it off, below saturation; busier: at 60 % "
+                  "of it (full runs only).", ""]
         lines += _table(["size", "concurrency", "off req/s", "on req/s", "S3 req/s", "off / S3", "on / S3", "drop",
                          "median drop of a round", "fp CPU ms", "fp share", "gateway CPU ms off / on",
-                         "steady req/s", "steady fp share", "steady fp CPU ms"],
+                         "steady req/s", "steady fp share", "steady fp CPU ms", "busier req/s", "busier fp share"],
                         [[_size(r["size"]), r["concurrency"], r["off_rps"], r["on_rps"], r["s3_rps"], r["ratio_off"],
                           r["ratio_on"], r["ratio_drop"], r.get("median_round_drop", ""), r["fingerprint_cpu_ms"],
                           r["fingerprinted_share"],
                           f"{r['gateway_cpu_ms_per_request']['off']} / {r['gateway_cpu_ms_per_request']['on']}",
-                          *(_steady(r.get("steady")))]
+                          *_steady(r.get("steady")), *_steady(r.get("steady_busier"))[:2]]
                          for r in report["neardup"]])
     missing = [s for s in ("ingest", "memory", "dedup", "forward", "startup", "neardup") if s not in report]
     if missing:
