@@ -171,10 +171,10 @@ class NearDuplicates:
             return "busy"
         if self.min_idle_cores and self.idle_cpu is not None:
             spare, left = self.idle_cpu.idle_cores(), self.idle_cpu.left_idle()
-            if spare is not None and spare < self.min_idle_cores:
+            # The second: fingerprints crowd ingest out, and what they would give back is not idle.
+            if (spare is not None and spare < self.min_idle_cores) or (
+                    left is not None and left < LEFT_IDLE_SHARE * self.min_idle_cores):
                 return "no_idle_cpu"
-            if left is not None and left < LEFT_IDLE_SHARE * self.min_idle_cores:
-                return "no_idle_cpu"  # fingerprints are crowding ingest out: what they would give back is not idle
         busy = self.settings.near_busy_uploads
         if busy and self.uploads_in_progress() > busy:
             return "busy"

@@ -13,11 +13,10 @@ once: the last interval's figure or the mean of the last `SMOOTHING` intervals, 
 smaller, so that a burst shuts background work out within one interval while a short idle spell
 in a busy second does not let it in; None where nothing can be read (not Linux) or before the
 first interval, 0 when the readings fell behind (the event loop itself is overloaded).
-`left_idle()` is the last interval's idle CPU without the caller's work, unsmoothed: background
-work that crowds the rest out leaves nothing idle, however much it would give back, and a check
-that only refuses should refuse at once. The caller's own
-deferrable work counts as idle (its running CPU total, `reclaimable`), so that background work
-which stops when the machine is busy does not stop itself.
+The caller's own deferrable work counts as idle (its running CPU total, `reclaimable`), so that
+background work which stops when the machine is busy does not stop itself. `left_idle()` is the
+last interval's idle CPU without it, unsmoothed: background work that crowds the rest out leaves
+nothing idle, however much it would give back, and a check that only refuses should refuse at once.
 """
 
 from __future__ import annotations
@@ -115,12 +114,12 @@ class IdleCpu:
         for quota, used, used_before in zip(self.quotas, now.cgroup_used_s, last.cgroup_used_s, strict=True):
             if used is not None and used_before is not None:
                 figures.append(quota.cores - (used - used_before) / span)
-        reclaimed = (now.reclaimable_s - last.reclaimable_s) / span
         if not figures:
             self._idle = self._left = None
             return
-        self._left = max(0.0, min(figures))
-        idle = max(0.0, min(figures) + reclaimed)
+        left = min(figures)
+        self._left = max(0.0, left)
+        idle = max(0.0, left + (now.reclaimable_s - last.reclaimable_s) / span)
         self._recent.append((span, idle))
         mean = sum(s * i for s, i in self._recent) / sum(s for s, _ in self._recent)
         self._idle = min(idle, mean)

@@ -70,6 +70,12 @@ def fingerprint_figures(url: str) -> tuple[float, float, float]:
     return done, busy, cpu
 
 
+def fingerprint_summary(done: float, unchecked: float, cpu: float) -> dict[str, float | None]:
+    """CPU milliseconds per fingerprint, and the share of frames fingerprinted, from counts."""
+    return {"fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
+            "fingerprinted_share": round(done / (done + unchecked), 3) if done + unchecked else None}
+
+
 def steady_round(metered: Callable[..., Round], gw: GatewayProcess, key: str, shots: list[bytes], rate: float,
                  conc: int) -> dict[str, Any]:
     """Uploads at a steady `rate` to the gateway with the filter on: the rate reached, the share of
@@ -79,9 +85,7 @@ def steady_round(metered: Callable[..., Round], gw: GatewayProcess, key: str, sh
     r = metered({"gateway": gw.pid}, None, functools.partial(multipart_upload, jpeg=shots, rate=rate),
                 gw.port, UPLOAD, key, len(shots[0]), conc, max(20, int(rate * STEADY_S)))
     done, unchecked, cpu = (a - b for a, b in zip(fingerprint_figures(gw.url), before, strict=True))
-    return {"rps": round(r.rps, 1),
-            "fingerprinted_share": round(done / (done + unchecked), 3) if done + unchecked else None,
-            "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
+    return {"rps": round(r.rps, 1), **fingerprint_summary(done, unchecked, cpu),
             "gateway_cpu_ms_per_request": r.cpu.get("gateway")}
 
 
@@ -127,7 +131,6 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                       for share in ([STEADY_SHARE] if quick else [STEADY_SHARE, BUSIER_SHARE])}
             drops = [round((a.rps - b.rps) / d.rps, 3) for a, b, d in zip(got["off"], got["keep"], got["s3"],
                                                                           strict=True)]
-            done, busy, cpu = counts
             rows.append({
                 "size": len(jpeg), "concurrency": conc, "requests": n, "rounds": rounds,
                 "off_rps": round(off.rps, 1), "on_rps": round(on.rps, 1), "s3_rps": round(direct.rps, 1),
@@ -137,8 +140,7 @@ def neardup_section(s3: S3Server, work: Path, quick: bool, metered: Callable[...
                 # paired within a round, so a slow spell of the machine hits both sides alike.
                 "round_drops": drops,
                 "median_round_drop": round(statistics.median(drops), 3),
-                "fingerprint_cpu_ms": round(1000 * cpu / done, 2) if done else None,
-                "fingerprinted_share": round(done / (done + busy), 3) if done + busy else None,
+                **fingerprint_summary(*counts),
                 "steady": steady[f"{STEADY_SHARE:.0%}"],
                 "steady_busier": steady.get(f"{BUSIER_SHARE:.0%}"),
                 "gateway_cpu_ms_per_request": {"off": off.cpu.get("gateway"), "on": on.cpu.get("gateway")},
