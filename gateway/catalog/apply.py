@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 
-from gateway.catalog.records import BatchOpened, BatchSealed, Frame, ImageAccepted, OutboxDelivered
+from gateway.catalog.records import BatchOpened, BatchSealed, Frame, ImageAccepted, ImageWithdrawn, OutboxDelivered
 
 Conn = duckdb.DuckDBPyConnection
 _CHUNK = 128  # rows per INSERT or batched UPDATE statement
@@ -38,18 +38,33 @@ _CLOUD_IDS = ("UPDATE images SET cloud_image_id = coalesce(v.image_key, images.c
               "cloud_storage_key = coalesce(v.storage_key, images.cloud_storage_key) "
               "FROM (VALUES {rows}) v(id, image_key, batch_key, storage_key) WHERE images.image_id = v.id")
 _CLOUD_IDS_ROW = "(?, ?::VARCHAR, ?::VARCHAR, ?::VARCHAR)"
+# A withdrawn upload's rows go; its batch goes too if left collecting and empty, and a batch sealed
+# with it (possible only after a crash) gets its counts again and a new manifest. All idempotent.
+_WITHDRAWN = (
+    "DELETE FROM outbox WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
+    "DELETE FROM images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
+)
+_WITHDRAWN_BATCHES = (
+    "DELETE FROM batches WHERE batch_id IN (SELECT unnest(?::VARCHAR[])) AND state = 'collecting' "
+    "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.batch_id = batches.batch_id)",
+    "UPDATE batches SET image_count = (SELECT count(*) FROM images i WHERE i.batch_id = batches.batch_id), "
+    "total_bytes = (SELECT coalesce(sum(size), 0) FROM images i WHERE i.batch_id = batches.batch_id), "
+    "manifest_key = NULL WHERE batch_id IN (SELECT unnest(?::VARCHAR[])) AND state <> 'collecting'",
+)
 
 
 def apply_frames(conn: Conn, frames: Sequence[Frame], replay: bool) -> None:
     """Every record of `frames` into DuckDB (inside the caller's transaction): batches opened,
-    images with their outbox entries, deliveries, then seals. `replay` skips rows already there
-    (a frame applied before a crash); the updates are idempotent."""
+    images with their outbox entries, deliveries, seals, then withdrawals. `replay` skips rows
+    already there (a frame applied before a crash); the updates and deletes are idempotent."""
     opened: list[tuple[Any, ...]] = []
     images: list[tuple[Any, ...]] = []
     outbox: list[tuple[Any, ...]] = []
     delivered: list[list[Any]] = []
     cloud_ids: list[list[Any]] = []
     sealed: list[list[Any]] = []
+    withdrawn: list[str] = []
+    withdrawn_batches: set[str] = set()
     for frame in frames:
         for r in frame.records:
             if isinstance(r, ImageAccepted):
@@ -66,12 +81,20 @@ def apply_frames(conn: Conn, frames: Sequence[Frame], replay: bool) -> None:
                 opened.append((r.batch_id, r.device_id, "collecting", r.opened_at))
             elif isinstance(r, BatchSealed):
                 sealed.append([r.batch_id, r.sealed_at, r.image_count, r.total_bytes])
+            elif isinstance(r, ImageWithdrawn):
+                withdrawn.append(r.image_id)
+                withdrawn_batches.add(r.batch_id)
     insert_rows(conn, "batches", BATCH_COLUMNS, opened, or_ignore=replay)
     insert_rows(conn, "images", IMAGE_COLUMNS, images, or_ignore=replay)
     insert_rows(conn, "outbox", OUTBOX_COLUMNS, outbox, or_ignore=replay)
     update_rows(conn, _DELIVERED, _DELIVERED_ROW, delivered)
     update_rows(conn, _CLOUD_IDS, _CLOUD_IDS_ROW, cloud_ids)
     update_rows(conn, _SEALED, _SEAL_ROW, sealed)
+    if withdrawn:
+        for sql in _WITHDRAWN:
+            conn.execute(sql, [withdrawn])
+        for sql in _WITHDRAWN_BATCHES:
+            conn.execute(sql, [sorted(withdrawn_batches)])
 
 
 def insert_rows(conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],

@@ -21,7 +21,7 @@ import anyio
 import duckdb
 
 from gateway.catalog.apply import apply_frames
-from gateway.catalog.collecting import NewImage, Placed
+from gateway.catalog.collecting import NewImage, Placed, Stored, Withdrawn
 from gateway.catalog.quarantine import Quarantined
 from gateway.catalog.records import Record
 from gateway.catalog.schema import migrate
@@ -135,6 +135,18 @@ class Catalog(CatalogWriter):
     def submit_records(self, records: list[Record]) -> Future[None]:
         """Journal `records` as one write (applied together); answered once fsynced."""
         return self._enqueue(Work(None, records, Future()))
+
+    def submit_stored(self, image_id: str, at: float) -> Future[str | None]:
+        """An upload recorded with `storing` has its object stored; answers the id of the batch
+        this sealed (a closing batch that waited for it last), once that seal is fsynced."""
+        return self._enqueue(Work(None, Stored(image_id, at), Future()))
+
+    def submit_withdrawn(self, image_id: str, device_id: str, batch_id: str, size: int,
+                         at: float) -> Future[str | None]:
+        """An upload recorded with `storing` lost its object (or an earlier process left the row
+        without one): its rows go, journaled (fsynced). Answers the id of a batch this sealed."""
+        return self._enqueue(Work(None, Withdrawn(image_id=image_id, device_id=device_id, batch_id=batch_id,
+                                                  size=size, at=at), Future()))
 
     def expect(self) -> Expected:
         """Announce a write that will follow shortly; submit it through the returned handle, or

@@ -28,7 +28,15 @@ import duckdb
 import msgspec
 
 from gateway.catalog.journal import decode
-from gateway.catalog.records import BatchSealed, Frame, ImageAccepted, OutboxDelivered, Unreadable, encode
+from gateway.catalog.records import (
+    BatchSealed,
+    Frame,
+    ImageAccepted,
+    ImageWithdrawn,
+    OutboxDelivered,
+    Unreadable,
+    encode,
+)
 from gateway.system.files import fsync_dir
 
 log = logging.getLogger("gateway.catalog")
@@ -81,7 +89,7 @@ def held(record: Quarantined | Frame) -> dict[str, Any]:
     for r in frame.records:
         kind = str(type(r).__struct_config__.tag)
         kinds[kind] = kinds.get(kind, 0) + 1
-        if isinstance(r, ImageAccepted | OutboxDelivered):
+        if isinstance(r, ImageAccepted | OutboxDelivered | ImageWithdrawn):
             image_ids.add(r.image_id)
         if isinstance(r, ImageAccepted):
             storage_keys.add(r.storage_key)

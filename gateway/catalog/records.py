@@ -68,8 +68,17 @@ class OutboxDelivered(msgspec.Struct, tag="outbox_delivered", array_like=True, f
     cloud_storage_key: str | None = None
 
 
-Record = BatchOpened | ImageAccepted | BatchSealed | OutboxDelivered
-KINDS: tuple[type[Record], ...] = (BatchOpened, ImageAccepted, BatchSealed, OutboxDelivered)
+class ImageWithdrawn(msgspec.Struct, tag="image_withdrawn", array_like=True, frozen=True):
+    """An upload recorded while its object was being stored, whose object did not get there (the
+    store refused it, or a crash cut it short): its image row and outbox entry go, and so does its
+    batch if that is left collecting and empty. Never an acknowledged upload's."""
+
+    image_id: str
+    batch_id: str
+
+
+Record = BatchOpened | ImageAccepted | BatchSealed | OutboxDelivered | ImageWithdrawn
+KINDS: tuple[type[Record], ...] = (BatchOpened, ImageAccepted, BatchSealed, OutboxDelivered, ImageWithdrawn)
 
 
 class Frame(msgspec.Struct, array_like=True, frozen=True):

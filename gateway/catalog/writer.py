@@ -26,7 +26,7 @@ from typing import Any
 import duckdb
 
 from gateway.catalog.apply import apply_frames
-from gateway.catalog.collecting import CollectingBatches, NewImage, Uploads
+from gateway.catalog.collecting import CollectingBatches, NewImage, Stored, Uploads, Withdrawn
 from gateway.catalog.journal import Journal, frame
 from gateway.catalog.quarantine import JournalQuarantine, record_refused
 from gateway.catalog.records import Frame, Record, write
@@ -44,7 +44,8 @@ APPLY_RETRY_S = 1.0  # while DuckDB refuses them, the writer retries on its own 
 STOP = object()
 WAKE = object()  # an announced write was called off: a lingering group need not wait for it
 
-Journaled = NewImage | list[Record]  # an upload to place, or records as they are
+# An upload to place, an upload's settling (its object stored, or withdrawn), or records as they are.
+Journaled = NewImage | Stored | Withdrawn | list[Record]
 
 
 class Work:
@@ -153,6 +154,7 @@ class CatalogWriter:
                 work.future.set_exception(self._refusal())
             return
         uploads = [w.item for w in works if isinstance(w.item, NewImage)]
+        self.uploads.begin()
         try:
             placed, upload_frames = self.uploads.plan(conn, uploads) if uploads else ([], [])
             placed_it, frames_it = iter(placed), iter(upload_frames)
@@ -162,13 +164,18 @@ class CatalogWriter:
                 if isinstance(work.item, NewImage):
                     results.append(next(placed_it))
                     frames.append(next(frames_it))
+                elif isinstance(work.item, Stored | Withdrawn):
+                    settled, sealed = self.uploads.settle(conn, work.item)
+                    results.append(sealed)
+                    if settled is not None:
+                        frames.append(settled)
                 else:
                     results.append(None)
                     frames.append(write(work.item or []))
-            self.journal.append([frame(f) for f in frames])
+            if frames:  # an object stored that seals nothing writes nothing
+                self.journal.append([frame(f) for f in frames])
         except Exception as exc:
-            if uploads:
-                self.uploads.undo()
+            self.uploads.undo()
             error: BaseException = journal_error(exc) if isinstance(exc, OSError) else as_domain_error(exc)
             if isinstance(exc, OSError):
                 log.error("catalog journal write failed: %s", exc)

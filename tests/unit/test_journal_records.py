@@ -19,6 +19,7 @@ from gateway.catalog.records import (
     BatchOpened,
     BatchSealed,
     ImageAccepted,
+    ImageWithdrawn,
     JournalUnreadable,
     OutboxDelivered,
     Record,
@@ -37,6 +38,7 @@ EXAMPLES: list[Record] = [
     BatchSealed(batch_id="batch_1", sealed_at=2.5, image_count=3, total_bytes=2**40),
     OutboxDelivered(image_id="img_1", at=3.0, status=None, cloud_image_id="c", cloud_batch_id=None,
                     cloud_storage_key="k"),
+    ImageWithdrawn(image_id="img_1", batch_id="batch_1"),
 ]
 
 

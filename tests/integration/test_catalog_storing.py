@@ -1,0 +1,164 @@
+"""Uploads recorded while their objects are being stored (`NewImage.storing`), on a real DuckDB
+file: a batch is never sealed while a member's object may be missing, a withdrawn upload leaves
+no row behind (nor an empty batch), and the journal replays withdrawals as they happened."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from gateway.batches import queries as batch_queries
+from gateway.catalog import Catalog
+from gateway.catalog.collecting import NewImage, Placed
+
+SLOW = 60.0  # an apply delay no test waits for: entries reach DuckDB only when something asks
+
+
+def image(n: int, device: str = "dev_a", max_images: int = 3, storing: bool = True) -> NewImage:
+    return NewImage(image_id=f"img_{n}", device_id=device, filename=f"f{n}.jpg", content_type="image/jpeg",
+                    size=10 * n, xxh3_128=f"{n:032x}", storage_key=f"raw-data/{n}_f{n}.jpg", metadata=None,
+                    received_at=100.0 + n, outbox_state="pending", batch_max_images=max_images, storing=storing)
+
+
+def _open(path: Path, **kw: Any) -> Catalog:
+    cat = Catalog(path, **kw)
+    cat.open()
+    return cat
+
+
+def record(cat: Catalog, new: NewImage) -> Placed:
+    return cat.submit_upload(new).result(timeout=10)
+
+
+def stored(cat: Catalog, n: int) -> str | None:
+    return cat.submit_stored(f"img_{n}", 500.0).result(timeout=10)
+
+
+def withdrawn(cat: Catalog, new: NewImage, placed: Placed) -> str | None:
+    return cat.submit_withdrawn(new.image_id, new.device_id, placed.batch_id, new.size, 400.0).result(timeout=10)
+
+
+def batch(cat: Catalog, batch_id: str) -> tuple[str, int, int]:
+    b = cat.read_sync(lambda c: batch_queries.read_batch(c, batch_id))
+    return b["state"], b["image_count"], b["total_bytes"]
+
+
+def rows(cat: Catalog) -> tuple[list[str], list[str], list[str]]:
+    """image ids in `images` and in `outbox`, and every batch id."""
+    return (sorted(r[0] for r in cat.read_sync(lambda c: c.execute("SELECT image_id FROM images").fetchall())),
+            sorted(r[0] for r in cat.read_sync(lambda c: c.execute("SELECT image_id FROM outbox").fetchall())),
+            sorted(r[0] for r in cat.read_sync(lambda c: c.execute("SELECT batch_id FROM batches").fetchall())))
+
+
+def test_a_batch_filled_while_objects_are_on_their_way_is_sealed_when_the_last_is_stored(tmp_path: Path) -> None:
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        placed = [record(cat, image(n)) for n in (1, 2, 3)]
+        assert [p.sealed for p in placed] == [False, False, True]  # the third fills it...
+        first = placed[0].batch_id
+        assert batch(cat, first) == ("collecting", 3, 60)  # ...but objects are missing: not sealed
+        nxt = record(cat, image(4))
+        assert nxt.batch_id != first  # a closing batch takes no more uploads
+        assert stored(cat, 3) is None and stored(cat, 1) is None
+        assert batch(cat, first)[0] == "collecting"
+        assert stored(cat, 2) == first  # the last member's object: sealed now, with its counts
+        assert batch(cat, first) == ("sealed", 3, 60)
+        assert stored(cat, 2) is None  # a second word about it changes nothing
+        assert batch(cat, nxt.batch_id) == ("collecting", 1, 40)
+
+
+def test_a_withdrawn_upload_leaves_no_row_and_a_closing_batch_seals_without_it(tmp_path: Path) -> None:
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        news = [image(n) for n in (1, 2, 3)]
+        placed = [record(cat, n) for n in news]
+        first = placed[0].batch_id
+        stored(cat, 1)
+        stored(cat, 3)
+        assert withdrawn(cat, news[1], placed[1]) == first  # the last one waited for: sealed without it
+        assert batch(cat, first) == ("sealed", 2, 40)
+        images, outbox, _ = rows(cat)
+        assert images == outbox == ["img_1", "img_3"]
+
+
+def test_withdrawing_the_only_upload_of_a_batch_removes_the_batch_too(tmp_path: Path) -> None:
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        new = image(1)
+        placed = record(cat, new)
+        assert withdrawn(cat, new, placed) is None
+        assert rows(cat) == ([], [], [])
+        again = record(cat, image(2))  # the device's next upload opens a batch of its own
+        assert again.batch_id != placed.batch_id
+        assert batch(cat, again.batch_id) == ("collecting", 1, 20)
+
+
+def test_a_batch_due_by_time_waits_for_its_members_objects(tmp_path: Path) -> None:
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        placed = record(cat, image(1, max_images=100))
+        record(cat, image(2, max_images=100, storing=False))
+        assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == []
+        assert batch(cat, placed.batch_id) == ("collecting", 2, 30)
+        assert cat.write_sync(lambda c: cat.collecting.seal(c, placed.batch_id, 10_000.0)) == "closing"
+        assert record(cat, image(3, max_images=100)).batch_id != placed.batch_id
+        assert stored(cat, 1) == placed.batch_id
+        assert batch(cat, placed.batch_id) == ("sealed", 2, 30)
+
+
+def test_a_batch_is_never_sealed_with_a_member_still_storing_even_by_hand(tmp_path: Path) -> None:
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        placed = record(cat, image(1, max_images=100))
+        assert cat.write_sync(lambda c: cat.collecting.seal(c, placed.batch_id, 200.0)) == "closing"
+        assert batch(cat, placed.batch_id)[0] == "collecting"
+        stored(cat, 1)
+        assert batch(cat, placed.batch_id) == ("sealed", 1, 10)
+
+
+def test_the_journal_replays_a_withdrawal_and_a_deferred_seal_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "c.duckdb"
+    cat = _open(path, apply_delay=SLOW)
+    news = [image(n) for n in (1, 2, 3)]
+    placed = [record(cat, n) for n in news]
+    stored(cat, 1)
+    stored(cat, 2)
+    withdrawn(cat, news[2], placed[2])
+    saved = (tmp_path / "c.duckdb.journal").read_bytes()
+    cat.close()
+    # Twice over, as after a crash between DuckDB's commit and the journal's reset.
+    (tmp_path / "c.duckdb.journal").write_bytes(saved)
+    with closing(_open(path)) as again:
+        assert again.replayed > 0
+        assert rows(again)[0] == ["img_1", "img_2"]
+        assert batch(again, placed[0].batch_id) == ("sealed", 2, 30)
+
+
+def test_a_full_batch_whose_seal_a_crash_cut_short_is_sealed_before_the_next_upload(tmp_path: Path) -> None:
+    """The objects were stored, but the process died before the word reached the writer."""
+    path = tmp_path / "c.duckdb"
+    with closing(_open(path)) as cat:
+        placed = [record(cat, image(n)) for n in (1, 2, 3)]
+    first = placed[0].batch_id
+    with closing(_open(path)) as cat:
+        assert batch(cat, first) == ("collecting", 3, 60)
+        nxt = record(cat, image(4, storing=False))
+        assert nxt.batch_id != first
+        assert batch(cat, first) == ("sealed", 3, 60)
+
+
+def test_a_withdrawal_of_a_row_an_earlier_process_left_counts_its_batch_again(tmp_path: Path) -> None:
+    """After a crash: the row without its object is withdrawn by the reconciliation, whichever
+    state its batch is in (here sealed by time while the store was down)."""
+    path = tmp_path / "c.duckdb"
+    news = [image(n, max_images=100) for n in (1, 2)]
+    with closing(_open(path)) as cat:
+        placed = [record(cat, n) for n in news]
+    batch_id = placed[0].batch_id
+    with closing(_open(path)) as cat:  # a new process: nothing is known to be storing
+        assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == [batch_id]
+        cat.write_sync(lambda c: c.execute(
+            "UPDATE batches SET manifest_key = 'batches/x/manifest.parquet' WHERE batch_id = ?", [batch_id]))
+        withdrawn(cat, news[1], placed[1])
+        assert batch(cat, batch_id) == ("sealed", 1, 10)
+        key = cat.read_sync(lambda c: c.execute(
+            "SELECT manifest_key FROM batches WHERE batch_id = ?", [batch_id]).fetchone())
+        assert key == (None,)  # its manifest is written again
+        assert rows(cat)[0] == ["img_1"]
+
