@@ -37,6 +37,7 @@ from gateway.ingest.admission import Admission
 from gateway.ingest.capacity import CapacityGuard
 from gateway.ingest.pipeline import Ingestor
 from gateway.ingest.reconcile import Reconciler
+from gateway.ingest.storing import StoringImages
 from gateway.notify import Signal
 from gateway.ops.activity import RecentErrors, Throughput
 from gateway.ops.health import Health
@@ -137,9 +138,12 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
         manifests.sealed(batch_id)
         sealer.wake()
 
+    # Images recorded while their objects are being stored (or left so by a crash): not forwarded yet.
+    storing = StoringImages(settled=outbox_changed if forwarding_on else None)
     ingestor = Ingestor(s, catalog, store, metrics, clock, uplink, forward_cache=cache, on_sealed=batch_sealed,
-                        idle_cpu=IdleCpu())
-    reconciler = Reconciler(catalog, store, ingestor.spool_dir, lambda: ingestor.active_intents, started_at)
+                        idle_cpu=IdleCpu(), storing=storing)
+    reconciler = Reconciler(catalog, store, ingestor.spool_dir, lambda: ingestor.active_intents, started_at,
+                            storing=storing)
 
     cloud = CloudClient(http, s.cloud.url, s.cloud.timeout_s, s.cloud.deadline_s, s.cloud.proxy) if forwarding_on \
         else None
@@ -158,7 +162,7 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
     if cloud is not None:
         forwarder = Forwarder(s, catalog, store, registry, metrics, cloud, clock, cache=cache, gate=gate, uplink=uplink,
                               wake=outbox_changed, on_delivered_bytes=throughput.record_delivered,
-                              on_round=keycheck.maybe_recheck)
+                              on_round=keycheck.maybe_recheck, storing=storing)
         if s.forward.delete_after_days > 0:
             retention = RetentionSweeper(catalog, store, metrics, s.forward.delete_after_days, bool(s.sync.token),
                                          clock)

@@ -39,6 +39,7 @@ from gateway.forward.client import (
 )
 from gateway.forward.lanes import Lane, Lanes
 from gateway.forward.windows import Moment
+from gateway.ingest.storing import StoringImages
 from gateway.notify import Signal
 from gateway.ops.metrics import Metrics
 from gateway.retries import cloud_policy
@@ -74,9 +75,11 @@ class Forwarder:
         wake: Signal | None = None,
         on_delivered_bytes: Callable[[int], None] | None = None,
         on_round: Callable[[TaskGroup], None] | None = None,
+        storing: StoringImages | None = None,
     ) -> None:
         """`gate`: the cloud's connectivity, shared with the key checker; `wake`: fired when the outbox
-        has new work; `on_delivered_bytes`: each delivery's size; `on_round`: called each loop round."""
+        has new work; `on_delivered_bytes`: each delivery's size; `on_round`: called each loop round; `storing`: images
+        recorded whose objects are not yet stored, left alone until they are (its signal wakes this)."""
         f = settings.forward
         self.settings = settings
         self.catalog = catalog
@@ -100,6 +103,7 @@ class Forwarder:
         self.last_success_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.storing = storing if storing is not None else StoringImages()
         self._wake = anyio.Event()
         self._recording: set[str] = set()  # delivered, the record not yet written
         self._settled: dict[str, outbox.Entry | None] = {}  # results since the last refill began
@@ -220,6 +224,8 @@ class Forwarder:
         queues: dict[Lane, list[outbox.Entry]] = {}
         for entry in entries:
             if entry.image_id in self._recording:  # delivered; its record is on its way
+                continue
+            if self.storing.watch(entry.image_id):  # its object is on its way: read again once it is there
                 continue
             if entry.image_id in self._settled:  # finished while the query ran
                 newer = self._settled[entry.image_id]

@@ -1,10 +1,13 @@
-"""The upload fast path: stream -> spool + hash + sniff -> dedup -> store -> record -> 2xx.
+"""The upload fast path: stream -> spool + hash + sniff -> dedup -> (store | record) -> 2xx.
 
-Durable before acknowledged: the answer is sent only after the object is in the store and one
-catalog transaction has committed the image row, its batch membership and its outbox entry.
+Durable before acknowledged: the answer is sent only after the object is in the store and the
+catalog journal holds the image row, its batch membership and its outbox entry (fsynced). The
+two run side by side; until both are done the image is `storing` (the forwarder leaves it alone,
+its batch is not sealed), and a PUT that fails withdraws the record.
 The spool file `<spool>/<uuid-hex>.part` doubles as the upload's intent record: it is removed
-only once the upload is committed or known to have left no object behind, so after a crash the
-start-up reconciliation finds every upload that may have left a stray object (`reconcile`).
+only once the upload is committed with its object or known to have left nothing behind, so after
+a crash the start-up reconciliation finds every upload that may have left a stray object or a
+row without its object (`reconcile`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import anyio
 import msgspec
 
 from gateway.catalog import Catalog, Conn
-from gateway.catalog.collecting import NewImage
+from gateway.catalog.collecting import NewImage, Placed
 from gateway.config import Settings
 from gateway.devices.registry import Device
 from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
@@ -33,9 +36,11 @@ from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_up
 from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
+from gateway.ingest.storing import StoringImages
 from gateway.ops.metrics import Metrics
 from gateway.storage import ObjectStore
 from gateway.system.cpuidle import IdleCpu
+from gateway.system.failpoints import Failpoints
 from gateway.system.files import fsync_dir
 
 log = logging.getLogger("gateway.ingest")
@@ -67,10 +72,14 @@ class Ingestor:
         forward_cache: ForwardCache | None = None,
         on_sealed: Callable[[str], None] | None = None,
         idle_cpu: IdleCpu | None = None,
+        storing: StoringImages | None = None,
+        failpoints: Failpoints | None = None,
     ) -> None:
         """`uplink`: the priority classes, decided here; `forward_cache`: where recorded images wait
         for the forwarder (object stores); `on_sealed`: a batch filled up; `idle_cpu`: the machine's
-        idle CPU, which near-duplicate fingerprints leave to ingest (None: they run whatever the load)."""
+        idle CPU, which near-duplicate fingerprints leave to ingest (None: they run whatever the load);
+        `storing`: the images recorded before their objects are stored, shared with the forwarder;
+        `failpoints`: where the crash tests pause an upload (from the environment by default)."""
         self.settings = settings
         self.uplink = uplink or UplinkPlan.from_settings(settings.forward)  # priority classes, decided here
         self.catalog = catalog
@@ -84,6 +93,9 @@ class Ingestor:
         self._seen_wanted: anyio.Event | None = None
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
+        self.storing = storing if storing is not None else StoringImages()
+        self._settling: set[asyncio.Future[Placed]] = set()  # uploads cancelled while settling
+        self.failpoints = failpoints or Failpoints(settings.data_dir)
         # Object stores take small images from memory; folder storage hard-links the spool file.
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
         self.on_sealed = on_sealed
@@ -266,58 +278,118 @@ class Ingestor:
         self, uid: uuid.UUID, device: Device, image: SpooledImage, metadata: bytes | None, held: bool,
         verdict: Verdict | asyncio.Future[Verdict] = UNCHECKED, priority_class: str = "default",
     ) -> UploadResult:
-        """Store the object, then record it; `verdict` may still be coming (the near-duplicate
-        filter runs beside the PUT): the record waits for it."""
+        """Store the object and record it side by side; answered once both are done, in whichever
+        order they finish. The record says its object is being stored (`NewImage.storing`): until
+        the PUT has settled, the image is in `storing` and its batch is not sealed; a PUT that
+        fails withdraws the record. `verdict` may still be coming (the near-duplicate filter runs
+        beside the PUT): the record waits for it."""
         filename = safe_filename(image.filename, image.content_type)
         storage_key = f"raw-data/{uid.hex}_{filename}"
-        # Announced before the PUT, so that the catalog writer may wait for this row to join a group.
-        with self.catalog.expect() as record:
-            try:
-                if image.data is not None:  # from memory: the S3 store sends it from the event loop
-                    await self.store.put_bytes_async(storage_key, image.data, image.content_type)
-                elif image.size > LARGE_PUT_BYTES:
-                    async with self._large_puts:
-                        await anyio.to_thread.run_sync(self._put_file, storage_key, image)
-                else:
-                    await anyio.to_thread.run_sync(self._put_file, storage_key, image)
-            except Exception:
-                # The store said no; keep the (emptied) intent in case a lost answer hid a stored object.
-                _truncate(image.path)
-                raise
+        put = asyncio.ensure_future(self._put(storage_key, image))
+        try:
             if isinstance(verdict, asyncio.Future):
                 verdict = await _settled(verdict)
-            # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
-            skipped = verdict.action == "hold" and verdict.of is not None and not held
-            new = NewImage(
-                image_id=f"img_{uid}",
-                device_id=device.device_id,
-                filename=filename,
-                content_type=image.content_type,
-                size=image.size,
-                xxh3_128=image.xxh3_128,
-                storage_key=storage_key,
-                metadata=metadata,
-                received_at=self.clock(),
-                outbox_state=outbox.SKIPPED if skipped else outbox.HELD if held else outbox.PENDING,
-                batch_max_images=self.settings.batches.max_images,
-                fingerprint=verdict.dhash,
-                near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
-                priority_class=priority_class,
-            )
-            recorded = record.submit_upload(new)
-        try:
-            placed = await asyncio.wrap_future(recorded)
-        except Exception:
-            # The transaction failed: nothing was committed, so the object must go.
-            # (On cancellation we cannot know; the intent stays for reconciliation.)
-            await self._discard_object(new.storage_key, image.path)
+        except BaseException:  # cancelled before anything was recorded: the intent stays for reconciliation
+            put.cancel()
             raise
-        self._keep_for_forwarding(new.image_id, image, held or skipped)
+        # A quarantined device's entry stays `held` for its key check, near-duplicate or not.
+        skipped = verdict.action == "hold" and verdict.of is not None and not held
+        new = NewImage(
+            image_id=f"img_{uid}",
+            device_id=device.device_id,
+            filename=filename,
+            content_type=image.content_type,
+            size=image.size,
+            xxh3_128=image.xxh3_128,
+            storage_key=storage_key,
+            metadata=metadata,
+            received_at=self.clock(),
+            outbox_state=outbox.SKIPPED if skipped else outbox.HELD if held else outbox.PENDING,
+            batch_max_images=self.settings.batches.max_images,
+            fingerprint=verdict.dhash,
+            near_duplicate_of=None if verdict.of is None else verdict.of.image_id,
+            priority_class=priority_class,
+            storing=True,
+        )
+        self.storing.add(new.image_id)
+        await self.failpoints.reach("upload.before_record")
+        recorded = asyncio.wrap_future(self.catalog.submit_upload(new))
+        settling = asyncio.ensure_future(self._settle(new, image, put, recorded, held or skipped))
+        try:
+            placed = await asyncio.shield(settling)  # a cancelled request does not cut the settling short
+        except asyncio.CancelledError:
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            raise
         self.near.remember(device.device_id, verdict, new.image_id, placed.batch_id, new.storage_key)
-        if placed.sealed and self.on_sealed is not None:
-            self.on_sealed(placed.batch_id)
         return UploadResult(image_id=new.image_id, batch_id=placed.batch_id, storage_key=new.storage_key,
                             batch_sealed=placed.sealed, size=new.size)
+
+    async def _put(self, storage_key: str, image: SpooledImage) -> None:
+        """The object into the store: from memory (the S3 store sends it from the event loop) or
+        from the spool file (a worker thread; few large ones at a time)."""
+        await self.failpoints.reach("upload.before_put")
+        if image.data is not None:
+            await self.store.put_bytes_async(storage_key, image.data, image.content_type)
+        elif image.size > LARGE_PUT_BYTES:
+            async with self._large_puts:
+                await anyio.to_thread.run_sync(self._put_file, storage_key, image)
+        else:
+            await anyio.to_thread.run_sync(self._put_file, storage_key, image)
+
+    async def _settle(self, new: NewImage, image: SpooledImage, put: asyncio.Future[None],
+                      recorded: asyncio.Future[Placed], held_back: bool) -> Placed:
+        """Wait for both the PUT and the record, then settle what one left without the other:
+        an object without its record is removed, a record without its object is withdrawn.
+        Both done: the intent goes, the bytes to the forward cache (`_keep_for_forwarding`)."""
+        await asyncio.gather(put, recorded, return_exceptions=True)
+        put_error = put.exception()
+        record_error = recorded.exception()
+        if record_error is not None:  # nothing committed: the object, if stored, must go
+            self.storing.discard(new.image_id)
+            if put_error is None:
+                await self._discard_object(new.storage_key, image.path)
+            else:
+                _truncate(image.path)
+            raise record_error
+        if put_error is not None:
+            # The store said no. Keep the (emptied) intent in case a lost answer hid a stored object.
+            _truncate(image.path)
+            await self._withdraw(new, recorded.result())
+            raise put_error
+        placed = recorded.result()
+        await self.failpoints.reach("upload.before_answer")
+        self._keep_for_forwarding(new.image_id, image, held_back)
+        self.storing.discard(new.image_id)
+        stored = asyncio.wrap_future(self.catalog.submit_stored(new.image_id, self.clock()))
+        stored.add_done_callback(self._sealed_by_settling)
+        return placed
+
+    async def _withdraw(self, new: NewImage, placed: Placed) -> None:
+        """A recorded upload whose object is not in the store: its rows go. Should that write
+        fail too, the image stays out of reach (`storing`) and its intent with it, for the
+        reconciliation to withdraw."""
+        try:
+            sealed = await asyncio.wrap_future(self.catalog.submit_withdrawn(
+                new.image_id, new.device_id, placed.batch_id, new.size, self.clock()))
+        except Exception as exc:
+            log.error("could not withdraw upload %s whose object was not stored (reconciled later): %s",
+                      new.image_id, exc)
+            return
+        self.storing.discard(new.image_id)
+        if sealed is not None and self.on_sealed is not None:
+            self.on_sealed(sealed)
+
+    def _sealed_by_settling(self, stored: asyncio.Future[str | None]) -> None:
+        """An upload's object was stored: the batch it was the last to wait for is sealed now."""
+        if stored.cancelled():
+            return
+        if (exc := stored.exception()) is not None:  # the batch stays closing: sealed by its next start
+            log.error("could not record that an upload's object is stored: %s", exc)
+            return
+        sealed = stored.result()
+        if sealed is not None and self.on_sealed is not None:
+            self.on_sealed(sealed)
 
     def _keep_for_forwarding(self, image_id: str, image: SpooledImage, held: bool) -> None:
         """The upload is recorded: its intent file goes, and its bytes to the forward cache if any.

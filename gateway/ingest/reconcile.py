@@ -1,8 +1,11 @@
 """Start-up (and periodic) reconciliation of the catalog with the object store.
 
-Every upload leaves an intent file `<spool>/<uuid-hex>.part` until it is committed or known to
-have stored nothing. An intent left behind (crash, kill -9, cancelled request, store error) is
-settled here: committed uploads just lose the intent; uncommitted ones lose their object too.
+Every upload leaves an intent file `<spool>/<uuid-hex>.part` until it is committed with its
+object or known to have stored nothing. An upload's record and its PUT run side by side, so an
+intent left behind (crash, kill -9, cancelled request, store error) may name a row, an object,
+both or neither. Settled here: a row with its object just loses the intent; a row without its
+object is withdrawn (that upload was never acknowledged); an object without its row is removed.
+Until then the image is `storing`, which the forwarder leaves alone.
 A recent sample of catalog rows is also checked for missing objects, which are reported.
 """
 
@@ -19,6 +22,7 @@ import msgspec
 
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError
+from gateway.ingest.storing import StoringImages
 from gateway.storage import ObjectStore
 
 log = logging.getLogger("gateway.reconcile")
@@ -32,13 +36,15 @@ STALE_INTENT_S = 600.0
 class ReconcileReport(msgspec.Struct, kw_only=True):
     intents: int = 0
     committed: int = 0
+    withdrawn: list[str] = msgspec.field(default_factory=list)  # rows whose objects never got stored
     deferred: int = 0  # could not be settled now (store unreachable); tried again later
     strays_removed: list[str] = msgspec.field(default_factory=list)
     missing_objects: list[str] = msgspec.field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.strays_removed and not self.missing_objects and self.intents == 0 and self.deferred == 0
+        return (not self.strays_removed and not self.missing_objects and not self.withdrawn
+                and self.intents == 0 and self.deferred == 0)
 
 
 def settle_intents(
@@ -51,6 +57,7 @@ def settle_intents(
     before: float | None = None,
     quiet_until: float = 0.0,
     report: ReconcileReport | None = None,
+    storing: StoringImages | None = None,
 ) -> ReconcileReport:
     """Settle leftover upload intents (blocking; run in a worker thread).
 
@@ -58,7 +65,8 @@ def settle_intents(
     previous process left are settled whatever their age). One that cannot be settled now (the
     store does not answer) is kept and counted as deferred. Until `quiet_until`, an uncommitted
     intent whose object is not (yet) in the store is kept too: a PUT the dead process had fully
-    sent may still be landing, and its object must not outlive the intent that can find it."""
+    sent may still be landing, and its object must not outlive the intent that can find it.
+    An intent settled leaves `storing`."""
     report = report or ReconcileReport()
     now = time.time()
     try:
@@ -78,7 +86,7 @@ def settle_intents(
         if now - mtime < min_age_s and (before is None or mtime >= before):
             continue
         try:
-            settled = _settle_one(catalog, store, uid, report, keep_if_absent=now < quiet_until)
+            settled = _settle_one(catalog, store, uid, report, keep_if_absent=now < quiet_until, now=now)
         except GatewayError as exc:
             report.deferred += 1
             log.warning("upload intent %s not settled yet: %s", uid, exc)
@@ -88,17 +96,42 @@ def settle_intents(
             continue
         report.intents += 1
         os.unlink(entry.path)
+        if storing is not None:
+            storing.discard(image_id_of(uid))
     return report
 
 
+def image_id_of(uid: str) -> str:
+    """The image id an upload intent `<uid>.part` records under."""
+    return f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
+
+
+def leftover_image_ids(spool_dir: os.PathLike[str] | str) -> list[str]:
+    """The image ids of the upload intents in `spool_dir`."""
+    try:
+        return [image_id_of(e.name[: -len(".part")]) for e in os.scandir(spool_dir) if e.name.endswith(".part")]
+    except FileNotFoundError:
+        return []
+
+
 def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: ReconcileReport,
-                keep_if_absent: bool) -> bool:
+                keep_if_absent: bool, now: float) -> bool:
     """Settle one intent; False when it must be kept for a later pass."""
-    image_id = f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
+    image_id = image_id_of(uid)
     row = catalog.read_sync(lambda c: c.execute(
-        "SELECT storage_key FROM images WHERE image_id = ?", [image_id]).fetchone())
+        "SELECT storage_key, device_id, batch_id, size FROM images WHERE image_id = ?", [image_id]).fetchone())
     if row is not None:
-        report.committed += 1
+        storage_key, device_id, batch_id, size = row
+        if store.stat(storage_key) is not None:  # recorded and stored: perhaps acknowledged, kept
+            catalog.submit_stored(image_id, now).result()  # a batch of this process's may wait for it
+            report.committed += 1
+            return True
+        if keep_if_absent:
+            return False
+        catalog.submit_withdrawn(image_id, device_id, batch_id, int(size), now).result()
+        report.withdrawn.append(image_id)
+        log.warning("withdrew upload %s: recorded, but its object never reached the store (never acknowledged)",
+                    image_id)
         return True
     found = list(store.list(f"raw-data/{uid}_"))
     for obj in found:
@@ -108,14 +141,17 @@ def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: Reconcil
     return bool(found) or not keep_if_absent
 
 
-def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50,
-                         report: ReconcileReport | None = None) -> ReconcileReport:
-    """Report catalog rows among the most recent `sample` whose object is missing."""
+def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50, report: ReconcileReport | None = None,
+                         storing: StoringImages | None = None) -> ReconcileReport:
+    """Report catalog rows among the most recent `sample` whose object is missing (but those
+    still `storing`)."""
     report = report or ReconcileReport()
     rows = catalog.read_sync(lambda c: c.execute(
-        "SELECT storage_key FROM images WHERE bytes_removed_at IS NULL ORDER BY seq DESC LIMIT ?",
+        "SELECT storage_key, image_id FROM images WHERE bytes_removed_at IS NULL ORDER BY seq DESC LIMIT ?",
         [sample]).fetchall())
-    for (key,) in rows:
+    for key, image_id in rows:
+        if storing is not None and image_id in storing:
+            continue
         if store.stat(key) is None:
             report.missing_objects.append(key)
             log.error("catalog row without its object: %s", key)
@@ -129,9 +165,11 @@ class Reconciler:
     at start-up); this process's own are settled once clearly abandoned."""
 
     def __init__(self, catalog: Catalog, store: ObjectStore, spool_dir: Path, active: Callable[[], Collection[str]],
-                 started_at: float) -> None:
-        """`active`: spool names of uploads in progress, which must be left alone."""
+                 started_at: float, storing: StoringImages | None = None) -> None:
+        """`active`: spool names of uploads in progress, which must be left alone; `storing`: the
+        images whose objects are not known to be stored, shared with the ingestor and forwarder."""
         self.catalog = catalog
+        self.storing = storing if storing is not None else StoringImages()
         self.store = store
         self.spool_dir = spool_dir
         self.active = active
@@ -141,20 +179,28 @@ class Reconciler:
 
     def at_start(self) -> ReconcileReport:
         """The start-up pass (blocking; a worker thread): leftover intents, then recent objects."""
+        self._hold_leftovers()
         report = settle_intents(self.catalog, self.store, self.spool_dir,
-                                quiet_until=self.started_at + INTENT_QUIET_S)
-        check_recent_objects(self.catalog, self.store, report=report)
+                                quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing)
+        check_recent_objects(self.catalog, self.store, report=report, storing=self.storing)
         if report.intents:
-            log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d stray object(s) removed",
-                     report.intents, report.committed, len(report.strays_removed))
+            log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d withdrawn (never stored), "
+                     "%d stray object(s) removed", report.intents, report.committed, len(report.withdrawn),
+                     len(report.strays_removed))
         self.startup = report
         self.unsettled = report.deferred
         return report
 
     def store_down_at_start(self) -> None:
         """The store did not answer at start: every leftover intent waits for the periodic pass."""
+        self._hold_leftovers()
         self.startup = ReconcileReport(deferred=len(list(self.spool_dir.glob("*.part"))))
         self.unsettled = self.startup.deferred
+
+    def _hold_leftovers(self) -> None:
+        """Until settled, a leftover intent's image (if recorded) may have no object: `storing`."""
+        for image_id in leftover_image_ids(self.spool_dir):
+            self.storing.add(image_id)
 
     async def run(self) -> None:
         """Background task: the periodic pass, sooner while intents remain unsettled."""
@@ -163,7 +209,7 @@ class Reconciler:
             try:
                 report = await anyio.to_thread.run_sync(lambda: settle_intents(
                     self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
-                    before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S))
+                    before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing))
                 self.unsettled = report.deferred
             except Exception as exc:
                 log.warning("periodic reconciliation failed: %s", exc)

@@ -103,6 +103,7 @@ class Health:
             "reconciled_intents": startup.intents,
             "committed": startup.committed,
             "strays_removed": len(startup.strays_removed),
+            "withdrawn": len(startup.withdrawn),
             "missing_objects": startup.missing_objects,
             "deferred": startup.deferred,
             "unsettled_intents": self.reconciler.unsettled,

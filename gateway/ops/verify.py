@@ -62,6 +62,7 @@ class VerifyReport(msgspec.Struct, kw_only=True):
     hashed: int = 0
     hashed_bytes: int = 0
     strays_in_grace: int = 0
+    rows_storing: int = 0  # rows whose objects were still on their way (their uploads in progress)
     findings: list[Finding] = msgspec.field(default_factory=list)
     duration_s: float = 0.0
 
@@ -101,6 +102,11 @@ def _row_exists(conn: Conn, key: str) -> bool:
     return conn.execute("SELECT 1 FROM images WHERE storage_key = ? LIMIT 1", [key]).fetchone() is not None
 
 
+def _uid(storage_key: str) -> str:
+    """The upload uid in an image's storage key (`raw-data/<uid>_<filename>`)."""
+    return storage_key[len(IMAGE_PREFIX):].split("_", 1)[0]
+
+
 class Verifier:
     """One verification run over a catalog and a store."""
 
@@ -130,6 +136,8 @@ class Verifier:
         rows = self.catalog.read_sync(_rows)
         report.rows, report.objects = len(rows), len(listed)
         by_key = {r.storage_key: r for r in rows}
+        # Read after the rows: an upload recorded while its object is on its way still has its intent.
+        intents = self._intents()
 
         self._phase("checking rows", len(rows))
         to_mark: list[Finding] = []
@@ -140,6 +148,9 @@ class Verifier:
                 if info is not None:
                     report.findings.append(Finding(kind="evicted_leftover", key=row.storage_key,
                                                    image_id=row.image_id, detail="bytes_removed_at set"))
+                continue
+            if info is None and _uid(row.storage_key) in intents:  # being stored (or settled at the next pass)
+                report.rows_storing += 1
                 continue
             if info is None and self.store.stat(row.storage_key) is None:
                 kind = "missing_delivered" if row.delivered else "missing"
@@ -153,14 +164,12 @@ class Verifier:
                 report.findings.append(Finding(kind="size_mismatch", key=row.storage_key, image_id=row.image_id,
                                                detail=f"catalog {row.size} bytes, store {info.size}"))
 
-        intents = self._intents()
         strays = [info for key, info in listed.items() if key not in by_key]
         self._phase("checking strays", len(strays))
         for info in strays:
             self.progress.done += 1
             age = self.now - info.modified
-            uid = info.key[len(IMAGE_PREFIX):].split("_", 1)[0]
-            if age < self.grace_s or uid in intents:
+            if age < self.grace_s or _uid(info.key) in intents:
                 report.strays_in_grace += 1
                 continue
             report.findings.append(Finding(kind="stray", key=info.key, detail=f"{info.size} bytes, {age:.0f} s old"))
@@ -187,6 +196,7 @@ class Verifier:
         return report
 
     def _intents(self) -> set[str]:
+        """The uids of the upload intents in the spool: uploads in progress, or left to reconcile."""
         try:
             return {e.name[: -len(".part")] for e in os.scandir(self.spool_dir) if e.name.endswith(".part")}
         except FileNotFoundError:

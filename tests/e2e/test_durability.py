@@ -98,8 +98,8 @@ def test_kill_9_during_uploads_loses_no_acknowledged_upload(
 
     proc.start()  # the next start-up is clean
     second = admin_status(proc)["startup"]
-    assert second == {"reconciled_intents": 0, "committed": 0, "strays_removed": 0, "missing_objects": [],
-                      "deferred": 0, "unsettled_intents": 0, "clean": True}
+    assert second == {"reconciled_intents": 0, "committed": 0, "strays_removed": 0, "withdrawn": 0,
+                      "missing_objects": [], "deferred": 0, "unsettled_intents": 0, "clean": True}
     assert proc.stop() == 0
 
 
