@@ -112,10 +112,12 @@ def seal_by_hand(conn: Conn, collecting: CollectingBatches, batch_id: str,
                  now: float) -> tuple[dict[str, Any], bool]:
     """`batches seal ID`: the batch afterwards, and whether this call sealed it.
 
-    Sealing a batch that is already sealed (or later) changes nothing and is not an error."""
+    Sealing a batch that is already sealed (or later) changes nothing and is not an error. A batch
+    one of whose uploads is still being stored is sealed as soon as that upload is (it is
+    `collecting` in the answer, and takes no more uploads)."""
     before = read_batch(conn, batch_id)
-    collecting.seal(conn, batch_id, now)
-    return read_batch(conn, batch_id), before["state"] == batches.COLLECTING
+    after = collecting.seal(conn, batch_id, now)
+    return read_batch(conn, batch_id), before["state"] == batches.COLLECTING and after == "sealed"
 
 
 def ack(conn: Conn, batch_id: str, now: float) -> tuple[dict[str, Any], bool]:

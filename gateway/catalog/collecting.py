@@ -154,6 +154,21 @@ class CollectingBatches:
         batch = self._batch(state, *settled)
         return None if batch is None else self._member_settled(batch, now)
 
+    def hold(self, conn: Conn, image_ids: list[str]) -> int:
+        """After a restart: rows an earlier process recorded whose objects may be missing (leftover
+        upload intents) count as storing, so that their batches are not sealed until they are
+        settled (`stored` or `withdrawn`, by the reconciliation). Returns how many were found."""
+        state = self._state(conn)
+        rows = conn.execute("SELECT image_id, device_id, batch_id FROM images "
+                            "WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [image_ids]).fetchall()
+        for image_id, device_id, batch_id in rows:
+            batch = self._batch(state, str(device_id), str(batch_id))
+            if batch is None or image_id in self._storing:  # sealed already: a withdrawal counts it again
+                continue
+            batch.storing += 1
+            self._storing[str(image_id)] = (str(device_id), str(batch_id))
+        return len(rows)
+
     def withdrawn(self, conn: Conn, image_id: str, device_id: str, batch_id: str, size: int,
                   now: float) -> BatchSealed | None:
         """An upload's object did not get to the store: it leaves its batch (`ImageWithdrawn`).
@@ -286,7 +301,8 @@ class Withdrawn(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Placed(msgspec.Struct, frozen=True):
-    """Where a recorded upload went: its batch, and whether it filled (sealed) it."""
+    """Where a recorded upload went: its batch, and whether it filled it (`sealed`: sealed at
+    once, or once the objects of its uploads are all stored)."""
 
     seq: int
     batch_id: str

@@ -1,7 +1,7 @@
 """The catalog journal's records: one typed struct per kind of acknowledged write, no SQL.
 
 A journal frame's body is `msgpack([FORMAT, [record, ...]])`: the records of one acknowledged
-write (an upload: its batch opening, image and seal; a delivery), applied together. Each record is
+write (an upload: its batch opening, image and seal; a delivery; a withdrawal), applied together. Each record is
 an array whose first element names its kind. The catalog applies each kind with SQL of the current
 schema (`apply.py`), so a journal written before a migration is replayed correctly after it.
 Bodies of the first layout (SQL text, before the format number existed) are converted by `legacy.py`;

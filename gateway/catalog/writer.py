@@ -153,17 +153,15 @@ class CatalogWriter:
             for work in works:  # DuckDB refuses what is pending: acknowledge nothing more on top
                 work.future.set_exception(self._refusal())
             return
-        uploads = [w.item for w in works if isinstance(w.item, NewImage)]
         self.uploads.begin()
         try:
-            placed, upload_frames = self.uploads.plan(conn, uploads) if uploads else ([], [])
-            placed_it, frames_it = iter(placed), iter(upload_frames)
             results: list[Any] = []
             frames: list[Frame] = []
-            for work in works:
+            for work in works:  # in their order: a withdrawal and the upload after it see the same batch
                 if isinstance(work.item, NewImage):
-                    results.append(next(placed_it))
-                    frames.append(next(frames_it))
+                    (placed,), (upload_frame,) = self.uploads.plan(conn, [work.item])
+                    results.append(placed)
+                    frames.append(upload_frame)
                 elif isinstance(work.item, Stored | Withdrawn):
                     settled, sealed = self.uploads.settle(conn, work.item)
                     results.append(sealed)

@@ -13,8 +13,10 @@
 A `skipped` entry is a near-duplicate frame kept at the edge (`dedup.near_duplicates = "hold"`):
 never sent unless released, and settled as far as its batch is concerned.
 
-Entries are sent oldest first (`seq`) within each device. Nothing is ever deleted from here
-while undelivered; an entry in flight when the process died is simply still `pending`. The
+Entries are sent oldest first (`seq`) within each device. Nothing is deleted from here while
+undelivered, but the entry of an upload whose object never reached the store (`ImageWithdrawn`:
+that upload was never acknowledged); an entry in flight when the process died is simply still
+`pending`. The
 functions taking `conn` are the transitions: catalog write ops (or reads) for `catalog.write`. An
 entry is created, and delivered, by journal records (`ImageAccepted`, `OutboxDelivered`), which
 the catalog applies (`gateway.catalog.apply`).

@@ -27,12 +27,12 @@ from gateway.catalog import Catalog, Conn
 from gateway.catalog.collecting import NewImage, Placed
 from gateway.config import Settings
 from gateway.devices.registry import Device
-from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage
+from gateway.errors import DuplicateImage, GatewayError, NearDuplicateImage, ServiceUnavailable
 from gateway.forward import outbox
 from gateway.forward.cache import ForwardCache
 from gateway.forward.classes import UplinkPlan
 from gateway.ingest.filenames import safe_filename
-from gateway.ingest.form import MemoryBudget, SpooledImage, boundary_of, read_upload_form
+from gateway.ingest.form import MemoryBudget, SpooledImage, UploadForm, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
 from gateway.ingest.seen import SeenKeys
@@ -47,6 +47,8 @@ log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
 MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
 MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
+STORED_RETRY_S = 1.0  # a refused word that an object is stored is sent again this often
+STORING_RETRY_AFTER_S = 5  # a retry of bytes whose earlier upload is not settled: the reconciliation's pace
 
 
 class UploadResult(msgspec.Struct, kw_only=True):
@@ -94,7 +96,7 @@ class Ingestor:
         self._active: set[str] = set()
         self._large_puts = anyio.Semaphore(settings.storage.max_concurrent_large_puts)
         self.storing = storing if storing is not None else StoringImages()
-        self._settling: set[asyncio.Future[Placed]] = set()  # uploads cancelled while settling
+        self._settling: set[asyncio.Future[UploadResult]] = set()  # uploads whose requests went away
         self.failpoints = failpoints or Failpoints(settings.data_dir)
         # Object stores take small images from memory; folder storage hard-links the spool file.
         self.memory = MemoryBudget(MEMORY_TOTAL, MEMORY_PER_UPLOAD) if not store_wants_files(store) else None
@@ -179,8 +181,6 @@ class Ingestor:
         uid = uuid.uuid4()
         spool_path = self.spool_dir / f"{uid.hex}.part"
         limits = self.settings.limits
-        intent_handed_over = False
-        in_memory = 0  # bytes of the memory budget this upload holds
         self._active.add(uid.hex)
         try:
             form = await read_upload_form(
@@ -188,8 +188,26 @@ class Ingestor:
                 max_image_bytes=limits.max_image_bytes, max_metadata_bytes=limits.max_metadata_bytes,
                 memory=self.memory if length <= MEMORY_PER_UPLOAD else None,
             )
-            image = form.image
-            in_memory = image.held
+        except BaseException:
+            self._active.discard(uid.hex)
+            _unlink(spool_path)
+            raise
+        ingesting = asyncio.ensure_future(self._ingest(uid, spool_path, device, form, held))
+        try:
+            return await asyncio.shield(ingesting)
+        except asyncio.CancelledError:  # the request is gone; the upload is still settled, in the background
+            self._settling.add(ingesting)
+            ingesting.add_done_callback(self._settling.discard)
+            raise
+
+    async def _ingest(self, uid: uuid.UUID, spool_path: Path, device: Device, form: UploadForm,
+                      held: bool) -> UploadResult:
+        """A parsed upload through to its answer. Runs to its end even if the request is cancelled,
+        so that its record and its object are settled together and what it holds (its bytes' claim
+        against duplicates, its intent, its memory) is let go only then."""
+        image = form.image
+        intent_handed_over = False
+        try:
             meta = None if form.metadata is None else validate_metadata(form.metadata)
             priority_class = self.uplink.classify(device.device_id, meta)
             key = self._dedup_key(device.device_id, image.xxh3_128)
@@ -225,8 +243,8 @@ class Ingestor:
             self._active.discard(uid.hex)
             if not intent_handed_over:
                 _unlink(spool_path)
-            if in_memory and self.memory is not None:
-                self.memory.give_back(in_memory)
+            if image.held and self.memory is not None:
+                self.memory.give_back(image.held)
 
     async def _near_verdict(self, device: Device, image: SpooledImage, metadata: bytes | None) -> Verdict:
         """Is this frame a near-duplicate of a recent one of its device? Refused here when the
@@ -255,10 +273,18 @@ class Ingestor:
 
     async def find_duplicate(self, device_id: str, digest: str) -> UploadResult | None:
         """The stored image these bytes duplicate, if any: the filter answers "certainly new" for
-        most new bytes without a catalog read; "maybe" is decided by the catalog."""
+        most new bytes without a catalog read; "maybe" is decided by the catalog. A recorded image
+        whose object is not known to be stored yet (`storing`: left so by a crash, for the
+        reconciliation to settle) is no answer either way: 503, to be asked again."""
         if not self._maybe_stored(self._dedup_key(device_id, digest)):
             return None
-        return await self.catalog.read(lambda c: self._find_duplicate(c, device_id, digest))
+        existing = await self.catalog.read(lambda c: self._find_duplicate(c, device_id, digest))
+        if existing is not None and existing.image_id in self.storing:
+            raise ServiceUnavailable(
+                "An earlier upload of these bytes is not settled yet",
+                f"image {existing.image_id} is recorded but its object is not known to be stored; retry",
+                retry_after=STORING_RETRY_AFTER_S)
+        return existing
 
     def _find_duplicate(self, conn: Conn, device_id: str, digest: str) -> UploadResult | None:
         if self.settings.dedup.scope == "device":
@@ -314,13 +340,7 @@ class Ingestor:
         self.storing.add(new.image_id)
         await self.failpoints.reach("upload.before_record")
         recorded = asyncio.wrap_future(self.catalog.submit_upload(new))
-        settling = asyncio.ensure_future(self._settle(new, image, put, recorded, held or skipped))
-        try:
-            placed = await asyncio.shield(settling)  # a cancelled request does not cut the settling short
-        except asyncio.CancelledError:
-            self._settling.add(settling)
-            settling.add_done_callback(self._settling.discard)
-            raise
+        placed = await self._settle(new, image, put, recorded, held or skipped)
         self.near.remember(device.device_id, verdict, new.image_id, placed.batch_id, new.storage_key)
         return UploadResult(image_id=new.image_id, batch_id=placed.batch_id, storage_key=new.storage_key,
                             batch_sealed=placed.sealed, size=new.size)
@@ -359,10 +379,9 @@ class Ingestor:
             raise put_error
         placed = recorded.result()
         await self.failpoints.reach("upload.before_answer")
-        self._keep_for_forwarding(new.image_id, image, held_back)
         self.storing.discard(new.image_id)
-        stored = asyncio.wrap_future(self.catalog.submit_stored(new.image_id, self.clock()))
-        stored.add_done_callback(self._sealed_by_settling)
+        self._confirm_stored(new.image_id)
+        self._keep_for_forwarding(new.image_id, image, held_back)
         return placed
 
     async def _withdraw(self, new: NewImage, placed: Placed) -> None:
@@ -376,18 +395,27 @@ class Ingestor:
             log.error("could not withdraw upload %s whose object was not stored (reconciled later): %s",
                       new.image_id, exc)
             return
-        self.storing.discard(new.image_id)
+        self.storing.discard(new.image_id, withdrawn=True)
         if sealed is not None and self.on_sealed is not None:
             self.on_sealed(sealed)
 
-    def _sealed_by_settling(self, stored: asyncio.Future[str | None]) -> None:
-        """An upload's object was stored: the batch it was the last to wait for is sealed now."""
-        if stored.cancelled():
+    def _confirm_stored(self, image_id: str) -> None:
+        """Tell the catalog writer that an upload's object is stored: a closing batch may wait for
+        it. Retried every `STORED_RETRY_S` while the catalog refuses writes, so that no batch stays
+        closing for want of it; given up only once the catalog is closed (the next start reads
+        the batch again from the catalog)."""
+        stored = asyncio.wrap_future(self.catalog.submit_stored(image_id, self.clock()))
+        stored.add_done_callback(lambda answer: self._stored_answered(image_id, answer))
+
+    def _stored_answered(self, image_id: str, answer: asyncio.Future[str | None]) -> None:
+        if answer.cancelled():
             return
-        if (exc := stored.exception()) is not None:  # the batch stays closing: sealed by its next start
-            log.error("could not record that an upload's object is stored: %s", exc)
+        if (exc := answer.exception()) is not None:
+            if self.catalog.is_open:
+                log.warning("could not record that %s's object is stored (retrying): %s", image_id, exc)
+                asyncio.get_running_loop().call_later(STORED_RETRY_S, self._confirm_stored, image_id)
             return
-        sealed = stored.result()
+        sealed = answer.result()
         if sealed is not None and self.on_sealed is not None:
             self.on_sealed(sealed)
 

@@ -36,7 +36,8 @@ STALE_INTENT_S = 600.0
 class ReconcileReport(msgspec.Struct, kw_only=True):
     intents: int = 0
     committed: int = 0
-    withdrawn: list[str] = msgspec.field(default_factory=list)  # rows whose objects never got stored
+    # Rows whose objects never got stored (in the report of start-up: also those settled since).
+    withdrawn: list[str] = msgspec.field(default_factory=list)
     deferred: int = 0  # could not be settled now (store unreachable); tried again later
     strays_removed: list[str] = msgspec.field(default_factory=list)
     missing_objects: list[str] = msgspec.field(default_factory=list)
@@ -97,7 +98,8 @@ def settle_intents(
         report.intents += 1
         os.unlink(entry.path)
         if storing is not None:
-            storing.discard(image_id_of(uid))
+            image_id = image_id_of(uid)
+            storing.discard(image_id, withdrawn=image_id in report.withdrawn)
     return report
 
 
@@ -198,9 +200,14 @@ class Reconciler:
         self.unsettled = self.startup.deferred
 
     def _hold_leftovers(self) -> None:
-        """Until settled, a leftover intent's image (if recorded) may have no object: `storing`."""
-        for image_id in leftover_image_ids(self.spool_dir):
+        """Until settled, a leftover intent's image (if recorded) may have no object: it is
+        `storing`, for the forwarder and dedup, and for the catalog writer, which seals no batch
+        that holds it (before the sealer's first tick and the first upload)."""
+        image_ids = leftover_image_ids(self.spool_dir)
+        for image_id in image_ids:
             self.storing.add(image_id)
+        if image_ids:
+            self.catalog.write_sync(lambda c: self.catalog.collecting.hold(c, image_ids))
 
     async def run(self) -> None:
         """Background task: the periodic pass, sooner while intents remain unsettled."""
@@ -211,6 +218,7 @@ class Reconciler:
                     self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
                     before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing))
                 self.unsettled = report.deferred
+                self.startup.withdrawn.extend(report.withdrawn)
             except Exception as exc:
                 log.warning("periodic reconciliation failed: %s", exc)
                 self.unsettled = max(1, self.unsettled)

@@ -5,14 +5,19 @@ its row can be in the catalog before its object is in the store, and a PUT that 
 a row already written. After a crash, a leftover upload intent may name such a row until the
 reconciliation settles it. What reads an image's bytes on its own initiative (the forwarder)
 leaves these images alone, and `watch`es them to look again once they are settled; a device never
-learns of one, since it is answered only after both.
+learns of one, since it is answered only after both (and a retry of its bytes meanwhile is asked
+to come back later). Withdrawn images are remembered a while, for a reader that saw the row
+before it went.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 from gateway.notify import Signal
+
+GONE_KEPT = 4096  # withdrawn ids remembered (a reader's query may have returned them just before)
 
 
 class StoringImages:
@@ -22,6 +27,7 @@ class StoringImages:
         """`settled`: fired when a watched image leaves (its object stored, or its record withdrawn)."""
         self._ids: set[str] = set()
         self._watched: set[str] = set()
+        self._gone: OrderedDict[str, None] = OrderedDict()  # withdrawn, most recent last
         self._lock = threading.Lock()
         self.settled = settled
 
@@ -29,9 +35,14 @@ class StoringImages:
         with self._lock:
             self._ids.add(image_id)
 
-    def discard(self, image_id: str) -> None:
+    def discard(self, image_id: str, withdrawn: bool = False) -> None:
+        """The image's object is stored, or (`withdrawn`) its record is gone."""
         with self._lock:
             self._ids.discard(image_id)
+            if withdrawn:
+                self._gone[image_id] = None
+                if len(self._gone) > GONE_KEPT:
+                    self._gone.popitem(last=False)
             if image_id not in self._watched:
                 return
             self._watched.discard(image_id)
@@ -39,8 +50,10 @@ class StoringImages:
             self.settled.fire()
 
     def watch(self, image_id: str) -> bool:
-        """True if the image is storing; `settled` then fires when it leaves."""
+        """True if the image is storing (`settled` then fires when it leaves) or was withdrawn."""
         with self._lock:
+            if image_id in self._gone:
+                return True
             if image_id not in self._ids:
                 return False
             self._watched.add(image_id)

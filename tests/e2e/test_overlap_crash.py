@@ -21,6 +21,7 @@ from tests.e2e.test_durability import catalog_rows
 from tests.support.client import admin_status, stored_objects
 from tests.support.fakecloud import FakeCloud
 from tests.support.gateway_proc import GatewayProcess, s3_env
+from tests.support.s3server import S3Server
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +30,23 @@ def _env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
     return s3_env(request.getfixturevalue("s3")) if backend == "minio" else {"GATEWAY_STORAGE_BACKEND": "folder"}
 
 
-def _held_upload(proc: GatewayProcess, key: str, point: str) -> dict[str, Any]:
-    """Start one upload and wait until it is held at `point`; returns what the client saw (nothing)."""
+def _upload(proc: GatewayProcess, key: str, image: bytes) -> httpx.Response:
+    with httpx.Client(timeout=120) as client:
+        return client.post(f"{proc.url}/api/device/images/upload", headers={"X-Device-Key": key},
+                           files={"image": ("held.jpg", image, "image/jpeg")})
+
+
+def _held_upload(proc: GatewayProcess, key: str, point: str, image: bytes | None = None) -> dict[str, Any]:
+    """Start one upload and wait until it is held at `point`; returns what the client sees (filled
+    in when the answer arrives: `status`, `body`)."""
     marker = Path(proc.env["GATEWAY_DATA_DIR"]) / "failpoints" / point
     seen: dict[str, Any] = {}
+    sent = image if image is not None else jpeg_bytes(200 * 1024)
 
     def send() -> None:
         try:
-            with httpx.Client(timeout=120) as client:
-                resp = client.post(f"{proc.url}/api/device/images/upload", headers={"X-Device-Key": key},
-                                   files={"image": ("held.jpg", jpeg_bytes(200 * 1024), "image/jpeg")})
+            resp = _upload(proc, key, sent)
+            seen["body"] = resp.json()
             seen["status"] = resp.status_code
         except httpx.HTTPError as exc:
             seen["error"] = type(exc).__name__
@@ -59,16 +67,19 @@ def _outbox(proc: GatewayProcess) -> list[dict[str, Any]]:
 
 
 def _restart_and_settle(proc: GatewayProcess) -> dict[str, Any]:
+    """Start the gateway again (unless running) and wait until every leftover intent is settled;
+    returns the status's `startup` then."""
     proc.env.pop("GATEWAY_FAILPOINTS", None)
-    proc.start()
-    startup = admin_status(proc)["startup"]
+    if proc.pid is None:
+        proc.start()
     # An intent whose object is not in the store is kept for a quiet period (a PUT the dead
     # process sent may still land), then settled by the periodic pass.
     deadline = time.monotonic() + 90
     while admin_status(proc)["startup"]["unsettled_intents"] and time.monotonic() < deadline:
         time.sleep(1)
-    assert admin_status(proc)["startup"]["unsettled_intents"] == 0
-    return startup
+    startup = admin_status(proc)["startup"]
+    assert startup["unsettled_intents"] == 0
+    return startup  # type: ignore[no-any-return]
 
 
 def _batch_count(proc: GatewayProcess) -> int:
@@ -92,7 +103,8 @@ def test_kill_9_with_the_record_written_and_the_object_not_stored(
     proc = GatewayProcess(tmp_path / "g", _env(request, backend) | {"GATEWAY_FAILPOINTS": "upload.before_put"})
     proc.start()
     _, key = proc.add_device("cam-window-1")
-    seen = _held_upload(proc, key, "upload.before_put")
+    image = jpeg_bytes(200 * 1024)
+    seen = _held_upload(proc, key, "upload.before_put", image)
     deadline = time.monotonic() + 30
     while not (entries := _outbox(proc)):  # the row is in the catalog, its object is not in the store
         assert time.monotonic() < deadline, "the record never reached the catalog"
@@ -101,12 +113,21 @@ def test_kill_9_with_the_record_written_and_the_object_not_stored(
     proc.kill()
     assert "status" not in seen  # never acknowledged
 
+    proc.env.pop("GATEWAY_FAILPOINTS")
+    proc.start()
+    # The device retries at once: its earlier upload's row is there, its object is not (the
+    # reconciliation keeps the row for a quiet period): no "duplicate" answer may point at it.
+    early = _upload(proc, key, image)
+    assert early.status_code == 503 and early.headers["Retry-After"] == "5", early.text
     startup = _restart_and_settle(proc)
     assert startup["missing_objects"] == []  # held back as storing, not reported as lost
+    assert startup["withdrawn"] == 1
     assert _outbox(proc) == [] and _spool(proc) == []
+    again = _upload(proc, key, image)  # settled: the retry is a new upload, stored for good
+    assert again.status_code == 201 and again.json()["data"]["duplicate"] is False
     assert proc.stop() == 0
-    assert catalog_rows(proc) == {} and stored_objects(proc) == {}
-    assert _batch_count(proc) == 0, "the batch the withdrawn upload opened goes with it"
+    assert len(catalog_rows(proc)) == 1 and len(stored_objects(proc)) == 1
+    assert _batch_count(proc) == 1, "the batch the withdrawn upload opened went with it"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,3 +207,54 @@ def test_the_forwarder_leaves_a_recorded_image_alone_until_its_object_is_stored(
     assert cloud.wait_until(lambda c: len(c.stored) == 1, timeout=30), cloud.stats()
     assert len(cloud.attempts) == 1
     assert proc.stop() == 0
+
+
+def test_an_image_held_while_its_object_is_stored_is_sent_as_soon_as_it_is(
+    tmp_path: Path, cloud: FakeCloud
+) -> None:
+    """The forwarder reads the record while the PUT waits (3 s) and leaves it; the word that the
+    object is stored wakes it (the next periodic read is 15 s away)."""
+    env = {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
+           "GATEWAY_FAILPOINTS": "upload.before_put:3"}
+    proc = GatewayProcess(tmp_path / "g", env).start()
+    device_id, key = proc.add_device("cam-settled")
+    cloud.add_device(key, device_id=device_id)
+    seen = _held_upload(proc, key, "upload.before_put")
+    deadline = time.monotonic() + 30
+    while "status" not in seen:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    answered = time.monotonic()
+    assert seen["status"] == 201 and not cloud.attempts  # nothing was sent while the object was missing
+    assert cloud.wait_until(lambda c: len(c.stored) == 1, timeout=10), cloud.stats()
+    assert time.monotonic() - answered < 4.0
+    assert len(cloud.attempts) == 1
+    assert proc.stop() == 0
+
+
+def test_a_put_that_fails_after_the_record_withdraws_it_before_the_503(tmp_path: Path) -> None:
+    """The store dies while the upload waits before its PUT (3 s); the record, already journaled,
+    is withdrawn before the device gets its 503: no row, no outbox entry, the batch gone too."""
+    s3 = S3Server(tmp_path / "s3").start()
+    proc = GatewayProcess(tmp_path / "g", s3_env(s3) | {"GATEWAY_FAILPOINTS": "upload.before_put:3"})
+    try:
+        proc.start()
+        _, key = proc.add_device("cam-put-fails")
+        seen = _held_upload(proc, key, "upload.before_put")
+        deadline = time.monotonic() + 30
+        while not _outbox(proc):
+            assert time.monotonic() < deadline, "the record never reached the catalog"
+            time.sleep(0.05)
+        s3.kill()
+        deadline = time.monotonic() + 60
+        while "status" not in seen:
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+        assert seen["status"] == 503 and seen["body"]["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert _outbox(proc) == []
+        assert admin_status(proc)["images"] == 0
+        assert proc.stop() == 0
+        assert catalog_rows(proc) == {} and _batch_count(proc) == 0
+    finally:
+        proc.stop()
+        s3.stop()

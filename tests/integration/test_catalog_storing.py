@@ -162,3 +162,25 @@ def test_a_withdrawal_of_a_row_an_earlier_process_left_counts_its_batch_again(tm
         assert key == (None,)  # its manifest is written again
         assert rows(cat)[0] == ["img_1"]
 
+
+
+def test_after_a_restart_a_batch_holding_a_row_without_its_object_is_not_sealed_until_it_is_settled(
+        tmp_path: Path) -> None:
+    """The reconciliation holds a leftover row (`hold`) before the sealer or any upload runs: the
+    batch is due by time and full, yet it waits; the row's withdrawal then seals it without it."""
+    path = tmp_path / "c.duckdb"
+    news = [image(n) for n in (1, 2, 3)]
+    with closing(_open(path)) as cat:
+        placed = [record(cat, n) for n in news]
+        stored(cat, 1)
+        stored(cat, 2)  # the process dies before image 3's PUT: its batch is full and closing
+    batch_id = placed[0].batch_id
+    with closing(_open(path)) as cat:
+        assert cat.write_sync(lambda c: cat.collecting.hold(c, ["img_3", "img_404"])) == 1
+        assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == []
+        nxt = record(cat, image(4, storing=False))  # full: the device's next upload goes elsewhere...
+        assert nxt.batch_id != batch_id
+        assert batch(cat, batch_id) == ("collecting", 3, 60)  # ...and the batch is not sealed with a hole
+        assert withdrawn(cat, news[2], placed[2]) == batch_id
+        assert batch(cat, batch_id) == ("sealed", 2, 30)
+        assert rows(cat)[0] == ["img_1", "img_2", "img_4"]
