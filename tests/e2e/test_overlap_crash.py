@@ -110,6 +110,7 @@ def test_kill_9_with_the_record_written_and_the_object_not_stored(
         assert time.monotonic() < deadline, "the record never reached the catalog"
         time.sleep(0.05)
     assert len(entries) == 1 and stored_objects(proc) == {}
+    withdrawn_id = entries[0]["image_id"]
     proc.kill()
     assert "status" not in seen  # never acknowledged
 
@@ -124,9 +125,9 @@ def test_kill_9_with_the_record_written_and_the_object_not_stored(
     assert startup["withdrawn"] == 1
     assert _outbox(proc) == [] and _spool(proc) == []
     again = _upload(proc, key, image)  # settled: the retry is a new upload, stored for good
-    assert again.status_code == 201 and again.json()["data"]["duplicate"] is False
+    assert again.status_code == 201 and again.json()["data"]["image_id"] != withdrawn_id
     assert proc.stop() == 0
-    assert len(catalog_rows(proc)) == 1 and len(stored_objects(proc)) == 1
+    assert list(catalog_rows(proc)) == [again.json()["data"]["image_id"]] and len(stored_objects(proc)) == 1
     assert _batch_count(proc) == 1, "the batch the withdrawn upload opened went with it"
 
 
@@ -221,11 +222,16 @@ def test_an_image_held_while_its_object_is_stored_is_sent_as_soon_as_it_is(
     cloud.add_device(key, device_id=device_id)
     seen = _held_upload(proc, key, "upload.before_put")
     deadline = time.monotonic() + 30
+    while not _outbox(proc):  # the record is in the catalog, the PUT has not begun
+        assert time.monotonic() < deadline, "the record never reached the catalog"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert "status" not in seen and not cloud.attempts  # nothing was sent while the object was missing
     while "status" not in seen:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     answered = time.monotonic()
-    assert seen["status"] == 201 and not cloud.attempts  # nothing was sent while the object was missing
+    assert seen["status"] == 201
     assert cloud.wait_until(lambda c: len(c.stored) == 1, timeout=10), cloud.stats()
     assert time.monotonic() - answered < 4.0
     assert len(cloud.attempts) == 1
