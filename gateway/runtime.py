@@ -78,6 +78,7 @@ class Gateway:
     async def stop(self) -> None:
         svc = self.services
         svc.health.stop_accepting()
+        await svc.ingestor.finish(timeout_s=10.0)  # uploads whose requests went away, settled first
         if svc.forward_cache is not None:
             await anyio.to_thread.run_sync(svc.forward_cache.close)
         await anyio.to_thread.run_sync(svc.catalog.close)

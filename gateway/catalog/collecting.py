@@ -91,8 +91,8 @@ class CollectingBatches:
             batch = self._open[str(device_id)] = _Open(str(batch_id), str(device_id), float(opened_at), int(count),
                                                        int(size))
             batch.storing = storing.get(batch.batch_id, 0)
-            if older is not None:  # one collecting batch per device: an older one (never expected) is sealed
-                self._close(conn, older, float(opened_at))
+            if older is not None:  # one collecting batch per device: an older one (closing when the
+                self._close(conn, older, float(opened_at))  # process died, say) is sealed, or closes again
         return self._open
 
     def load(self, conn: Conn) -> int:
@@ -155,18 +155,16 @@ class CollectingBatches:
         return None if batch is None else self._member_settled(batch, now)
 
     def hold(self, conn: Conn, image_ids: list[str]) -> int:
-        """After a restart: rows an earlier process recorded whose objects may be missing (leftover
-        upload intents) count as storing, so that their batches are not sealed until they are
-        settled (`stored` or `withdrawn`, by the reconciliation). Returns how many were found."""
-        state = self._state(conn)
+        """At start, before the batches are first read: rows an earlier process recorded whose
+        objects may be missing (leftover upload intents) count as storing, so that no batch
+        holding one is sealed until it is settled (`stored` or `withdrawn`, by the
+        reconciliation), not even an older collecting batch of its device. Returns how many."""
         rows = conn.execute("SELECT image_id, device_id, batch_id FROM images "
                             "WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [image_ids]).fetchall()
         for image_id, device_id, batch_id in rows:
-            batch = self._batch(state, str(device_id), str(batch_id))
-            if batch is None or image_id in self._storing:  # sealed already: a withdrawal counts it again
-                continue
-            batch.storing += 1
-            self._storing[str(image_id)] = (str(device_id), str(batch_id))
+            self._storing.setdefault(str(image_id), (str(device_id), str(batch_id)))
+        self._open = None  # read again, with these counted
+        self._state(conn)
         return len(rows)
 
     def withdrawn(self, conn: Conn, image_id: str, device_id: str, batch_id: str, size: int,
@@ -317,7 +315,7 @@ class Uploads:
     def __init__(self, collecting: CollectingBatches) -> None:
         self.collecting = collecting
         self._seq: int | None = None
-        self._undo: tuple[int | None, object] = (None, None)
+        self._undo: tuple[int | None, object] | None = None
 
     def load(self, conn: Conn) -> None:
         """Read the last seq and the collecting batches now (start-up) rather than at the first upload."""
@@ -331,11 +329,16 @@ class Uploads:
         return self._seq
 
     def begin(self) -> None:
-        """A run of journaled writes starts: what `undo` goes back to."""
-        self._undo = (self._seq, self.collecting.snapshot())
+        """A run of journaled writes starts: what `undo` goes back to is taken at its first change."""
+        self._undo = None
+
+    def _checkpoint(self) -> None:
+        if self._undo is None:
+            self._undo = (self._seq, self.collecting.snapshot())
 
     def plan(self, conn: Conn, items: list[NewImage]) -> tuple[list[Placed], list[Frame]]:
         seq = self._last_seq(conn)
+        self._checkpoint()
         placed, frames = [], []
         for n in items:
             seq += 1
@@ -359,6 +362,7 @@ class Uploads:
     def settle(self, conn: Conn, item: Stored | Withdrawn) -> tuple[Frame | None, str | None]:
         """The frame an upload's settling writes (its withdrawal, and the seal of a closing batch
         it was the last to wait for; None when there is nothing to write), and that batch's id."""
+        self._checkpoint()
         records: list[Record] = []
         if isinstance(item, Stored):
             seal = self.collecting.stored(conn, item.image_id, item.at)
@@ -371,5 +375,7 @@ class Uploads:
 
     def undo(self) -> None:
         """The frames of the run since `begin` never reached the journal: forget what it decided."""
+        if self._undo is None:
+            return
         self._seq, snap = self._undo
         self.collecting.restore(snap)

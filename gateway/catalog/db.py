@@ -122,6 +122,11 @@ class Catalog(CatalogWriter):
     def is_open(self) -> bool:
         return self._conn is not None
 
+    @property
+    def writing(self) -> bool:
+        """The writer thread takes writes (from `open` until `close` begins)."""
+        return self._writer is not None
+
     # -- writes ----------------------------------------------------------------------------
 
     def submit(self, op: Callable[[Conn], T]) -> Future[T]:

@@ -18,6 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import anyio
@@ -35,6 +36,7 @@ from gateway.ingest.filenames import safe_filename
 from gateway.ingest.form import MemoryBudget, SpooledImage, UploadForm, boundary_of, read_upload_form
 from gateway.ingest.metadata import validate_metadata
 from gateway.ingest.neardup import UNCHECKED, NearDuplicates, Verdict
+from gateway.ingest.reconcile import leftover_image_ids
 from gateway.ingest.seen import SeenKeys
 from gateway.ingest.storing import StoringImages
 from gateway.ops.metrics import Metrics
@@ -47,7 +49,7 @@ log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
 MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
 MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
-STORED_RETRY_S = 1.0  # a refused word that an object is stored is sent again this often
+TELL_RETRY_S = (1.0, 30.0)  # a word the catalog writer refused is sent again after 1 s, backing off to 30 s
 STORING_RETRY_AFTER_S = 5  # a retry of bytes whose earlier upload is not settled: the reconciliation's pace
 
 
@@ -110,10 +112,22 @@ class Ingestor:
         return set(self._active)
 
     async def start(self) -> None:
-        """The spool folder; the last image sequence number and the open batches, from the catalog."""
+        """The spool folder; the last image sequence number and the open batches, from the catalog.
+        Leftover intents' images (recorded, perhaps without their objects, before a crash) are
+        `storing` until the reconciliation settles them, for the catalog writer too: no batch
+        holding one is sealed meanwhile (so they are held before the batches are first read)."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.settings.data_dir)  # the spool folder's own entry: its intent records must outlive a power cut
-        await self.catalog.write(self.catalog.uploads.load)
+        leftovers = leftover_image_ids(self.spool_dir)
+        for image_id in leftovers:
+            self.storing.add(image_id)
+
+        def load(conn: Conn) -> None:
+            if leftovers:
+                self.catalog.collecting.hold(conn, leftovers)
+            self.catalog.uploads.load(conn)
+
+        await self.catalog.write(load)
 
     async def watch_cpu(self) -> None:
         """Background task: the idle CPU the near-duplicate filter needs (`NearDuplicates.watch_cpu`)."""
@@ -197,8 +211,19 @@ class Ingestor:
             return await asyncio.shield(ingesting)
         except asyncio.CancelledError:  # the request is gone; the upload is still settled, in the background
             self._settling.add(ingesting)
-            ingesting.add_done_callback(self._settling.discard)
+            ingesting.add_done_callback(self._settled_alone)
             raise
+
+    def _settled_alone(self, ingesting: asyncio.Future[UploadResult]) -> None:
+        self._settling.discard(ingesting)
+        if not ingesting.cancelled() and (exc := ingesting.exception()) is not None:
+            log.info("an upload whose request went away ended with: %s", exc)
+
+    async def finish(self, timeout_s: float) -> None:
+        """At shutdown, before the catalog closes: uploads whose requests went away settle first."""
+        if self._settling:
+            with anyio.move_on_after(timeout_s):
+                await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _ingest(self, uid: uuid.UUID, spool_path: Path, device: Device, form: UploadForm,
                       held: bool) -> UploadResult:
@@ -274,8 +299,9 @@ class Ingestor:
     async def find_duplicate(self, device_id: str, digest: str) -> UploadResult | None:
         """The stored image these bytes duplicate, if any: the filter answers "certainly new" for
         most new bytes without a catalog read; "maybe" is decided by the catalog. A recorded image
-        whose object is not known to be stored yet (`storing`: left so by a crash, for the
-        reconciliation to settle) is no answer either way: 503, to be asked again."""
+        whose object is not known to be stored (`storing`: left so by a crash, or by a withdrawal
+        not yet written), or withdrawn while the catalog was read, is no answer either way: 503,
+        to be asked again."""
         if not self._maybe_stored(self._dedup_key(device_id, digest)):
             return None
         existing = await self.catalog.read(lambda c: self._find_duplicate(c, device_id, digest))
@@ -370,54 +396,71 @@ class Ingestor:
             if put_error is None:
                 await self._discard_object(new.storage_key, image.path)
             else:
-                _truncate(image.path)
+                self._empty_intent(image)
             raise record_error
         if put_error is not None:
             # The store said no. Keep the (emptied) intent in case a lost answer hid a stored object.
-            _truncate(image.path)
+            self._empty_intent(image)
             await self._withdraw(new, recorded.result())
             raise put_error
         placed = recorded.result()
         await self.failpoints.reach("upload.before_answer")
         self.storing.discard(new.image_id)
-        self._confirm_stored(new.image_id)
+        self._tell_writer(f"that {new.image_id}'s object is stored",
+                          lambda: self.catalog.submit_stored(new.image_id, self.clock()), self._sealed)
         self._keep_for_forwarding(new.image_id, image, held_back)
         return placed
 
     async def _withdraw(self, new: NewImage, placed: Placed) -> None:
-        """A recorded upload whose object is not in the store: its rows go. Should that write
-        fail too, the image stays out of reach (`storing`) and its intent with it, for the
-        reconciliation to withdraw."""
+        """A recorded upload whose object is not in the store: its rows go, before the device is
+        answered. Should that write fail, it is sent again in the background; meanwhile the image
+        stays out of reach (`storing`: not forwarded, and a retry of its bytes gets 503)."""
+
+        def submit() -> Future[str | None]:
+            return self.catalog.submit_withdrawn(new.image_id, new.device_id, placed.batch_id, new.size,
+                                                 self.clock())
+
+        def withdrawn(sealed: str | None) -> None:
+            self.storing.discard(new.image_id, withdrawn=True)
+            self._sealed(sealed)
+
         try:
-            sealed = await asyncio.wrap_future(self.catalog.submit_withdrawn(
-                new.image_id, new.device_id, placed.batch_id, new.size, self.clock()))
+            sealed = await asyncio.wrap_future(submit())
         except Exception as exc:
-            log.error("could not withdraw upload %s whose object was not stored (reconciled later): %s",
+            log.error("could not withdraw upload %s whose object was not stored (trying again): %s",
                       new.image_id, exc)
+            self._tell_writer(f"the withdrawal of {new.image_id}", submit, withdrawn, TELL_RETRY_S[0])
             return
-        self.storing.discard(new.image_id, withdrawn=True)
-        if sealed is not None and self.on_sealed is not None:
-            self.on_sealed(sealed)
+        withdrawn(sealed)
 
-    def _confirm_stored(self, image_id: str) -> None:
-        """Tell the catalog writer that an upload's object is stored: a closing batch may wait for
-        it. Retried every `STORED_RETRY_S` while the catalog refuses writes, so that no batch stays
-        closing for want of it; given up only once the catalog is closed (the next start reads
-        the batch again from the catalog)."""
-        stored = asyncio.wrap_future(self.catalog.submit_stored(image_id, self.clock()))
-        stored.add_done_callback(lambda answer: self._stored_answered(image_id, answer))
+    def _tell_writer(self, what: str, submit: Callable[[], Future[str | None]], then: Callable[[str | None], None],
+                     wait: float = 0.0) -> None:
+        """Send the catalog writer a word that must reach it (`submit`), in `wait` seconds, and
+        again while it is refused (backing off, `TELL_RETRY_S`) until the catalog closes (the next
+        start settles from the catalog and the intents); `then` gets its answer."""
+        if wait:
+            asyncio.get_running_loop().call_later(wait, self._tell_writer_now, what, submit, then, wait)
+        else:
+            self._tell_writer_now(what, submit, then, 0.0)
 
-    def _stored_answered(self, image_id: str, answer: asyncio.Future[str | None]) -> None:
-        if answer.cancelled():
-            return
-        if (exc := answer.exception()) is not None:
-            if self.catalog.is_open:
-                log.warning("could not record that %s's object is stored (retrying): %s", image_id, exc)
-                asyncio.get_running_loop().call_later(STORED_RETRY_S, self._confirm_stored, image_id)
-            return
-        sealed = answer.result()
-        if sealed is not None and self.on_sealed is not None:
-            self.on_sealed(sealed)
+    def _tell_writer_now(self, what: str, submit: Callable[[], Future[str | None]],
+                         then: Callable[[str | None], None], waited: float) -> None:
+        def answered(done: asyncio.Future[str | None]) -> None:
+            if done.cancelled():
+                return
+            if (exc := done.exception()) is None:
+                then(done.result())
+            elif self.catalog.writing:
+                again = min(TELL_RETRY_S[1], max(TELL_RETRY_S[0], 2 * waited))
+                log.warning("could not record %s (trying again in %.0f s): %s", what, again, exc)
+                self._tell_writer(what, submit, then, again)
+
+        asyncio.wrap_future(submit()).add_done_callback(answered)
+
+    def _sealed(self, batch_id: str | None) -> None:
+        """A word to the writer sealed a closing batch: its manifest is due (`on_sealed`)."""
+        if batch_id is not None and self.on_sealed is not None:
+            self.on_sealed(batch_id)
 
     def _keep_for_forwarding(self, image_id: str, image: SpooledImage, held: bool) -> None:
         """The upload is recorded: its intent file goes, and its bytes to the forward cache if any.
@@ -430,6 +473,13 @@ class Ingestor:
             elif cache.adopt(image_id, image.path, image.size):
                 return
         _unlink(image.path)
+
+    def _empty_intent(self, image: SpooledImage) -> None:
+        """Keep a failed upload's intent, emptied of its bytes; not under folder storage, where the
+        spool file may be the object itself (a hard link made before the failure), which the
+        reconciliation must still find whole or not at all."""
+        if not store_wants_files(self.store):
+            _truncate(image.path)
 
     def _put_file(self, storage_key: str, image: SpooledImage) -> None:
         self.store.put_file(storage_key, image.path, image.size, image.content_type)

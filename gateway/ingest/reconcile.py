@@ -124,23 +124,24 @@ def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: Reconcil
         "SELECT storage_key, device_id, batch_id, size FROM images WHERE image_id = ?", [image_id]).fetchone())
     if row is not None:
         storage_key, device_id, batch_id, size = row
-        if store.stat(storage_key) is not None:  # recorded and stored: perhaps acknowledged, kept
-            catalog.submit_stored(image_id, now).result()  # a batch of this process's may wait for it
+        found = store.stat(storage_key)
+        if found is not None and found.size == size:  # recorded and stored: perhaps acknowledged, kept
+            catalog.submit_stored(image_id, now).result()  # a batch may wait for it
             report.committed += 1
             return True
-        if keep_if_absent:
+        if found is None and keep_if_absent:
             return False
+        # Never stored whole, so never acknowledged (an object of another size is a PUT cut short).
         catalog.submit_withdrawn(image_id, device_id, batch_id, int(size), now).result()
         report.withdrawn.append(image_id)
-        log.warning("withdrew upload %s: recorded, but its object never reached the store (never acknowledged)",
-                    image_id)
-        return True
-    found = list(store.list(f"raw-data/{uid}_"))
-    for obj in found:
+        log.warning("withdrew upload %s: recorded, but its object never reached the store whole (never "
+                    "acknowledged)", image_id)
+    strays = list(store.list(f"raw-data/{uid}_"))
+    for obj in strays:
         store.delete(obj.key)
         report.strays_removed.append(obj.key)
         log.warning("removed stray object %s (upload never committed)", obj.key)
-    return bool(found) or not keep_if_absent
+    return row is not None or bool(strays) or not keep_if_absent
 
 
 def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50, report: ReconcileReport | None = None,
@@ -180,8 +181,8 @@ class Reconciler:
         self.unsettled = 0  # leftover intents still to settle
 
     def at_start(self) -> ReconcileReport:
-        """The start-up pass (blocking; a worker thread): leftover intents, then recent objects."""
-        self._hold_leftovers()
+        """The start-up pass (blocking; a worker thread): leftover intents, then recent objects.
+        (`Ingestor.start` has made their images `storing` already.)"""
         report = settle_intents(self.catalog, self.store, self.spool_dir,
                                 quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing)
         check_recent_objects(self.catalog, self.store, report=report, storing=self.storing)
@@ -195,19 +196,8 @@ class Reconciler:
 
     def store_down_at_start(self) -> None:
         """The store did not answer at start: every leftover intent waits for the periodic pass."""
-        self._hold_leftovers()
         self.startup = ReconcileReport(deferred=len(list(self.spool_dir.glob("*.part"))))
         self.unsettled = self.startup.deferred
-
-    def _hold_leftovers(self) -> None:
-        """Until settled, a leftover intent's image (if recorded) may have no object: it is
-        `storing`, for the forwarder and dedup, and for the catalog writer, which seals no batch
-        that holds it (before the sealer's first tick and the first upload)."""
-        image_ids = leftover_image_ids(self.spool_dir)
-        for image_id in image_ids:
-            self.storing.add(image_id)
-        if image_ids:
-            self.catalog.write_sync(lambda c: self.catalog.collecting.hold(c, image_ids))
 
     async def run(self) -> None:
         """Background task: the periodic pass, sooner while intents remain unsettled."""

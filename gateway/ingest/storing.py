@@ -60,7 +60,9 @@ class StoringImages:
             return True
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._ids
+        """Storing, or withdrawn lately: either way not an image to read or to answer with."""
+        with self._lock:
+            return image_id in self._ids or image_id in self._gone
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import BACKENDS, jpeg_bytes
 from tests.e2e.test_durability import catalog_rows
-from tests.support.client import admin_status, stored_objects
+from tests.support.client import admin_status, stored_objects, wait_for
 from tests.support.fakecloud import FakeCloud
 from tests.support.gateway_proc import GatewayProcess, s3_env
 from tests.support.s3server import S3Server
@@ -91,6 +91,13 @@ def _batch_count(proc: GatewayProcess) -> int:
     return int(row[0]) if row else -1
 
 
+def _started_with(env: dict[str, str], workdir: Path, point: str) -> tuple[GatewayProcess, str, str]:
+    """A gateway whose uploads stop at failpoint `point`, and one device: (process, device id, key)."""
+    proc = GatewayProcess(workdir, env | {"GATEWAY_FAILPOINTS": point}).start()
+    device_id, key = proc.add_device("cam-" + point.replace(".", "-").replace(":", "-"))
+    return proc, device_id, key
+
+
 def _spool(proc: GatewayProcess) -> list[str]:
     return sorted(p.name for p in (Path(proc.env["GATEWAY_DATA_DIR"]) / "spool").glob("*.part"))
 
@@ -100,15 +107,10 @@ def test_kill_9_with_the_record_written_and_the_object_not_stored(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
 ) -> None:
     """The record is journaled (fsynced) while the PUT never happens: the restart withdraws it."""
-    proc = GatewayProcess(tmp_path / "g", _env(request, backend) | {"GATEWAY_FAILPOINTS": "upload.before_put"})
-    proc.start()
-    _, key = proc.add_device("cam-window-1")
+    proc, _, key = _started_with(_env(request, backend), tmp_path / "g", "upload.before_put")
     image = jpeg_bytes(200 * 1024)
     seen = _held_upload(proc, key, "upload.before_put", image)
-    deadline = time.monotonic() + 30
-    while not (entries := _outbox(proc)):  # the row is in the catalog, its object is not in the store
-        assert time.monotonic() < deadline, "the record never reached the catalog"
-        time.sleep(0.05)
+    entries = wait_for("the record in the catalog", lambda: _outbox(proc))  # its object is not in the store
     assert len(entries) == 1 and stored_objects(proc) == {}
     withdrawn_id = entries[0]["image_id"]
     proc.kill()
@@ -136,14 +138,9 @@ def test_kill_9_with_the_object_stored_and_the_record_not_written(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
 ) -> None:
     """The PUT completes while the record never goes: the restart removes the stray object."""
-    proc = GatewayProcess(tmp_path / "g", _env(request, backend) | {"GATEWAY_FAILPOINTS": "upload.before_record"})
-    proc.start()
-    _, key = proc.add_device("cam-window-2")
+    proc, _, key = _started_with(_env(request, backend), tmp_path / "g", "upload.before_record")
     seen = _held_upload(proc, key, "upload.before_record")
-    deadline = time.monotonic() + 30
-    while not stored_objects(proc):
-        assert time.monotonic() < deadline, "the object never reached the store"
-        time.sleep(0.05)
+    wait_for("the object in the store", lambda: stored_objects(proc))
     proc.kill()
     assert "status" not in seen
 
@@ -160,9 +157,7 @@ def test_kill_9_with_both_done_before_the_answer(
 ) -> None:
     """Record and object both there, the answer not sent: the upload is kept whole (the device,
     retrying, gets the same image as a duplicate)."""
-    proc = GatewayProcess(tmp_path / "g", _env(request, backend) | {"GATEWAY_FAILPOINTS": "upload.before_answer"})
-    proc.start()
-    _, key = proc.add_device("cam-window-3")
+    proc, _, key = _started_with(_env(request, backend), tmp_path / "g", "upload.before_answer")
     seen = _held_upload(proc, key, "upload.before_answer")
     proc.kill()
     assert "status" not in seen
@@ -184,15 +179,10 @@ def test_the_forwarder_leaves_a_recorded_image_alone_until_its_object_is_stored(
     are not there); after a kill -9 it is withdrawn, never sent, and the next uploads flow."""
     env = {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
            "GATEWAY_FORWARD_BACKOFF_BASE_S": "0.2", "GATEWAY_FORWARD_BACKOFF_MAX_S": "1.0"}
-    proc = GatewayProcess(tmp_path / "g", env | {"GATEWAY_FAILPOINTS": "upload.before_put"})
-    proc.start()
-    device_id, key = proc.add_device("cam-forward")
+    proc, device_id, key = _started_with(env, tmp_path / "g", "upload.before_put")
     cloud.add_device(key, device_id=device_id)
     _held_upload(proc, key, "upload.before_put")
-    deadline = time.monotonic() + 30
-    while not _outbox(proc):
-        assert time.monotonic() < deadline, "the record never reached the catalog"
-        time.sleep(0.05)
+    wait_for("the record in the catalog", lambda: _outbox(proc))
     time.sleep(2.0)  # the forwarder has read the outbox several times by now (it does after each apply)
     entry = _outbox(proc)[0]
     assert entry["state"] == "pending" and entry["attempts"] == 0 and not cloud.attempts
@@ -215,21 +205,14 @@ def test_an_image_held_while_its_object_is_stored_is_sent_as_soon_as_it_is(
 ) -> None:
     """The forwarder reads the record while the PUT waits (3 s) and leaves it; the word that the
     object is stored wakes it (the next periodic read is 15 s away)."""
-    env = {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url,
-           "GATEWAY_FAILPOINTS": "upload.before_put:3"}
-    proc = GatewayProcess(tmp_path / "g", env).start()
-    device_id, key = proc.add_device("cam-settled")
+    env = {"GATEWAY_STORAGE_BACKEND": "folder", "GATEWAY_CLOUD_URL": cloud.url}
+    proc, device_id, key = _started_with(env, tmp_path / "g", "upload.before_put:3")
     cloud.add_device(key, device_id=device_id)
     seen = _held_upload(proc, key, "upload.before_put")
-    deadline = time.monotonic() + 30
-    while not _outbox(proc):  # the record is in the catalog, the PUT has not begun
-        assert time.monotonic() < deadline, "the record never reached the catalog"
-        time.sleep(0.05)
+    wait_for("the record in the catalog", lambda: _outbox(proc))  # the PUT has not begun
     time.sleep(1.0)
     assert "status" not in seen and not cloud.attempts  # nothing was sent while the object was missing
-    while "status" not in seen:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for("the answer", lambda: "status" in seen)
     answered = time.monotonic()
     assert seen["status"] == 201
     assert cloud.wait_until(lambda c: len(c.stored) == 1, timeout=10), cloud.stats()
@@ -242,20 +225,12 @@ def test_a_put_that_fails_after_the_record_withdraws_it_before_the_503(tmp_path:
     """The store dies while the upload waits before its PUT (3 s); the record, already journaled,
     is withdrawn before the device gets its 503: no row, no outbox entry, the batch gone too."""
     s3 = S3Server(tmp_path / "s3").start()
-    proc = GatewayProcess(tmp_path / "g", s3_env(s3) | {"GATEWAY_FAILPOINTS": "upload.before_put:3"})
+    proc, _, key = _started_with(s3_env(s3), tmp_path / "g", "upload.before_put:3")
     try:
-        proc.start()
-        _, key = proc.add_device("cam-put-fails")
         seen = _held_upload(proc, key, "upload.before_put")
-        deadline = time.monotonic() + 30
-        while not _outbox(proc):
-            assert time.monotonic() < deadline, "the record never reached the catalog"
-            time.sleep(0.05)
+        wait_for("the record in the catalog", lambda: _outbox(proc))
         s3.kill()
-        deadline = time.monotonic() + 60
-        while "status" not in seen:
-            assert time.monotonic() < deadline, proc.log_tail()
-            time.sleep(0.05)
+        wait_for("the answer", lambda: "status" in seen, timeout=60)
         assert seen["status"] == 503 and seen["body"]["error"]["code"] == "SERVICE_UNAVAILABLE"
         assert _outbox(proc) == []
         assert admin_status(proc)["images"] == 0

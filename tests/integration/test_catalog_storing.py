@@ -4,13 +4,18 @@ no row behind (nor an empty batch), and the journal replays withdrawals as they 
 
 from __future__ import annotations
 
+import uuid
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from gateway.batches import queries as batch_queries
 from gateway.catalog import Catalog
 from gateway.catalog.collecting import NewImage, Placed
+from gateway.ingest.reconcile import settle_intents
+from gateway.storage import FolderStore
 
 SLOW = 60.0  # an apply delay no test waits for: entries reach DuckDB only when something asks
 
@@ -144,8 +149,9 @@ def test_a_full_batch_whose_seal_a_crash_cut_short_is_sealed_before_the_next_upl
 
 
 def test_a_withdrawal_of_a_row_an_earlier_process_left_counts_its_batch_again(tmp_path: Path) -> None:
-    """After a crash: the row without its object is withdrawn by the reconciliation, whichever
-    state its batch is in (here sealed by time while the store was down)."""
+    """Should a batch be sealed with a row an earlier process left without its object anyway (the
+    row not held at start: its intent lost, say), the row's withdrawal counts the batch again and
+    asks for its manifest again."""
     path = tmp_path / "c.duckdb"
     news = [image(n, max_images=100) for n in (1, 2)]
     with closing(_open(path)) as cat:
@@ -184,3 +190,47 @@ def test_after_a_restart_a_batch_holding_a_row_without_its_object_is_not_sealed_
         assert withdrawn(cat, news[2], placed[2]) == batch_id
         assert batch(cat, batch_id) == ("sealed", 2, 30)
         assert rows(cat)[0] == ["img_1", "img_2", "img_4"]
+
+
+def test_a_closing_batch_a_crash_left_beside_a_newer_one_is_not_sealed_with_a_hole(tmp_path: Path) -> None:
+    """The device had two collecting batches when the process died: the full one, waiting for its
+    last member's object, and the next. Held before the batches are read, it stays closing."""
+    path = tmp_path / "c.duckdb"
+    news = [image(n) for n in (1, 2, 3)]
+    with closing(_open(path)) as cat:
+        placed = [record(cat, n) for n in news]
+        stored(cat, 1)
+        stored(cat, 2)
+        newer = record(cat, image(4, storing=False))
+    full = placed[0].batch_id
+    assert newer.batch_id != full
+    with closing(_open(path)) as cat:
+        assert cat.write_sync(lambda c: cat.collecting.hold(c, ["img_3"])) == 1
+        cat.write_sync(cat.uploads.load)  # what the ingestor's start does next
+        assert batch(cat, full)[0] == "collecting"
+        assert withdrawn(cat, news[2], placed[2]) == full
+        assert batch(cat, full) == ("sealed", 2, 30)
+        assert batch(cat, newer.batch_id) == ("collecting", 1, 40)
+
+
+def test_the_reconciliation_withdraws_a_row_whose_object_is_there_but_not_whole(tmp_path: Path) -> None:
+    """A leftover intent names a row whose object has another size than recorded (a PUT cut
+    short, or an emptied hard link): never acknowledged, so the row is withdrawn and the object
+    removed; a row with its whole object is kept."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store = FolderStore(tmp_path / "objects")
+    with closing(_open(tmp_path / "c.duckdb")) as cat:
+        uids = [uuid.uuid4() for _ in range(2)]
+        news = [msgspec.structs.replace(image(n), image_id=f"img_{u}", storage_key=f"raw-data/{u.hex}_f.jpg")
+                for n, u in zip((1, 2), uids, strict=True)]
+        for new, uid in zip(news, uids, strict=True):
+            record(cat, new)
+            (spool / f"{uid.hex}.part").touch()
+        store.put_bytes(news[0].storage_key, b"x" * news[0].size, "image/jpeg")  # whole
+        store.put_bytes(news[1].storage_key, b"x" * (news[1].size - 1), "image/jpeg")  # cut short
+        report = settle_intents(cat, store, spool, quiet_until=float("inf"))
+        assert report.committed == 1 and report.withdrawn == [news[1].image_id]
+        assert report.strays_removed == [news[1].storage_key]
+        assert rows(cat)[0] == [news[0].image_id]
+        assert store.stat(news[1].storage_key) is None and list(spool.iterdir()) == []
