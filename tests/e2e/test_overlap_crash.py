@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from tests.support.gateway_proc import GatewayProcess, s3_env
 from tests.support.s3server import S3Server
 
 pytestmark = pytest.mark.e2e
+
+
+_STARTED: list[GatewayProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_was_started() -> Iterator[None]:
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.pid is not None:
+            proc.kill()
 
 
 def _env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
@@ -92,8 +105,11 @@ def _batch_count(proc: GatewayProcess) -> int:
 
 
 def _started_with(env: dict[str, str], workdir: Path, point: str) -> tuple[GatewayProcess, str, str]:
-    """A gateway whose uploads stop at failpoint `point`, and one device: (process, device id, key)."""
-    proc = GatewayProcess(workdir, env | {"GATEWAY_FAILPOINTS": point}).start()
+    """A gateway whose uploads stop at failpoint `point`, and one device: (process, device id, key).
+    Killed at the end of the test whatever happened (a held upload never ends on its own)."""
+    proc = GatewayProcess(workdir, env | {"GATEWAY_FAILPOINTS": point})
+    _STARTED.append(proc)
+    proc.start()
     device_id, key = proc.add_device("cam-" + point.replace(".", "-").replace(":", "-"))
     return proc, device_id, key
 
