@@ -1,10 +1,11 @@
-"""How each kind of destination is retried, declared once: the cloud, the S3 store, and the
-gateway as its own clients (the CLI, the drain job) see it.
+"""How each kind of destination is retried, declared once: the cloud, the S3 store, the catalog writer
+and the gateway as its own clients (the CLI, the drain job) see it.
 
 The cloud's delays and attempts are settings (`[forward] backoff_base_s`, `backoff_max_s`,
-`max_attempts`; `cloud_policy`), with full jitter so many entries do not retry in step; the other
-two are short fixed schedules: a store that fails thrice in 0.3 s is answered as unavailable, and
-the drain job gives a restarting gateway about 4 s before it gives up.
+`max_attempts`; `cloud_policy`), with full jitter so many entries do not retry in step; the catalog
+writer is told again, without end, while it refuses; the store and the gateway's own clients have
+short fixed schedules: a store that fails thrice in 0.3 s is answered as unavailable, and the drain
+job gives a restarting gateway about 4 s before it gives up.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ CLOUD = RetryPolicy(attempts=0, first_delay_s=1.0, max_delay_s=300.0,
 # The S3 store: a PUT of the same bytes under the same key is idempotent; a gateway/proxy error
 # is tried twice more, 0.1 s and 0.2 s later. A read timeout is not retried (see storage.s3).
 OBJECT_STORE = RetryPolicy(attempts=3, first_delay_s=0.1, max_delay_s=0.2, retry_statuses=frozenset({502, 503, 504}))
+# The catalog writer, as the ingestor's words to it are sent again while it refuses them (a full disk,
+# DuckDB refusing its journal): from 1 s, doubling to 30 s, until the catalog closes.
+CATALOG_WRITER = RetryPolicy(attempts=0, first_delay_s=1.0, max_delay_s=30.0, retry_statuses=frozenset())
 # The gateway's admin and sync APIs, as the drain job calls them (every call there is idempotent).
 GATEWAY = RetryPolicy(attempts=4, first_delay_s=0.5, max_delay_s=10.0,
                       retry_statuses=frozenset({408, 429}) | SERVER_ERRORS)

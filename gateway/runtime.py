@@ -5,7 +5,8 @@ Start: data folders -> catalog (migrations) -> key secret -> devices -> forward 
 (spool, open batches) -> object store check and leftover upload intents settled; then the
 background loops (seen keys, idle CPU for near-duplicates, batch sealer, manifest writer,
 reconciliation, forwarder, retention).
-Stop: refuse new work (readiness off) -> background loops cancelled -> catalog drained and closed.
+Stop: refuse new work (readiness off) -> background loops cancelled -> uploads whose requests went
+away settled -> catalog drained and closed.
 """
 
 from __future__ import annotations

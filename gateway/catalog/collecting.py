@@ -308,9 +308,10 @@ class Placed(msgspec.Struct, frozen=True):
 
 
 class Uploads:
-    """Turns a group of new images into journal frames (catalog writer thread): each gets the
-    next `seq` and its device's collecting batch; a frame holds the batch it opens, the image
-    and the seal it causes. Pure in-memory work, undone if the frames never reach the journal."""
+    """Turns each new image, and each upload's settling, into its journal frame (catalog writer
+    thread): an image gets the next `seq` and its device's collecting batch; its frame holds the
+    batch it opens, the image and the seal it causes. Pure in-memory work, undone (`begin`,
+    `undo`) if a run's frames never reach the journal."""
 
     def __init__(self, collecting: CollectingBatches) -> None:
         self.collecting = collecting
@@ -336,28 +337,24 @@ class Uploads:
         if self._undo is None:
             self._undo = (self._seq, self.collecting.snapshot())
 
-    def plan(self, conn: Conn, items: list[NewImage]) -> tuple[list[Placed], list[Frame]]:
-        seq = self._last_seq(conn)
+    def place(self, conn: Conn, n: NewImage) -> tuple[Placed, Frame]:
+        """The upload's seq and batch, and its frame: the batch it opens, the image, the seal it causes."""
+        seq = self._last_seq(conn) + 1
         self._checkpoint()
-        placed, frames = [], []
-        for n in items:
-            seq += 1
-            plan = self.collecting.plan(conn, [(n.device_id, n.size)], n.received_at, n.batch_max_images,
-                                        [n.image_id if n.storing else None])
-            ((batch_id, full),) = plan.placed
-            records: list[Record] = [BatchOpened(batch_id=b, device_id=d, opened_at=at) for b, d, at in plan.opened]
-            records.append(ImageAccepted(
-                image_id=n.image_id, seq=seq, batch_id=batch_id, device_id=n.device_id, filename=n.filename,
-                content_type=n.content_type, size=n.size, xxh3_128=n.xxh3_128, storage_key=n.storage_key,
-                metadata=n.metadata, received_at=n.received_at, fingerprint=n.fingerprint,
-                near_duplicate_of=n.near_duplicate_of, outbox_state=n.outbox_state,
-                priority_class=n.priority_class))
-            for at, count, size, sealed_id in plan.sealed:
-                records.append(BatchSealed(batch_id=sealed_id, sealed_at=at, image_count=count, total_bytes=size))
-            placed.append(Placed(seq=seq, batch_id=batch_id, sealed=full))
-            frames.append(write(records))
+        plan = self.collecting.plan(conn, [(n.device_id, n.size)], n.received_at, n.batch_max_images,
+                                    [n.image_id if n.storing else None])
+        ((batch_id, full),) = plan.placed
+        records: list[Record] = [BatchOpened(batch_id=b, device_id=d, opened_at=at) for b, d, at in plan.opened]
+        records.append(ImageAccepted(
+            image_id=n.image_id, seq=seq, batch_id=batch_id, device_id=n.device_id, filename=n.filename,
+            content_type=n.content_type, size=n.size, xxh3_128=n.xxh3_128, storage_key=n.storage_key,
+            metadata=n.metadata, received_at=n.received_at, fingerprint=n.fingerprint,
+            near_duplicate_of=n.near_duplicate_of, outbox_state=n.outbox_state,
+            priority_class=n.priority_class))
+        for at, count, size, sealed_id in plan.sealed:
+            records.append(BatchSealed(batch_id=sealed_id, sealed_at=at, image_count=count, total_bytes=size))
         self._seq = seq
-        return placed, frames
+        return Placed(seq=seq, batch_id=batch_id, sealed=full), write(records)
 
     def settle(self, conn: Conn, item: Stored | Withdrawn) -> tuple[Frame | None, str | None]:
         """The frame an upload's settling writes (its withdrawal, and the seal of a closing batch

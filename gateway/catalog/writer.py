@@ -159,7 +159,7 @@ class CatalogWriter:
             frames: list[Frame] = []
             for work in works:  # in their order: a withdrawal and the upload after it see the same batch
                 if isinstance(work.item, NewImage):
-                    (placed,), (upload_frame,) = self.uploads.plan(conn, [work.item])
+                    placed, upload_frame = self.uploads.place(conn, work.item)
                     results.append(placed)
                     frames.append(upload_frame)
                 elif isinstance(work.item, Stored | Withdrawn):

@@ -16,10 +16,9 @@ never sent unless released, and settled as far as its batch is concerned.
 Entries are sent oldest first (`seq`) within each device. Nothing is deleted from here while
 undelivered, but the entry of an upload whose object never reached the store (`ImageWithdrawn`:
 that upload was never acknowledged); an entry in flight when the process died is simply still
-`pending`. The
-functions taking `conn` are the transitions: catalog write ops (or reads) for `catalog.write`. An
-entry is created, and delivered, by journal records (`ImageAccepted`, `OutboxDelivered`), which
-the catalog applies (`gateway.catalog.apply`).
+`pending`. The functions taking `conn` are the transitions: catalog write ops (or reads) for
+`catalog.write`. An entry is created, delivered and withdrawn by journal records (`ImageAccepted`,
+`OutboxDelivered`, `ImageWithdrawn`), which the catalog applies (`gateway.catalog.apply`).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from gateway.ingest.reconcile import leftover_image_ids
 from gateway.ingest.seen import SeenKeys
 from gateway.ingest.storing import StoringImages
 from gateway.ops.metrics import Metrics
+from gateway.retries import CATALOG_WRITER
 from gateway.storage import ObjectStore
 from gateway.system.cpuidle import IdleCpu
 from gateway.system.failpoints import Failpoints
@@ -49,7 +50,6 @@ log = logging.getLogger("gateway.ingest")
 LARGE_PUT_BYTES = 8 * 1024 * 1024
 MEMORY_PER_UPLOAD = 8 * 1024 * 1024  # images up to this size may skip the spool file (object stores)...
 MEMORY_TOTAL = 48 * 1024 * 1024  # ...while all such images in memory stay under this
-TELL_RETRY_S = (1.0, 30.0)  # a word the catalog writer refused is sent again after 1 s, backing off to 30 s
 STORING_RETRY_AFTER_S = 5  # a retry of bytes whose earlier upload is not settled: the reconciliation's pace
 
 
@@ -427,35 +427,31 @@ class Ingestor:
         try:
             sealed = await asyncio.wrap_future(submit())
         except Exception as exc:
-            log.error("could not withdraw upload %s whose object was not stored (trying again): %s",
-                      new.image_id, exc)
-            self._tell_writer(f"the withdrawal of {new.image_id}", submit, withdrawn, TELL_RETRY_S[0])
+            self._tell_writer_later(f"the withdrawal of {new.image_id}, whose object was not stored", submit,
+                                    withdrawn, 1, exc)
             return
         withdrawn(sealed)
 
     def _tell_writer(self, what: str, submit: Callable[[], Future[str | None]], then: Callable[[str | None], None],
-                     wait: float = 0.0) -> None:
-        """Send the catalog writer a word that must reach it (`submit`), in `wait` seconds, and
-        again while it is refused (backing off, `TELL_RETRY_S`) until the catalog closes (the next
-        start settles from the catalog and the intents); `then` gets its answer."""
-        if wait:
-            asyncio.get_running_loop().call_later(wait, self._tell_writer_now, what, submit, then, wait)
-        else:
-            self._tell_writer_now(what, submit, then, 0.0)
-
-    def _tell_writer_now(self, what: str, submit: Callable[[], Future[str | None]],
-                         then: Callable[[str | None], None], waited: float) -> None:
+                     failures: int = 0) -> None:
+        """Send the catalog writer a word that must reach it (`submit`), again while it is refused
+        (`retries.CATALOG_WRITER`) until the catalog closes (the next start settles from the
+        catalog and the intents); `then` gets its answer. `failures`: refusals so far."""
         def answered(done: asyncio.Future[str | None]) -> None:
             if done.cancelled():
                 return
             if (exc := done.exception()) is None:
                 then(done.result())
             elif self.catalog.writing:
-                again = min(TELL_RETRY_S[1], max(TELL_RETRY_S[0], 2 * waited))
-                log.warning("could not record %s (trying again in %.0f s): %s", what, again, exc)
-                self._tell_writer(what, submit, then, again)
+                self._tell_writer_later(what, submit, then, failures + 1, exc)
 
         asyncio.wrap_future(submit()).add_done_callback(answered)
+
+    def _tell_writer_later(self, what: str, submit: Callable[[], Future[str | None]],
+                           then: Callable[[str | None], None], failures: int, why: BaseException) -> None:
+        delay = CATALOG_WRITER.delay_s(failures)
+        log.warning("could not record %s (trying again in %.0f s): %s", what, delay, why)
+        asyncio.get_running_loop().call_later(delay, self._tell_writer, what, submit, then, failures)
 
     def _sealed(self, batch_id: str | None) -> None:
         """A word to the writer sealed a closing batch: its manifest is due (`on_sealed`)."""
