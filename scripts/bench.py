@@ -145,6 +145,10 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                 # presigned UNSIGNED-PAYLOAD PUT over kept-alive connections (as the gateway sends).
                 signed, unsigned = best(got["s3"]), best(got["s3u"])
                 g, d, c = best(got["gateway"]), best([signed, unsigned]), best(got["discard"])
+                # The store's CPU per request grows as its rate falls (idle Go threads spinning for work),
+                # so its cost in the gateway round is set beside its cost for direct PUTs at that rate.
+                paced = metered({**store_pids(s3)}, None, s3_put_presigned, s3.endpoint, s3.access_key,
+                                s3.secret_key, "bench-direct", size, conc, n, g.rps)
                 row = {
                     "size": size, "concurrency": conc, "requests": n,
                     "gateway_rps": round(g.rps, 1), "gateway_mb_s": round(g.mb_per_s, 1),
@@ -157,11 +161,16 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                     "ratio_vs_s3": round(g.rps / d.rps, 3) if d.rps else None,
                     "ratio_vs_discard": round(g.rps / c.rps, 3) if c.rps else None,
                     "catalog_group_size": g.group,
-                    "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu},
+                    "cpu_ms_per_request": {"gateway_round": g.cpu, "s3_round": d.cpu, "discard_round": c.cpu,
+                                           "s3_at_gateway_rate": paced.cpu},
                     # If CPU were the only limit: the cores over the CPU one upload costs in all
                     # processes (client, gateway, store), against the direct client's measured rate.
                     "cpu_limit_rps": (limit := cpu_limit_rps(g.cpu)),
                     "cpu_limit_ratio": round(limit / d.rps, 3) if d.rps else None,
+                    # The same with the store's CPU per request of the direct round (its cost at full speed,
+                    # the least it costs): the most the cores could allow this gateway.
+                    "cpu_limit_ratio_high": round(cpu_limit_rps(g.cpu | {"s3": d.cpu.get("s3", 0.0)}) / d.rps, 3)
+                    if d.rps else None,
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "

@@ -175,9 +175,10 @@ def s3_put(endpoint: str, access_key: str, secret_key: str, bucket: str, size: i
 
 
 def s3_put_presigned(endpoint: str, access_key: str, secret_key: str, bucket: str, size: int, concurrency: int,
-                     total: int) -> Round:
+                     total: int, rate: float | None = None) -> Round:
     """PUT objects of fresh bytes straight to S3 as UNSIGNED-PAYLOAD: a URL presigned by the minio
-    client (region given, so no look-up), sent over one kept-alive connection per thread."""
+    client (region given, so no look-up), sent over one kept-alive connection per thread; with
+    `rate`, paced to that many requests per second (see `_run`)."""
     from datetime import timedelta
 
     tail = secrets.token_bytes(max(0, size - len(JPEG) - 16))
@@ -202,4 +203,4 @@ def s3_put_presigned(endpoint: str, access_key: str, secret_key: str, bucket: st
             raise RuntimeError(f"status {resp.status}")
 
     return _run("s3-presigned", size, concurrency, total, one,
-                lambda: http.client.HTTPConnection(host, int(port or 80)))
+                lambda: http.client.HTTPConnection(host, int(port or 80)), rate)
