@@ -66,6 +66,8 @@ def metered(pids: dict[str, int | None], split: int | None, run: Callable[..., R
     """Run one round and note the CPU each process spent on it, per request."""
     with CpuMeter(pids, split) as meter:
         r = run(*args)
+    if r.requests == 0:  # no rate to compare with: say why, rather than divide by it later
+        raise RuntimeError(f"every request of a {r.kind} round failed ({r.errors}); the first: {r.first_error}")
     r.cpu = meter.per_request_ms(max(1, r.requests))
     return r
 

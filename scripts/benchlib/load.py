@@ -31,6 +31,7 @@ class Round:
     errors: int
     cpu: dict[str, float] = field(default_factory=dict)  # CPU ms per request, by process (see cpu.py)
     group: float = 0.0  # catalog writes per transaction in a gateway round (bench.grouped)
+    first_error: str = ""  # what the first failed request raised, if any did
 
     @property
     def rps(self) -> float:
@@ -53,6 +54,7 @@ def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int,
     issued = [0]
     latencies: list[float] = []
     errors = [0]
+    first_error: list[str] = []
 
     def worker() -> None:
         conn = connect()
@@ -67,9 +69,11 @@ def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int,
             started = time.perf_counter()
             try:
                 one(n, conn)
-            except Exception:
+            except Exception as exc:
                 with lock:
                     errors[0] += 1
+                    if not first_error:
+                        first_error.append(f"{type(exc).__name__}: {exc}"[:300])
                 conn = connect()
                 continue
             elapsed = time.perf_counter() - started
@@ -82,7 +86,8 @@ def _run(kind: str, size: int, concurrency: int, total: int, one: Callable[[int,
         t.start()
     for t in threads:
         t.join()
-    return Round(kind, size, concurrency, len(latencies), time.perf_counter() - t0, latencies, errors[0])
+    return Round(kind, size, concurrency, len(latencies), time.perf_counter() - t0, latencies, errors[0],
+                 first_error="".join(first_error))
 
 
 # A JPEG comment segment of 16 bytes: with a real JPEG as the tail, each upload's 16 random bytes go

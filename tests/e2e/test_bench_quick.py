@@ -28,6 +28,8 @@ def test_quick_benchmark_reports_every_section() -> None:
     assert {"ingest", "memory", "dedup", "forward", "startup"} <= set(report)
     for row in report["ingest"]:
         assert row["gateway_errors"] == 0 and row["gateway_rps"] > 0 and row["s3_rps"] > 0
+        assert row["cpu_limit_ratio"] > 0 and row["cpu_limit_ratio_high"] > 0
+        assert row["cpu_ms_per_request"]["s3_at_gateway_rate"]["s3"] > 0  # the store, paced to the gateway's rate
     assert report["memory"]["refused_status"] == 413
     assert report["memory"]["accepted_45mib_x8_statuses"] == [201] * 8
     assert report["forward"]["delivered"] == report["forward"]["images"]
