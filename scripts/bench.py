@@ -169,10 +169,11 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                     # processes (client, gateway, store), against the direct client's measured rate.
                     "cpu_limit_rps": (limit := cpu_limit_rps(g.cpu)),
                     "cpu_limit_ratio": round(limit / d.rps, 3) if d.rps else None,
-                    # The same with the store's CPU per request of the direct round (its cost at full speed,
-                    # the least it costs): the most the cores could allow this gateway.
-                    "cpu_limit_ratio_high": round(cpu_limit_rps(g.cpu | {"s3": d.cpu.get("s3", 0.0)}) / d.rps, 3)
-                    if d.rps else None,
+                    # The same with the store's CPU per request (all its processes) of the direct round, its
+                    # cost at full speed and the least it costs: the most the cores could allow this gateway.
+                    "cpu_limit_ratio_high": round(cpu_limit_rps(
+                        {k: v for k, v in g.cpu.items() if not k.startswith("s3")}
+                        | {k: v for k, v in d.cpu.items() if k.startswith("s3")}) / d.rps, 3) if d.rps else None,
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "
