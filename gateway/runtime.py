@@ -54,7 +54,7 @@ class Gateway:
         await svc.ingestor.start()
         try:
             await svc.store_probe.require()
-            await anyio.to_thread.run_sync(svc.reconciler.at_start)
+            await svc.reconciler.settle_at_start()
         except GatewayError as exc:
             log.error("object store not ready at start-up (%s); uploads get 503 until it answers", exc)
             # Leftover upload intents wait for the store; the reconcile loop retries them soon.

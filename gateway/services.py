@@ -4,7 +4,8 @@ Each service gets what it needs in its constructor; nothing is assigned later. W
 must tell another, the dependency runs one way and is visible here:
 - an entry reached DuckDB, a held upload was released, an admin retried one -> `outbox_changed`
   (a `Signal` the forwarder listens to);
-- a batch sealed by count or by hand -> `batch_sealed`: its manifest is queued, the sealer woken;
+- a batch sealed by count, by hand or once the reconciliation settles a leftover row -> `batch_sealed`:
+  its manifest is queued, the sealer woken;
 - a batch turned forwarded -> its manifest is rewritten with the cloud's ids;
 - bytes delivered -> the status page's throughput; each forwarder round -> quarantine re-checks.
 """
@@ -75,7 +76,7 @@ class Services:
     uplink: UplinkPlan  # priority classes and sending windows (forward.classes, forward.windows)
     manifests: ManifestWriter
     sealer: BatchSealer
-    batch_sealed: Callable[[str], None]  # a batch sealed by count or by hand
+    batch_sealed: Callable[[str], None]  # a batch sealed by count, by hand or by a settled leftover row
     forward_cache: ForwardCache | None  # object stores with forwarding on (forward.cache_bytes)
     capacity: CapacityGuard
     ingestor: Ingestor
@@ -134,7 +135,8 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
                          on_sealed=manifests.sealed_many, on_forwarded=cloud_ids_arrived)
 
     def batch_sealed(batch_id: str) -> None:
-        """Sealed by count or by hand: its manifest is due, and the sealer moves it on now."""
+        """Sealed by count, by hand or by a settled leftover row: its manifest is due, and the sealer
+        moves it on now."""
         manifests.sealed(batch_id)
         sealer.wake()
 
@@ -143,7 +145,7 @@ def build_services(settings: Settings, clock: Callable[[], float], http: Outboun
     ingestor = Ingestor(s, catalog, store, metrics, clock, uplink, forward_cache=cache, on_sealed=batch_sealed,
                         idle_cpu=IdleCpu(), storing=storing)
     reconciler = Reconciler(catalog, store, ingestor.spool_dir, lambda: ingestor.active_intents, started_at,
-                            storing=storing)
+                            storing=storing, on_sealed=batch_sealed)
 
     cloud = CloudClient(http, s.cloud.url, s.cloud.timeout_s, s.cloud.deadline_s, s.cloud.proxy) if forwarding_on \
         else None

@@ -41,6 +41,7 @@ class ReconcileReport(msgspec.Struct, kw_only=True):
     deferred: int = 0  # could not be settled now (store unreachable); tried again later
     strays_removed: list[str] = msgspec.field(default_factory=list)
     missing_objects: list[str] = msgspec.field(default_factory=list)
+    sealed: list[str] = msgspec.field(default_factory=list)  # batches that waited for a settled row
 
     @property
     def clean(self) -> bool:
@@ -126,13 +127,13 @@ def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: Reconcil
         storage_key, device_id, batch_id, size = row
         found = store.stat(storage_key)
         if found is not None and found.size == size:  # recorded and stored: perhaps acknowledged, kept
-            catalog.submit_stored(image_id, now).result()  # a batch may wait for it
+            _note_sealed(report, catalog.submit_stored(image_id, now).result())  # a batch may wait for it
             report.committed += 1
             return True
         if found is None and keep_if_absent:
             return False
         # Never stored whole, so never acknowledged (an object of another size is a PUT cut short).
-        catalog.submit_withdrawn(image_id, device_id, batch_id, int(size), now).result()
+        _note_sealed(report, catalog.submit_withdrawn(image_id, device_id, batch_id, int(size), now).result())
         report.withdrawn.append(image_id)
         log.warning("withdrew upload %s: recorded, but its object never reached the store whole (never "
                     "acknowledged)", image_id)
@@ -142,6 +143,11 @@ def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: Reconcil
         report.strays_removed.append(obj.key)
         log.warning("removed stray object %s (upload never committed)", obj.key)
     return row is not None or bool(strays) or not keep_if_absent
+
+
+def _note_sealed(report: ReconcileReport, batch_id: str | None) -> None:
+    if batch_id is not None:
+        report.sealed.append(batch_id)
 
 
 def check_recent_objects(catalog: Catalog, store: ObjectStore, sample: int = 50, report: ReconcileReport | None = None,
@@ -168,10 +174,13 @@ class Reconciler:
     at start-up); this process's own are settled once clearly abandoned."""
 
     def __init__(self, catalog: Catalog, store: ObjectStore, spool_dir: Path, active: Callable[[], Collection[str]],
-                 started_at: float, storing: StoringImages | None = None) -> None:
+                 started_at: float, storing: StoringImages | None = None,
+                 on_sealed: Callable[[str], None] | None = None) -> None:
         """`active`: spool names of uploads in progress, which must be left alone; `storing`: the
-        images whose objects are not known to be stored, shared with the ingestor and forwarder."""
+        images whose objects are not known to be stored, shared with the ingestor and forwarder;
+        `on_sealed`: told (on the event loop) of each batch a settled row let the writer seal."""
         self.catalog = catalog
+        self.on_sealed = on_sealed
         self.storing = storing if storing is not None else StoringImages()
         self.store = store
         self.spool_dir = spool_dir
@@ -194,6 +203,17 @@ class Reconciler:
         self.unsettled = report.deferred
         return report
 
+    async def settle_at_start(self) -> ReconcileReport:
+        """`at_start` in a worker thread; the batches it sealed are announced from the event loop."""
+        report = await anyio.to_thread.run_sync(self.at_start)
+        self._announce(report)
+        return report
+
+    def _announce(self, report: ReconcileReport) -> None:
+        if self.on_sealed is not None:
+            for batch_id in report.sealed:
+                self.on_sealed(batch_id)
+
     def store_down_at_start(self) -> None:
         """The store did not answer at start: every leftover intent waits for the periodic pass."""
         self.startup = ReconcileReport(deferred=len(list(self.spool_dir.glob("*.part"))))
@@ -203,12 +223,19 @@ class Reconciler:
         """Background task: the periodic pass, sooner while intents remain unsettled."""
         while True:
             await anyio.sleep(RECONCILE_RETRY_S if self.unsettled else RECONCILE_EVERY_S)
-            try:
-                report = await anyio.to_thread.run_sync(lambda: settle_intents(
-                    self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
-                    before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing))
-                self.unsettled = report.deferred
-                self.startup.withdrawn.extend(report.withdrawn)
-            except Exception as exc:
-                log.warning("periodic reconciliation failed: %s", exc)
-                self.unsettled = max(1, self.unsettled)
+            await self.settle_later()
+
+    async def settle_later(self) -> None:
+        """One periodic pass: intents an earlier process left (deferred at start) and this
+        process's own that were clearly abandoned."""
+        try:
+            report = await anyio.to_thread.run_sync(lambda: settle_intents(
+                self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
+                before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing))
+        except Exception as exc:
+            log.warning("periodic reconciliation failed: %s", exc)
+            self.unsettled = max(1, self.unsettled)
+            return
+        self.unsettled = report.deferred
+        self.startup.withdrawn.extend(report.withdrawn)
+        self._announce(report)

@@ -4,17 +4,21 @@ no row behind (nor an empty batch), and the journal replays withdrawals as they 
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
+import pytest
 
 from gateway.batches import queries as batch_queries
 from gateway.catalog import Catalog
 from gateway.catalog.collecting import NewImage, Placed
-from gateway.ingest.reconcile import settle_intents
+from gateway.ingest.reconcile import Reconciler, settle_intents
 from gateway.storage import FolderStore
 
 SLOW = 60.0  # an apply delay no test waits for: entries reach DuckDB only when something asks
@@ -234,3 +238,39 @@ def test_the_reconciliation_withdraws_a_row_whose_object_is_there_but_not_whole(
         assert report.strays_removed == [news[1].storage_key]
         assert rows(cat)[0] == [news[0].image_id]
         assert store.stat(news[1].storage_key) is None and list(spool.iterdir()) == []
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["object-landed", "object-missing"])
+@pytest.mark.parametrize("which", ["settle_at_start", "settle_later"])
+def test_a_batch_the_reconciliation_lets_seal_is_announced(tmp_path: Path, which: str, landed: bool) -> None:
+    """The process died before the word that a batch member's object was stored; after the restart
+    the batch fell due while that row was held. The pass that settles the row (kept: its object
+    landed; withdrawn: it never did) lets the writer seal the batch, and the batch is announced
+    (`on_sealed`: its manifest is due now, not at the manifest writer's next scan)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store = FolderStore(tmp_path / "objects")
+    path = tmp_path / "c.duckdb"
+    uids = [uuid.uuid4() for _ in range(3)]
+    news = [msgspec.structs.replace(image(n), image_id=f"img_{u}", storage_key=f"raw-data/{u.hex}_f.jpg")
+            for n, u in zip((1, 2, 3), uids, strict=True)]
+    with closing(_open(path)) as cat:
+        placed = [record(cat, new) for new in news]
+        for new in news[:2]:
+            store.put_bytes(new.storage_key, b"x" * new.size, "image/jpeg")
+            cat.submit_stored(new.image_id, 300.0).result(timeout=10)
+        if landed:  # the PUT landed; the process died before the word that it had
+            store.put_bytes(news[2].storage_key, b"x" * news[2].size, "image/jpeg")
+        (spool / f"{uids[2].hex}.part").touch()
+    batch_id = placed[0].batch_id
+    started_at = time.time() - 100  # the quiet period after the crash is over
+    os.utime(spool / f"{uids[2].hex}.part", (started_at - 10, started_at - 10))  # left by the earlier process
+    with closing(_open(path)) as cat:
+        assert cat.write_sync(lambda c: cat.collecting.hold(c, [news[2].image_id])) == 1
+        assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == []  # closing: it waits
+        announced: list[str] = []
+        rec = Reconciler(cat, store, spool, lambda: (), started_at, on_sealed=announced.append)
+        anyio.run(getattr(rec, which))
+        assert announced == [batch_id]
+        assert batch(cat, batch_id) == (("sealed", 3, 60) if landed else ("sealed", 2, 30))
+        assert list(spool.iterdir()) == []
