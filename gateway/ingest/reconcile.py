@@ -189,11 +189,12 @@ class Reconciler:
         self.startup = ReconcileReport()  # what the start-up pass found
         self.unsettled = 0  # leftover intents still to settle
 
-    def at_start(self) -> ReconcileReport:
-        """The start-up pass (blocking; a worker thread): leftover intents, then recent objects.
-        (`Ingestor.start` has made their images `storing` already.)"""
-        report = settle_intents(self.catalog, self.store, self.spool_dir,
-                                quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing)
+    def at_start(self, report: ReconcileReport | None = None) -> ReconcileReport:
+        """The start-up pass (blocking; a worker thread): leftover intents, then recent objects,
+        into `report`. (`Ingestor.start` has made their images `storing` already.)"""
+        report = report if report is not None else ReconcileReport()
+        settle_intents(self.catalog, self.store, self.spool_dir, quiet_until=self.started_at + INTENT_QUIET_S,
+                       report=report, storing=self.storing)
         check_recent_objects(self.catalog, self.store, report=report, storing=self.storing)
         if report.intents:
             log.info("start-up reconciliation: %d leftover upload(s), %d committed, %d withdrawn (never stored), "
@@ -204,15 +205,22 @@ class Reconciler:
         return report
 
     async def settle_at_start(self) -> ReconcileReport:
-        """`at_start` in a worker thread; the batches it sealed are announced from the event loop."""
-        report = await anyio.to_thread.run_sync(self.at_start)
-        self._announce(report)
-        return report
+        """`at_start` in a worker thread; the batches it sealed are announced from the event loop,
+        also when the pass fails part-way (the store going away, say)."""
+        report = ReconcileReport()
+        try:
+            return await anyio.to_thread.run_sync(self.at_start, report)
+        finally:
+            self._announce(report)
 
     def _announce(self, report: ReconcileReport) -> None:
-        if self.on_sealed is not None:
-            for batch_id in report.sealed:
+        if self.on_sealed is None:
+            return
+        for batch_id in report.sealed:
+            try:
                 self.on_sealed(batch_id)
+            except Exception:  # a manifest or a wake-up missed is caught up by their periodic scans
+                log.exception("could not announce batch %s, sealed by the reconciliation", batch_id)
 
     def store_down_at_start(self) -> None:
         """The store did not answer at start: every leftover intent waits for the periodic pass."""
@@ -228,14 +236,17 @@ class Reconciler:
     async def settle_later(self) -> None:
         """One periodic pass: intents an earlier process left (deferred at start) and this
         process's own that were clearly abandoned."""
+        report = ReconcileReport()
         try:
-            report = await anyio.to_thread.run_sync(lambda: settle_intents(
+            await anyio.to_thread.run_sync(lambda: settle_intents(
                 self.catalog, self.store, self.spool_dir, skip=self.active(), min_age_s=STALE_INTENT_S,
-                before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, storing=self.storing))
+                before=self.started_at, quiet_until=self.started_at + INTENT_QUIET_S, report=report,
+                storing=self.storing))
         except Exception as exc:
             log.warning("periodic reconciliation failed: %s", exc)
             self.unsettled = max(1, self.unsettled)
-            return
-        self.unsettled = report.deferred
-        self.startup.withdrawn.extend(report.withdrawn)
-        self._announce(report)
+        else:
+            self.unsettled = report.deferred
+        finally:  # what the pass settled before any failure counts
+            self.startup.withdrawn.extend(report.withdrawn)
+            self._announce(report)

@@ -5,6 +5,7 @@ no row behind (nor an empty batch), and the journal replays withdrawals as they 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from contextlib import closing
@@ -18,6 +19,7 @@ import pytest
 from gateway.batches import queries as batch_queries
 from gateway.catalog import Catalog
 from gateway.catalog.collecting import NewImage, Placed
+from gateway.errors import ServiceUnavailable
 from gateway.ingest.reconcile import Reconciler, settle_intents
 from gateway.storage import FolderStore
 
@@ -268,9 +270,49 @@ def test_a_batch_the_reconciliation_lets_seal_is_announced(tmp_path: Path, which
     with closing(_open(path)) as cat:
         assert cat.write_sync(lambda c: cat.collecting.hold(c, [news[2].image_id])) == 1
         assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == []  # closing: it waits
-        announced: list[str] = []
-        rec = Reconciler(cat, store, spool, lambda: (), started_at, on_sealed=announced.append)
+        announced: list[tuple[str, int]] = []
+        rec = Reconciler(cat, store, spool, lambda: (), started_at,
+                         on_sealed=lambda b: announced.append((b, threading.get_ident())))
         anyio.run(getattr(rec, which))
-        assert announced == [batch_id]
+        assert announced == [(batch_id, threading.get_ident())]  # on the event loop's thread, not a worker's
         assert batch(cat, batch_id) == (("sealed", 3, 60) if landed else ("sealed", 2, 30))
         assert list(spool.iterdir()) == []
+
+
+class _StoreGoingAway(FolderStore):
+    """Answers the first `stat`, then is unreachable."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.stats = 0
+
+    def stat(self, key: str) -> Any:
+        self.stats += 1
+        if self.stats > 1:
+            raise ServiceUnavailable("Object store unreachable", "gone")
+        return super().stat(key)
+
+
+def test_a_batch_sealed_before_the_start_up_pass_failed_is_still_announced(tmp_path: Path) -> None:
+    """The start-up pass settles the leftover row (sealing the batch that waited for it), then the
+    store goes away while recent objects are checked: the pass fails, and the seal is announced."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store = _StoreGoingAway(tmp_path / "objects")
+    path = tmp_path / "c.duckdb"
+    uid = uuid.uuid4()
+    new = msgspec.structs.replace(image(1, max_images=1), image_id=f"img_{uid}",
+                                  storage_key=f"raw-data/{uid.hex}_f.jpg")
+    with closing(_open(path)) as cat:
+        batch_id = record(cat, new).batch_id  # full at once, closing: its one member's object is on its way
+        store.put_bytes(new.storage_key, b"x" * new.size, "image/jpeg")
+        (spool / f"{uid.hex}.part").touch()  # the process died before the word that it was stored
+    with closing(_open(path)) as cat:
+        assert cat.write_sync(lambda c: cat.collecting.hold(c, [new.image_id])) == 1
+        assert cat.write_sync(lambda c: cat.collecting.seal_due(c, 10_000.0, 60.0)) == []
+        announced: list[str] = []
+        rec = Reconciler(cat, store, spool, lambda: (), time.time() - 100, on_sealed=announced.append)
+        with pytest.raises(ServiceUnavailable):
+            anyio.run(rec.settle_at_start)
+        assert announced == [batch_id]
+        assert batch(cat, batch_id) == ("sealed", 1, 10)
