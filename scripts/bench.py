@@ -148,9 +148,10 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                 signed, unsigned = best(got["s3"]), best(got["s3u"])
                 g, d, c = best(got["gateway"]), best([signed, unsigned]), best(got["discard"])
                 # The store's CPU per request grows as its rate falls (idle Go threads spinning for work),
-                # so its cost in the gateway round is set beside its cost for direct PUTs at that rate.
+                # so its cost in the gateway round is set beside its cost for direct PUTs at that rate
+                # (half a round: the bench writes gigabytes into the store as it is).
                 paced = metered({**store_pids(s3)}, None, s3_put_presigned, s3.endpoint, s3.access_key,
-                                s3.secret_key, "bench-direct", size, conc, n, g.rps)
+                                s3.secret_key, "bench-direct", size, conc, max(conc * 2, n // 2), g.rps)
                 row = {
                     "size": size, "concurrency": conc, "requests": n,
                     "gateway_rps": round(g.rps, 1), "gateway_mb_s": round(g.mb_per_s, 1),
@@ -169,11 +170,12 @@ def ingest_section(s3: S3Server | S3Cluster, work: Path, quick: bool, only_conc:
                     # processes (client, gateway, store), against the direct client's measured rate.
                     "cpu_limit_rps": (limit := cpu_limit_rps(g.cpu)),
                     "cpu_limit_ratio": round(limit / d.rps, 3) if d.rps else None,
-                    # The same with the store's CPU per request (all its processes) of the direct round, its
-                    # cost at full speed and the least it costs: the most the cores could allow this gateway.
+                    # The same with each store process's CPU per request at the least of the gateway round
+                    # and the presigned direct round (the store at full speed, the gateway's kind of PUT):
+                    # the most the cores could allow this gateway.
                     "cpu_limit_ratio_high": round(cpu_limit_rps(
-                        {k: v for k, v in g.cpu.items() if not k.startswith("s3")}
-                        | {k: v for k, v in d.cpu.items() if k.startswith("s3")}) / d.rps, 3) if d.rps else None,
+                        {k: min(v, unsigned.cpu.get(k, v)) if k.startswith("s3") else v for k, v in g.cpu.items()})
+                        / d.rps, 3) if d.rps else None,
                 }
                 rows.append(row)
                 log(f"ingest {size // KiB} KiB x{conc}: gateway {g.rps:.0f}/s, s3 signed {signed.rps:.0f}/s, "

@@ -74,7 +74,8 @@ def print_table(report: dict[str, Any]) -> None:
     if report.get("ingest"):
         print(f"   (CPU lim: gw/S3 if CPU were the only limit: {os.cpu_count()} cores over the CPU one gateway upload "
               "costs in client, gateway and store together, against the direct client's rate; lim hi: the same with "
-              "the store's CPU per request of the direct round, its cost at full speed)")
+              "the store's CPU per request at the lesser of the gateway round's and the presigned direct round's, "
+              "its cost at full speed)")
         print("\n   where the CPU goes, ms per request (the same best rounds; 2 cores = 2000 ms per second):")
         print(f"{'size':>8} {'conc':>4} | {'gateway':>7} {'loop':>6} {'writer':>6} {'other':>6} {'S3':>6} "
               f"{'client':>6} | direct: {'S3':>6} {'client':>6} {'S3@gw':>6} | discard: {'server':>6} | {'group':>5}")
@@ -87,8 +88,8 @@ def print_table(report: dict[str, Any]) -> None:
                   f"{g.get('s3', 0):>6} {g.get('client', 0):>6} | direct: {d.get('s3', 0):>6} "
                   f"{d.get('client', 0):>6} {paced:>6} | discard: {c.get('discard', 0):>6} | "
                   f"{r['catalog_group_size']:>5}")
-        print("   (S3@gw: the store's CPU per direct PUT paced to the gateway round's rate; group: uploads per "
-              "catalog transaction in the gateway round)")
+        print("   (S3: the process serving S3, on a cluster its front only; S3@gw: its CPU per direct PUT paced to "
+              "the gateway round's rate; group: uploads per catalog transaction in the gateway round)")
     if "memory" in report:
         m = report["memory"]
         print(f"\n== 3. memory: peak RSS with 8 x 45 MiB concurrent = {m['peak_rss_mib']} MiB "
@@ -170,8 +171,9 @@ def markdown(report: dict[str, Any], source: str = "") -> str:
                          for r in report["ingest"]])
         lines += ["CPU limit: the gateway / S3 ratio if CPU were the only limit: the machine's cores over the CPU "
                   "one gateway upload costs in the client, the gateway and the store together, against the direct "
-                  "client's measured rate. \"Store at full speed\" counts the store's CPU per request of the direct "
-                  "round instead of the gateway round's: the least a request costs it, so the most the cores allow.",
+                  "client's measured rate. \"Store at full speed\" counts the store's CPU per request at the lesser "
+                  "of the gateway round's and the presigned direct round's (at full speed): the least a request "
+                  "costs it, so the most the cores allow.",
                   ""]
         lines += ["CPU per request in ms, from the same rounds (one core gives 1,000 ms a second). Group: uploads "
                   "per catalog transaction.", ""]
