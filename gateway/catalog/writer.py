@@ -1,11 +1,11 @@
 """The catalog's one writer thread: group commit for ops, one fsync per group for journaled writes.
 
 Ops (`op(conn) -> result`) queued together run in one transaction; if one fails, each is re-run
-alone so that one bad op never fails its neighbours. Journaled writes (uploads, deliveries) are
-typed: the writer turns a run of them into journal frames with catalog code only (`Uploads` gives
-an upload its seq and batch), appends them with one fsync and answers; the frames reach DuckDB
-in large batches (`apply_max`, or `apply_delay` after the first), always before any other write
-runs and before any read. While announced writes are on their way (`expect`), a group may wait
+alone so that one bad op never fails its neighbours. Journaled writes (uploads and their settling,
+deliveries) are typed: the writer turns a run of them into journal frames with catalog code only
+(`Uploads` gives an upload its seq and batch), appends them with one fsync and answers; the frames
+reach DuckDB in large batches (`apply_max`, or `apply_delay` after the first), always before any
+other write runs and before any read. While announced writes are on their way (`expect`), a group may wait
 up to `linger` for them, as PostgreSQL's `commit_delay` does.
 """
 

@@ -109,12 +109,18 @@ def image_id_of(uid: str) -> str:
     return f"img_{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:]}"
 
 
-def leftover_image_ids(spool_dir: os.PathLike[str] | str) -> list[str]:
-    """The image ids of the upload intents in `spool_dir`."""
+def intent_uids(spool_dir: os.PathLike[str] | str) -> list[str]:
+    """The uids of the upload intents `<uid>.part` in `spool_dir`: uploads in progress, or left
+    to reconcile."""
     try:
-        return [image_id_of(e.name[: -len(".part")]) for e in os.scandir(spool_dir) if e.name.endswith(".part")]
+        return [e.name[: -len(".part")] for e in os.scandir(spool_dir) if e.name.endswith(".part")]
     except FileNotFoundError:
         return []
+
+
+def leftover_image_ids(spool_dir: os.PathLike[str] | str) -> list[str]:
+    """The image ids of the upload intents in `spool_dir`."""
+    return [image_id_of(uid) for uid in intent_uids(spool_dir)]
 
 
 def _settle_one(catalog: Catalog, store: ObjectStore, uid: str, report: ReconcileReport,
@@ -224,7 +230,7 @@ class Reconciler:
 
     def store_down_at_start(self) -> None:
         """The store did not answer at start: every leftover intent waits for the periodic pass."""
-        self.startup = ReconcileReport(deferred=len(list(self.spool_dir.glob("*.part"))))
+        self.startup = ReconcileReport(deferred=len(intent_uids(self.spool_dir)))
         self.unsettled = self.startup.deferred
 
     async def run(self) -> None:

@@ -17,7 +17,6 @@ Blocking: run it in a worker thread.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -29,6 +28,7 @@ import xxhash
 
 from gateway.catalog import Catalog, Conn
 from gateway.forward.bytes_lifecycle import mark_removed
+from gateway.ingest.reconcile import intent_uids
 from gateway.storage import ObjectStore
 from gateway.storage.base import ObjectInfo
 
@@ -137,7 +137,7 @@ class Verifier:
         report.rows, report.objects = len(rows), len(listed)
         by_key = {r.storage_key: r for r in rows}
         # Read after the rows: an upload recorded while its object is on its way still has its intent.
-        intents = self._intents()
+        intents = set(intent_uids(self.spool_dir))
 
         self._phase("checking rows", len(rows))
         to_mark: list[Finding] = []
@@ -194,13 +194,6 @@ class Verifier:
             self._repair(report, to_mark)
         report.duration_s = round(time.monotonic() - started, 3)
         return report
-
-    def _intents(self) -> set[str]:
-        """The uids of the upload intents in the spool: uploads in progress, or left to reconcile."""
-        try:
-            return {e.name[: -len(".part")] for e in os.scandir(self.spool_dir) if e.name.endswith(".part")}
-        except FileNotFoundError:
-            return set()
 
     def _hash(self, key: str) -> tuple[str | None, int]:
         h = xxhash.xxh3_128()
